@@ -1,0 +1,101 @@
+# Finds what the core links: OpenBLAS (scipy-openblas32 wheel) for the CPU backend, and, for the
+# CUDA backend, nvcc + the CUDA runtime + cuBLAS (from the toolkit, or the nvidia-cublas wheel
+# when the toolkit ships without it).
+
+find_package(Python COMPONENTS Interpreter)
+set(_pg_helper "${CMAKE_CURRENT_LIST_DIR}/find_python_paths.py")
+
+function(_pg_python_paths what out)
+  set(${out} "" PARENT_SCOPE)
+  if(Python_Interpreter_FOUND)
+    execute_process(COMMAND "${Python_EXECUTABLE}" "${_pg_helper}" ${what}
+                    OUTPUT_VARIABLE _paths RESULT_VARIABLE _rc ERROR_QUIET)
+    if(_rc EQUAL 0)
+      set(${out} "${_paths}" PARENT_SCOPE)
+    endif()
+  endif()
+endfunction()
+
+# --- OpenBLAS -----------------------------------------------------------------------------
+set(PREGATED_OPENBLAS_INCLUDE_DIR "" CACHE PATH "Folder of scipy-openblas32's cblas.h")
+set(PREGATED_OPENBLAS_LIBRARY_DIR "" CACHE PATH "Folder of libscipy_openblas.so")
+if(NOT PREGATED_OPENBLAS_INCLUDE_DIR OR NOT PREGATED_OPENBLAS_LIBRARY_DIR)
+  _pg_python_paths(openblas _ob)
+  if(_ob)
+    list(GET _ob 0 _inc)
+    list(GET _ob 1 _lib)
+    set(PREGATED_OPENBLAS_INCLUDE_DIR "${_inc}" CACHE PATH "" FORCE)
+    set(PREGATED_OPENBLAS_LIBRARY_DIR "${_lib}" CACHE PATH "" FORCE)
+  endif()
+endif()
+find_library(PREGATED_OPENBLAS_LIBRARY NAMES scipy_openblas HINTS "${PREGATED_OPENBLAS_LIBRARY_DIR}" NO_DEFAULT_PATH)
+if(NOT PREGATED_OPENBLAS_LIBRARY OR NOT EXISTS "${PREGATED_OPENBLAS_INCLUDE_DIR}/cblas.h")
+  message(FATAL_ERROR
+    "pregated needs OpenBLAS from the scipy-openblas32 wheel for its CPU backend and did not find it.\n"
+    "Install it into the Python that builds pregated (${Python_EXECUTABLE}): pip install scipy-openblas32\n"
+    "or pass -DPREGATED_OPENBLAS_INCLUDE_DIR=... -DPREGATED_OPENBLAS_LIBRARY_DIR=...")
+endif()
+add_library(pregated_openblas SHARED IMPORTED)
+set_target_properties(pregated_openblas PROPERTIES
+  IMPORTED_LOCATION "${PREGATED_OPENBLAS_LIBRARY}"
+  INTERFACE_INCLUDE_DIRECTORIES "${PREGATED_OPENBLAS_INCLUDE_DIR}")
+message(STATUS "pregated: OpenBLAS ${PREGATED_OPENBLAS_LIBRARY}")
+
+# --- CUDA ---------------------------------------------------------------------------------
+set(PREGATED_CUDA "AUTO" CACHE STRING "Build the CUDA backend: AUTO (when nvcc and cuBLAS are found), ON (required), OFF")
+set_property(CACHE PREGATED_CUDA PROPERTY STRINGS AUTO ON OFF)
+set(PREGATED_WITH_CUDA OFF)
+set(PREGATED_CUBLAS_LIBRARY_DIR "")
+
+function(_pg_cuda_missing why)
+  if(PREGATED_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "PREGATED_CUDA=ON but ${why}")
+  endif()
+  message(STATUS "pregated: CUDA backend off (${why})")
+endfunction()
+
+if(NOT PREGATED_CUDA STREQUAL "OFF")
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(NOT CMAKE_CUDA_COMPILER)
+    _pg_cuda_missing("no CUDA compiler (nvcc) was found")
+  else()
+    find_package(CUDAToolkit)
+    if(NOT CUDAToolkit_FOUND)
+      _pg_cuda_missing("the CUDA toolkit (runtime headers and libraries) was not found")
+    else()
+      # cuBLAS: the toolkit's own, else the nvidia-cublas wheel.
+      set(_cublas_inc "")
+      set(_cublas_lib_dir "")
+      if(EXISTS "${CUDAToolkit_INCLUDE_DIRS}/cublas_v2.h" AND TARGET CUDA::cublas)
+        get_target_property(_cublas_lib CUDA::cublas IMPORTED_LOCATION)
+        if(_cublas_lib AND EXISTS "${_cublas_lib}")
+          set(_cublas_inc "${CUDAToolkit_INCLUDE_DIRS}")
+          get_filename_component(_cublas_lib_dir "${_cublas_lib}" DIRECTORY)
+        endif()
+      endif()
+      if(NOT _cublas_inc)
+        _pg_python_paths(cublas _cb)
+        if(_cb)
+          list(GET _cb 0 _cublas_inc)
+          list(GET _cb 1 _cublas_lib_dir)
+        endif()
+      endif()
+      if(NOT _cublas_inc)
+        _pg_cuda_missing("nvcc is here but cuBLAS is not: pip install nvidia-cublas")
+      else()
+        set(PREGATED_WITH_CUDA ON)
+        set(PREGATED_CUBLAS_LIBRARY_DIR "${_cublas_lib_dir}")
+        if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES OR CMAKE_CUDA_ARCHITECTURES STREQUAL "")
+          set(CMAKE_CUDA_ARCHITECTURES 80 86 89 90)
+        endif()
+        enable_language(CUDA)
+        # Link the versioned files by path: the wheel has no unversioned .so links.
+        find_library(PREGATED_CUBLAS NAMES libcublas.so.13 cublas HINTS "${_cublas_lib_dir}" NO_DEFAULT_PATH)
+        find_library(PREGATED_CUBLASLT NAMES libcublasLt.so.13 cublasLt HINTS "${_cublas_lib_dir}" NO_DEFAULT_PATH)
+        set(PREGATED_CUBLAS_INCLUDE_DIR "${_cublas_inc}")
+        message(STATUS "pregated: CUDA backend on (archs ${CMAKE_CUDA_ARCHITECTURES}, cuBLAS ${PREGATED_CUBLAS})")
+      endif()
+    endif()
+  endif()
+endif()

@@ -1,0 +1,392 @@
+// pregated._core: the runtime for Python. Tensors are checked here (device, dtype, shape,
+// contiguity) and handed to the core as raw pointers plus PyTorch's current stream.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "pregated/pregated.h"
+#include "tensor_check.h"
+
+namespace py = pybind11;
+using namespace pregated;
+using bindings::expect_contiguous;
+using bindings::expect_device;
+using bindings::expect_dims;
+using bindings::expect_dtype;
+using bindings::inspect;
+using bindings::tensor_info;
+
+namespace {
+
+// Turns a non-ok status into the matching Python exception.
+void throw_if_error(const status& st) {
+  if (st.is_ok()) return;
+  switch (st.code()) {
+    case status_code::status_code_invalid_argument: throw py::value_error(st.message());
+    case status_code::status_code_out_of_memory:
+      PyErr_SetString(PyExc_MemoryError, st.message().c_str());
+      throw py::error_already_set();
+    default: throw std::runtime_error(st.message());
+  }
+}
+
+int64_t bytes_arg(const py::object& v, const char* name) {
+  if (v.is_none()) return -1;
+  if (py::isinstance<py::str>(v)) {
+    int64_t out = 0;
+    throw_if_error(parse_bytes(v.cast<std::string>(), &out));
+    return out;
+  }
+  if (py::isinstance<py::int_>(v)) {
+    const int64_t out = v.cast<int64_t>();
+    if (out < 0) throw py::value_error(std::string(name) + " must not be negative");
+    return out;
+  }
+  throw py::type_error(std::string(name) + " must be None, a byte count or a string like '8GiB'");
+}
+
+std::vector<int32_t> id_list(const py::object& v, const char* name) {
+  std::vector<int32_t> out;
+  if (v.is_none()) return out;
+  py::module_ torch = py::module_::import("torch");
+  if (py::isinstance(v, torch.attr("Tensor"))) {
+    tensor_info t = inspect(v, name);
+    if (t.dtype.find("int") == std::string::npos) {
+      throw py::value_error(std::string(name) + " must hold integer expert ids, got torch." + t.dtype);
+    }
+    py::object flat = v.attr("reshape")(-1).attr("tolist")();
+    for (py::handle e : flat) out.push_back(e.cast<int32_t>());
+    return out;
+  }
+  for (py::handle e : v) out.push_back(e.cast<int32_t>());
+  return out;
+}
+
+py::dict layer_dict(const layer_stats& s) {
+  py::dict d;
+  d["bytes_h2d"] = s.bytes_h2d;
+  d["expert_hits"] = s.expert_hits;
+  d["expert_misses"] = s.expert_misses;
+  d["prefetch_issued"] = s.prefetch_issued;
+  d["prefetch_used"] = s.prefetch_used;
+  d["prefetch_dropped"] = s.prefetch_dropped;
+  d["stall_seconds"] = s.stall_seconds;
+  return d;
+}
+
+class py_runtime {
+ public:
+  py_runtime(int32_t num_layers, int32_t num_experts, int64_t hidden, int64_t intermediate,
+             const std::string& ffn, const std::string& dtype_name, const std::string& device,
+             const py::object& expert_memory, const std::string& eviction, int32_t copy_depth) {
+    runtime_config cfg;
+    cfg.num_layers = num_layers;
+    cfg.num_experts = num_experts;
+    cfg.spec.hidden = hidden;
+    cfg.spec.intermediate = intermediate;
+    throw_if_error(parse_ffn_kind(ffn, &cfg.spec.kind));
+    throw_if_error(parse_dtype(dtype_name, &cfg.spec.dt));
+    throw_if_error(parse_eviction_policy(eviction, &cfg.eviction));
+    cfg.expert_memory = bytes_arg(expert_memory, "expert_memory");
+    cfg.copy_depth = copy_depth;
+
+    std::unique_ptr<backend> be;
+    if (device == "cpu") {
+      be = make_cpu_backend();
+      device_ = "cpu";
+    } else if (device.rfind("cuda", 0) == 0) {
+      int index = 0;
+      if (device.size() > 4) {
+        if (device[4] != ':' || device.size() == 5) {
+          throw py::value_error("device '" + device + "' is not understood: use 'cpu', 'cuda' or 'cuda:N'");
+        }
+        try {
+          index = std::stoi(device.substr(5));
+        } catch (const std::exception&) {
+          throw py::value_error("device '" + device + "' is not understood: use 'cpu', 'cuda' or 'cuda:N'");
+        }
+      }
+      throw_if_error(make_cuda_backend(index, &be));
+      device_ = "cuda:" + std::to_string(index);
+    } else {
+      throw py::value_error("device '" + device + "' is not supported: use 'cpu' or 'cuda[:N]'");
+    }
+    std::unique_ptr<runtime> rt;
+    {
+      py::gil_scoped_release nogil;  // allocating a large pinned store takes a while
+      throw_if_error(runtime::create(std::move(be), cfg, &rt));
+    }
+    rt_ = std::move(rt);
+  }
+
+  runtime& rt() {
+    if (rt_->closed()) {
+      throw std::runtime_error("the runtime was closed; create a new one to run MoE blocks again");
+    }
+    return *rt_;
+  }
+
+  void set_expert(int32_t layer, int32_t expert, const std::string& part, const py::object& obj) {
+    runtime& r = rt();
+    const expert_spec& sp = r.config().spec;
+    int p = -1;
+    for (int i = 0; i < sp.num_parts(); ++i) {
+      if (part == sp.part_name(i)) p = i;
+    }
+    if (p < 0) {
+      std::string names;
+      for (int i = 0; i < sp.num_parts(); ++i) names += (i ? ", " : "") + std::string(sp.part_name(i));
+      throw py::value_error("unknown part '" + part + "' for a " + ffn_kind_name(sp.kind) +
+                            " expert: use one of " + names);
+    }
+    const std::string name = std::string("weight '") + part + "'";
+    tensor_info t = inspect(obj, name.c_str());
+    int64_t rows = 0, cols = 0;
+    sp.part_shape(p, &rows, &cols);
+    expect_device(t, name.c_str(), "cpu");
+    expect_dtype(t, name.c_str(), dtype_name(sp.dt));
+    expect_dims(t, name.c_str(), {rows, cols}, p == sp.num_parts() - 1 ? "hidden, intermediate" : "intermediate, hidden");
+    expect_contiguous(t, name.c_str());
+    const size_t bytes = static_cast<size_t>(rows * cols) * dtype_size(sp.dt);
+    py::gil_scoped_release nogil;
+    throw_if_error(r.store().set_part({layer, expert}, p, reinterpret_cast<const void*>(t.data), bytes));
+  }
+
+  py::bytes host_expert(int32_t layer, int32_t expert) {
+    runtime& r = rt();
+    throw_if_error(r.store().check_key({layer, expert}));
+    return py::bytes(reinterpret_cast<const char*>(r.store().expert({layer, expert})),
+                     r.store().expert_bytes());
+  }
+
+  py::object forward(int32_t layer, const py::object& x_obj, const py::object& ids_obj,
+                     const py::object& w_obj, const py::object& out_obj, int32_t next_layer,
+                     const py::object& next_experts) {
+    runtime& r = rt();
+    const expert_spec& sp = r.config().spec;
+    tensor_info x = inspect(x_obj, "x");
+    expect_device(x, "x", device_);
+    expect_dtype(x, "x", dtype_name(sp.dt));
+    expect_dims(x, "x", {-1, sp.hidden}, "tokens, hidden");
+    expect_contiguous(x, "x");
+    const int64_t T = x.shape[0];
+    tensor_info ids = inspect(ids_obj, "ids");
+    if (ids.dtype != "int32" && ids.dtype != "int64" && ids.dtype != "int16" && ids.dtype != "uint8") {
+      throw py::value_error("ids must be an integer tensor of expert ids, got torch." + ids.dtype);
+    }
+    if (ids.shape.size() != 2 || ids.shape[0] != T) {
+      throw py::value_error("ids must have shape [" + std::to_string(T) +
+                            ", K] (tokens, experts per token) to match x, got " + ids.shape_str());
+    }
+    const int64_t K = ids.shape[1];
+    tensor_info w = inspect(w_obj, "weights");
+    if (w.dtype != "float32" && w.dtype != "float16" && w.dtype != "bfloat16" && w.dtype != "float64") {
+      throw py::value_error("weights must be a floating-point tensor, got torch." + w.dtype);
+    }
+    expect_dims(w, "weights", {T, K}, "tokens, experts per token, like ids");
+    py::object out = out_obj;
+    if (out.is_none()) {
+      out = x_obj.attr("new_empty")(x_obj.attr("shape"));
+    }
+    tensor_info o = inspect(out, "out");
+    expect_device(o, "out", device_);
+    expect_dtype(o, "out", dtype_name(sp.dt));
+    expect_dims(o, "out", {T, sp.hidden}, "tokens, hidden");
+    expect_contiguous(o, "out");
+    tensor_info ids_h = bindings::to_host(ids, "ids", "int32");
+    tensor_info w_h = bindings::to_host(w, "weights", "float32");
+    std::vector<int32_t> next = id_list(next_experts, "next_experts");
+
+    moe_args a;
+    a.layer = layer;
+    a.tokens = T;
+    a.top_k = K;
+    a.x = reinterpret_cast<const void*>(x.data);
+    a.out = reinterpret_cast<void*>(o.data);
+    a.ids = reinterpret_cast<const int32_t*>(ids_h.data);
+    a.weights = reinterpret_cast<const float*>(w_h.data);
+    a.stream = stream_handle();
+    a.next_layer = next.empty() ? -1 : next_layer;
+    a.next_experts = next.data();
+    a.num_next = static_cast<int32_t>(next.size());
+    {
+      py::gil_scoped_release nogil;
+      throw_if_error(r.moe_forward(a));
+    }
+    return out;
+  }
+
+  void prefetch(int32_t layer, const py::object& experts) {
+    runtime& r = rt();
+    std::vector<int32_t> e = id_list(experts, "experts");
+    py::gil_scoped_release nogil;
+    throw_if_error(r.prefetch(layer, e.data(), static_cast<int32_t>(e.size())));
+  }
+
+  py::dict stats() {
+    runtime_stats s;
+    {
+      py::gil_scoped_release nogil;
+      s = rt_->stats();
+    }
+    py::dict d = layer_dict(s.total);
+    d["evictions"] = s.evictions;
+    d["forwards"] = s.forwards;
+    py::list layers;
+    for (const layer_stats& l : s.layers) layers.append(layer_dict(l));
+    d["layers"] = layers;
+    return d;
+  }
+
+  py::list slots() {
+    py::list out;
+    for (const slot_snapshot& s : rt_->slots()) {
+      py::dict d;
+      d["slot"] = s.slot;
+      d["layer"] = s.key.layer;
+      d["expert"] = s.key.expert;
+      d["state"] = slot_state_name(s.state);
+      d["refs"] = s.refs;
+      d["pinned"] = s.pinned;
+      d["prefetched"] = s.prefetched;
+      out.append(d);
+    }
+    return out;
+  }
+
+  void check() {
+    runtime& r = rt();
+    std::string report;
+    py::gil_scoped_release nogil;
+    throw_if_error(r.check(&report));
+  }
+
+  void close() {
+    py::gil_scoped_release nogil;
+    throw_if_error(rt_->close());
+  }
+
+  const std::string& device() const { return device_; }
+  bool rt_closed() const { return rt_->closed(); }
+
+ private:
+  // PyTorch's current stream on our device: the runtime's GEMMs order with its kernels.
+  void* stream_handle() {
+    if (device_ == "cpu") return nullptr;
+    py::module_ torch = py::module_::import("torch");
+    py::object s = torch.attr("cuda").attr("current_stream")(rt_->get_backend().device_index());
+    return reinterpret_cast<void*>(s.attr("cuda_stream").cast<uintptr_t>());
+  }
+
+  std::string device_;
+  std::unique_ptr<runtime> rt_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pregated C++ expert runtime (expert store, slot cache, prefetch queue, MoE forward)";
+
+  m.def("build_info", [] {
+    const build_info_t info = build_info();
+    py::dict d;
+    d["cuda"] = info.cuda;
+    d["cuda_devices"] = cuda_device_count();
+    d["blas"] = info.blas;
+    d["version"] = info.version;
+    d["cuda_archs"] = info.cuda_archs;
+    return d;
+  }, "What this build holds: cuda (compiled in), cuda_devices (usable now), blas, version.");
+
+  m.def("parse_bytes", [](const std::string& s) {
+    int64_t out = 0;
+    throw_if_error(parse_bytes(s, &out));
+    return out;
+  }, py::arg("text"), "'8GiB', '512MB', '1.5G' or '123' -> bytes.");
+  m.def("format_bytes", &format_bytes, py::arg("bytes"));
+
+  m.def("expert_bytes", [](int64_t hidden, int64_t intermediate, const std::string& ffn,
+                           const std::string& dt) {
+    expert_spec sp;
+    sp.hidden = hidden;
+    sp.intermediate = intermediate;
+    throw_if_error(parse_ffn_kind(ffn, &sp.kind));
+    throw_if_error(parse_dtype(dt, &sp.dt));
+    throw_if_error(sp.validate());
+    return static_cast<int64_t>(sp.bytes());
+  }, py::arg("hidden"), py::arg("intermediate"), py::arg("ffn") = "gated_silu",
+     py::arg("dtype") = "bfloat16", "Bytes of one expert in the store and in a slot.");
+
+  py::class_<py_runtime>(m, "Runtime", R"doc(
+The expert runtime of one model.
+
+Parameters
+----------
+num_layers, num_experts : MoE layers, experts per layer.
+hidden, intermediate : H and I of one expert.
+ffn : "gated_silu" (Mixtral, Qwen-MoE, OLMoE), "gated_gelu", "relu" (SwitchTransformers), "gelu".
+dtype : "float32", "float16" or "bfloat16".
+device : "cpu" or "cuda[:N]".
+expert_memory : bytes of device memory for expert slots (int or "8GiB"); None = every expert.
+eviction : "lru" or "lfu".
+copy_depth : copies handed to the copy engine at once.
+)doc")
+      .def(py::init<int32_t, int32_t, int64_t, int64_t, const std::string&, const std::string&,
+                    const std::string&, const py::object&, const std::string&, int32_t>(),
+           py::arg("num_layers"), py::arg("num_experts"), py::arg("hidden"),
+           py::arg("intermediate"), py::kw_only(), py::arg("ffn") = "gated_silu",
+           py::arg("dtype") = "bfloat16", py::arg("device") = "cpu",
+           py::arg("expert_memory") = py::none(), py::arg("eviction") = "lru",
+           py::arg("copy_depth") = 2)
+      .def_property_readonly("device", &py_runtime::device)
+      .def_property_readonly("num_slots", [](py_runtime& self) { return self.rt().num_slots(); })
+      .def_property_readonly("expert_bytes", [](py_runtime& self) {
+        return static_cast<int64_t>(self.rt().config().spec.bytes());
+      })
+      .def_property_readonly("closed", [](py_runtime& self) { return self.rt_closed(); })
+      .def("set_expert", &py_runtime::set_expert, py::arg("layer"), py::arg("expert"),
+           py::arg("part"), py::arg("weight"),
+           "Copy one weight of one expert into the expert store. gate/up/in: [I, H], down/out: [H, I].")
+      .def("host_expert", &py_runtime::host_expert, py::arg("layer"), py::arg("expert"),
+           "The bytes of one expert in the expert store.")
+      .def("forward", &py_runtime::forward, py::arg("layer"), py::arg("x"), py::arg("ids"),
+           py::arg("weights"), py::kw_only(), py::arg("out") = py::none(),
+           py::arg("next_layer") = -1, py::arg("next_experts") = py::none(),
+           R"doc(One MoE block: out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]).
+
+x: [T, H] on the runtime's device; ids: [T, K] integers; weights: [T, K] floats (any device).
+next_layer / next_experts: experts to prefetch for the next block once this block's experts
+hold their slots.)doc")
+      .def("prefetch", &py_runtime::prefetch, py::arg("layer"), py::arg("experts"))
+      .def("cancel_prefetches", [](py_runtime& self) { throw_if_error(self.rt().cancel_prefetches()); })
+      .def("pin", [](py_runtime& self, int32_t l, int32_t e) {
+        runtime& r = self.rt();
+        py::gil_scoped_release nogil;
+        throw_if_error(r.pin({l, e}));
+      }, py::arg("layer"), py::arg("expert"))
+      .def("unpin", [](py_runtime& self, int32_t l, int32_t e) { throw_if_error(self.rt().unpin({l, e})); },
+           py::arg("layer"), py::arg("expert"))
+      .def("evict", [](py_runtime& self, int32_t l, int32_t e) { throw_if_error(self.rt().evict({l, e})); },
+           py::arg("layer"), py::arg("expert"))
+      .def("wait_idle", [](py_runtime& self) {
+        runtime& r = self.rt();
+        py::gil_scoped_release nogil;
+        throw_if_error(r.wait_idle());
+      })
+      .def("stats", &py_runtime::stats)
+      .def("reset_stats", [](py_runtime& self) {
+        runtime& r = self.rt();
+        py::gil_scoped_release nogil;
+        r.reset_stats();
+      })
+      .def("slots", &py_runtime::slots)
+      .def("check", &py_runtime::check,
+           "Wait for copies, then verify the cache's invariants and every slot against its host copy.")
+      .def("close", &py_runtime::close)
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](py_runtime& self, py::args) { self.close(); });
+}

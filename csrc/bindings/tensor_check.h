@@ -1,0 +1,46 @@
+// Reading and checking torch tensors in the binding layer without linking libtorch: the
+// attributes every torch.Tensor has (data_ptr, dtype, shape, device, is_contiguous) are read
+// through Python, and every mismatch raises a Python exception naming the argument and the fix.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "pregated/types.h"
+
+namespace pregated::bindings {
+
+namespace py = pybind11;
+
+struct tensor_info {
+  py::object tensor;
+  uintptr_t data = 0;
+  std::string dtype;         // "float32", "bfloat16", "int64", ...
+  std::vector<int64_t> shape;
+  std::string device_type;   // "cpu", "cuda", ...
+  int device_index = -1;
+  bool contiguous = false;
+
+  std::string device() const;  // "cpu", "cuda:0"
+  std::string shape_str() const;
+};
+
+// Raises TypeError when `obj` is not a torch.Tensor.
+tensor_info inspect(py::handle obj, const char* name);
+
+// Each raises ValueError with a message that names `name`, what was expected and what to do.
+void expect_dims(const tensor_info& t, const char* name, std::vector<int64_t> dims,
+                 const char* layout);  // dims: -1 = any size
+void expect_dtype(const tensor_info& t, const char* name, const std::string& dtype);
+void expect_device(const tensor_info& t, const char* name, const std::string& device);
+void expect_contiguous(const tensor_info& t, const char* name);
+
+// Copy to a contiguous host tensor of the given torch dtype name ("int32", "float32").
+tensor_info to_host(const tensor_info& t, const char* name, const char* dtype);
+
+std::string torch_dtype_name(dtype dt);
+
+}  // namespace pregated::bindings

@@ -1,0 +1,107 @@
+// The copy engine: one worker thread that feeds the backend's copy engine from the prefetch
+// queue, keeping at most cfg.copy_depth copies in flight so that a demand load never waits
+// behind a long row of prefetches.
+#include <string>
+
+#include "runtime_impl.h"
+
+namespace pregated {
+
+void runtime::impl::enqueue(int32_t slot, bool demand) {
+  slot_info& s = cache.slot(slot);
+  if (demand) s.demanded = true;
+  queue.push({slot, s.generation}, demand);
+  wake_worker();
+}
+
+void runtime::impl::copy_loop() {
+  std::unique_lock<std::mutex> lk(mu);
+  for (;;) {
+    copy_request r;
+    if (static_cast<int32_t>(in_flight.size()) < cfg.copy_depth && queue.pop(&r)) {
+      slot_info& s = cache.slot(r.slot);
+      // Stale entries (slot evicted or cancelled since) and everything after a failure are
+      // dropped; waiters for an empty queue hear of it.
+      if (s.generation != r.generation || s.state != slot_state::slot_state_queued ||
+          !failure.is_ok()) {
+        state_cv.notify_all();
+        continue;
+      }
+      const expert_key key = s.key;
+      const bool prefetch = !s.demanded;
+      worker_busy = true;
+      lk.unlock();
+      // A slot's previous expert may still be read by GEMMs on the compute stream: the copy
+      // waits for the slot's last use.
+      status st = be->copy_to_device(slot_ptr(r.slot), store.expert(key), slot_bytes,
+                                     last_use[static_cast<size_t>(r.slot)].get(),
+                                     copy_done[static_cast<size_t>(r.slot)].get());
+      lk.lock();
+      worker_busy = false;
+      if (!st) {
+        failure = {st.code(), "copy engine: loading layer " + std::to_string(key.layer) +
+                                  " expert " + std::to_string(key.expert) + ": " + st.message()};
+      } else {
+        layer_stats& ls = stats.layers[static_cast<size_t>(key.layer)];
+        ls.bytes_h2d += static_cast<int64_t>(slot_bytes);
+        if (prefetch) ++ls.prefetch_issued;
+        slot_info& now = cache.slot(r.slot);
+        if (now.generation == r.generation) {
+          now.state = caps.async_copy ? slot_state::slot_state_issued : slot_state::slot_state_ready;
+        }
+        if (caps.async_copy) in_flight.push_back(r);
+      }
+      state_cv.notify_all();
+      continue;
+    }
+    if (!in_flight.empty()) {
+      const copy_request f = in_flight.front();
+      worker_busy = true;
+      lk.unlock();
+      // Waiting on the slot's event may wait for a newer copy into the same slot: later in
+      // stream order, so it also covers this one.
+      status st = be->wait_host(copy_done[static_cast<size_t>(f.slot)].get());
+      lk.lock();
+      worker_busy = false;
+      in_flight.pop_front();
+      if (!st) {
+        failure = {st.code(), "copy engine: waiting for a copy: " + st.message()};
+      } else {
+        slot_info& s = cache.slot(f.slot);
+        if (s.generation == f.generation && s.state == slot_state::slot_state_issued) {
+          s.state = slot_state::slot_state_ready;
+        }
+      }
+      state_cv.notify_all();
+      continue;
+    }
+    if (stopping) return;
+    worker_cv.wait(lk);
+  }
+}
+
+status runtime::impl::wait_issued(std::unique_lock<std::mutex>& lk, int32_t slot,
+                                  uint64_t generation) {
+  for (;;) {
+    if (!failure.is_ok()) return failure;
+    const slot_info& s = cache.slot(slot);
+    if (s.generation != generation) {
+      return internal_error("slot " + std::to_string(slot) +
+                            " was reassigned while a forward held it (a runtime bug)");
+    }
+    if (s.state == slot_state::slot_state_issued || s.state == slot_state::slot_state_ready) {
+      return {};
+    }
+    state_cv.wait(lk);
+  }
+}
+
+status runtime::impl::wait_idle_locked(std::unique_lock<std::mutex>& lk) {
+  wake_worker();
+  state_cv.wait(lk, [&] {
+    return !failure.is_ok() || (queue.empty() && in_flight.empty() && !worker_busy);
+  });
+  return failure;
+}
+
+}  // namespace pregated

@@ -1,0 +1,379 @@
+// pregated::runtime: construction, lifetime, prefetch, pinning, statistics and self-check.
+#include "pregated/runtime.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "runtime_impl.h"
+
+namespace pregated {
+
+// --- configuration -----------------------------------------------------------------------
+
+status runtime_config::validate() const {
+  PREGATED_RETURN_IF_ERROR(spec.validate());
+  if (num_layers <= 0 || num_experts <= 0) {
+    return invalid_argument("the runtime needs at least one MoE layer and one expert, got " +
+                            std::to_string(num_layers) + " layers x " +
+                            std::to_string(num_experts) + " experts");
+  }
+  if (copy_depth < 1) {
+    return invalid_argument("copy_depth must be at least 1, got " + std::to_string(copy_depth));
+  }
+  const int64_t one = static_cast<int64_t>(spec.bytes());
+  if (expert_memory >= 0 && expert_memory < one) {
+    return invalid_argument("expert memory of " + std::to_string(expert_memory) + " bytes (" +
+                            format_bytes(expert_memory) + ") is smaller than one expert: " +
+                            "give at least " + std::to_string(one) + " bytes (" +
+                            format_bytes(one) + ")");
+  }
+  return {};
+}
+
+int64_t runtime_config::num_slots() const {
+  const int64_t all = static_cast<int64_t>(num_layers) * num_experts;
+  if (expert_memory < 0) return all;
+  return std::min(all, expert_memory / static_cast<int64_t>(spec.bytes()));
+}
+
+// --- lifetime ----------------------------------------------------------------------------
+
+runtime::runtime() : impl_(new impl) {}
+
+runtime::~runtime() { close(); }
+
+status runtime::create(std::unique_ptr<backend> be, const runtime_config& cfg,
+                       std::unique_ptr<runtime>* out) {
+  if (!be) return invalid_argument("runtime::create needs a backend");
+  PREGATED_RETURN_IF_ERROR(cfg.validate());
+  std::unique_ptr<runtime> rt(new runtime());
+  impl& m = *rt->impl_;
+  m.cfg = cfg;
+  m.be = std::move(be);
+  m.caps = m.be->caps();
+  m.slot_bytes = cfg.spec.bytes();
+  const int64_t slots = cfg.num_slots();
+  PREGATED_RETURN_IF_ERROR(m.store.init(m.be.get(), cfg.num_layers, cfg.num_experts, cfg.spec));
+  void* slab = nullptr;
+  status st = m.be->alloc_device(m.slot_bytes * static_cast<size_t>(slots), &slab);
+  if (!st) {
+    return {st.code(), "expert slab of " + std::to_string(slots) + " slots x " +
+                           format_bytes(static_cast<int64_t>(m.slot_bytes)) + ": " +
+                           st.message() + "; lower expert_memory"};
+  }
+  m.slab = static_cast<uint8_t*>(slab);
+  PREGATED_RETURN_IF_ERROR(m.cache.init(static_cast<int32_t>(slots), cfg.num_layers,
+                                        cfg.num_experts, cfg.eviction));
+  for (int64_t i = 0; i < slots; ++i) {
+    std::unique_ptr<backend_event> a, b;
+    PREGATED_RETURN_IF_ERROR(m.be->create_event(false, &a));
+    PREGATED_RETURN_IF_ERROR(m.be->create_event(false, &b));
+    m.copy_done.push_back(std::move(a));
+    m.last_use.push_back(std::move(b));
+  }
+  m.stats.layers.assign(static_cast<size_t>(cfg.num_layers), layer_stats{});
+  m.worker = std::thread([&m] { m.copy_loop(); });
+  *out = std::move(rt);
+  return {};
+}
+
+status runtime::close() {
+  std::unique_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  if (m.closed) return {};
+  {
+    std::lock_guard<std::mutex> lk(m.mu);
+    m.stopping = true;
+    m.queue.clear();
+  }
+  m.worker_cv.notify_all();
+  if (m.worker.joinable()) m.worker.join();  // returns once copies in flight completed
+  m.be->synchronize(nullptr);
+  m.probes.clear();
+  m.spare.clear();
+  m.copy_done.clear();
+  m.last_use.clear();
+  if (m.slab != nullptr) m.be->free_device(m.slab);
+  m.slab = nullptr;
+  m.store.release();
+  m.closed = true;
+  return {};
+}
+
+bool runtime::closed() const { return impl_->closed; }
+
+status runtime::impl::check_open() const {
+  if (closed) {
+    return {status_code::status_code_closed,
+            "the runtime was closed; create a new one to run MoE blocks again"};
+  }
+  return {};
+}
+
+status runtime::impl::check_layer(int32_t layer, const char* what) const {
+  if (layer < 0 || layer >= cfg.num_layers) {
+    return invalid_argument(std::string(what) + ": layer " + std::to_string(layer) +
+                            " is out of range: the model has " + std::to_string(cfg.num_layers) +
+                            " MoE layers");
+  }
+  return {};
+}
+
+const runtime_config& runtime::config() const { return impl_->cfg; }
+int32_t runtime::num_slots() const { return impl_->cache.num_slots(); }
+backend& runtime::get_backend() { return *impl_->be; }
+expert_store& runtime::store() { return impl_->store; }
+
+// --- prefetch ----------------------------------------------------------------------------
+
+void runtime::impl::prefetch_locked(int32_t layer, const int32_t* experts, int32_t n) {
+  for (int32_t i = 0; i < n; ++i) {
+    const expert_key key{layer, experts[i]};
+    const int32_t found = cache.find(key);
+    if (found >= 0) {  // resident or on its way: keep it from being the next victim
+      cache.refresh(found);
+      continue;
+    }
+    const int32_t slot = cache.choose_slot(/*for_prefetch=*/true);
+    if (slot < 0) {  // every slot is busy with work that outranks a guess
+      ++stats.layers[static_cast<size_t>(layer)].prefetch_dropped;
+      continue;
+    }
+    if (cache.assign(slot, key)) ++stats.evictions;
+    cache.slot(slot).prefetched = true;
+    enqueue(slot, /*demand=*/false);
+  }
+}
+
+status runtime::prefetch(int32_t layer, const int32_t* experts, int32_t n) {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  PREGATED_RETURN_IF_ERROR(m.check_open());
+  PREGATED_RETURN_IF_ERROR(m.check_layer(layer, "prefetch"));
+  PREGATED_RETURN_IF_ERROR(m.check_experts(experts, n, "prefetch"));
+  std::lock_guard<std::mutex> lk(m.mu);
+  if (!m.failure.is_ok()) return m.failure;
+  m.prefetch_locked(layer, experts, n);
+  return {};
+}
+
+status runtime::cancel_prefetches() {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  PREGATED_RETURN_IF_ERROR(m.check_open());
+  std::lock_guard<std::mutex> lk(m.mu);
+  for (int32_t i = 0; i < m.cache.num_slots(); ++i) {
+    const slot_info& s = m.cache.slot(i);
+    if (s.state == slot_state::slot_state_queued && !s.demanded && s.refs == 0 && !s.pinned) {
+      ++m.stats.layers[static_cast<size_t>(s.key.layer)].prefetch_dropped;
+      m.cache.clear(i);
+    }
+  }
+  m.state_cv.notify_all();
+  return {};
+}
+
+status runtime::moe_forward(const moe_args& args) {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  PREGATED_RETURN_IF_ERROR(impl_->check_open());
+  return impl_->forward(args);
+}
+
+// --- pinning and eviction ----------------------------------------------------------------
+
+status runtime::pin(expert_key key) {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  PREGATED_RETURN_IF_ERROR(m.check_open());
+  PREGATED_RETURN_IF_ERROR(m.store.check_key(key));
+  std::unique_lock<std::mutex> lk(m.mu);
+  for (;;) {  // the state is read afresh after every wait: other threads move on meanwhile
+    if (!m.failure.is_ok()) return m.failure;
+    int32_t slot = m.cache.find(key);
+    if (slot >= 0 && m.cache.slot(slot).pinned) return {};
+    const int32_t slots = m.cache.num_slots();
+    const int64_t all = static_cast<int64_t>(m.cfg.num_layers) * m.cfg.num_experts;
+    // Pinning the last free slot is allowed only when every expert has a slot of its own.
+    if (m.cache.pinned_count() + 1 >= slots && slots < all) {
+      return invalid_argument("cannot pin layer " + std::to_string(key.layer) + " expert " +
+                              std::to_string(key.expert) + ": " + std::to_string(slots) +
+                              " slots, " + std::to_string(m.cache.pinned_count()) +
+                              " pinned; at least one slot must stay free for other experts. "
+                              "Unpin an expert or raise expert_memory");
+    }
+    if (slot < 0) {
+      slot = m.cache.choose_slot(/*for_prefetch=*/false);
+      if (slot < 0) {
+        m.state_cv.wait(lk);  // every slot is referenced by forwards: wait for a release
+        continue;
+      }
+      if (m.cache.assign(slot, key)) ++m.stats.evictions;
+      m.enqueue(slot, /*demand=*/true);
+    }
+    m.cache.slot(slot).pinned = true;
+    return {};
+  }
+}
+
+status runtime::unpin(expert_key key) {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  PREGATED_RETURN_IF_ERROR(m.check_open());
+  PREGATED_RETURN_IF_ERROR(m.store.check_key(key));
+  std::lock_guard<std::mutex> lk(m.mu);
+  const int32_t slot = m.cache.find(key);
+  if (slot >= 0) m.cache.slot(slot).pinned = false;
+  return {};
+}
+
+status runtime::evict(expert_key key) {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  PREGATED_RETURN_IF_ERROR(m.check_open());
+  PREGATED_RETURN_IF_ERROR(m.store.check_key(key));
+  std::lock_guard<std::mutex> lk(m.mu);
+  const int32_t slot = m.cache.find(key);
+  if (slot < 0) return {};
+  const slot_info& s = m.cache.slot(slot);
+  const std::string name = "layer " + std::to_string(key.layer) + " expert " +
+                            std::to_string(key.expert);
+  if (s.refs > 0) {
+    return invalid_argument("cannot evict " + name + ": a MoE forward is using it");
+  }
+  if (s.pinned) return invalid_argument("cannot evict " + name + ": it is pinned; unpin it first");
+  // A copy still in flight into this slot is ordered before any later copy into it.
+  m.cache.clear(slot);
+  ++m.stats.evictions;
+  m.state_cv.notify_all();
+  return {};
+}
+
+status runtime::wait_idle() {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  PREGATED_RETURN_IF_ERROR(impl_->check_open());
+  std::unique_lock<std::mutex> lk(impl_->mu);
+  return impl_->wait_idle_locked(lk);
+}
+
+// --- statistics --------------------------------------------------------------------------
+
+std::unique_ptr<backend_event> runtime::impl::take_timer() {
+  std::unique_ptr<backend_event> ev;
+  if (!spare.empty()) {
+    ev = std::move(spare.back());
+    spare.pop_back();
+    return ev;
+  }
+  if (!be->create_event(true, &ev)) return nullptr;
+  return ev;
+}
+
+// Turns completed probe pairs into stall seconds (mu held). With `wait`, waits for all.
+void runtime::impl::resolve_probes(bool wait) {
+  size_t kept = 0;
+  for (size_t i = 0; i < probes.size(); ++i) {
+    stall_probe& p = probes[i];
+    if (wait) be->wait_host(p.end.get());
+    double seconds = 0;
+    if (be->query(p.end.get()) && be->elapsed_seconds(p.start.get(), p.end.get(), &seconds)) {
+      layer_stats& ls = stats.layers[static_cast<size_t>(p.layer)];
+      ls.stall_seconds += seconds;
+      spare.push_back(std::move(p.start));
+      spare.push_back(std::move(p.end));
+    } else {
+      probes[kept++] = std::move(p);
+    }
+  }
+  probes.resize(kept);
+}
+
+runtime_stats runtime::stats() {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  std::lock_guard<std::mutex> lk(m.mu);
+  if (!m.closed) m.resolve_probes(/*wait=*/true);
+  runtime_stats out = m.stats;
+  out.total = layer_stats{};
+  for (const layer_stats& l : out.layers) {
+    out.total.bytes_h2d += l.bytes_h2d;
+    out.total.expert_hits += l.expert_hits;
+    out.total.expert_misses += l.expert_misses;
+    out.total.prefetch_issued += l.prefetch_issued;
+    out.total.prefetch_used += l.prefetch_used;
+    out.total.prefetch_dropped += l.prefetch_dropped;
+    out.total.stall_seconds += l.stall_seconds;
+  }
+  return out;
+}
+
+void runtime::reset_stats() {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  std::lock_guard<std::mutex> lk(m.mu);
+  if (!m.closed) m.resolve_probes(/*wait=*/true);
+  const size_t layers = m.stats.layers.size();
+  m.stats = runtime_stats{};
+  m.stats.layers.assign(layers, layer_stats{});
+}
+
+std::vector<slot_snapshot> runtime::slots() {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  std::lock_guard<std::mutex> lk(m.mu);
+  std::vector<slot_snapshot> out;
+  if (m.closed) return out;
+  for (int32_t i = 0; i < m.cache.num_slots(); ++i) {
+    const slot_info& s = m.cache.slot(i);
+    out.push_back({i, s.key, s.state, s.refs, s.pinned, s.prefetched});
+  }
+  return out;
+}
+
+status runtime::check(std::string* report) {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  PREGATED_RETURN_IF_ERROR(m.check_open());
+  std::unique_lock<std::mutex> lk(m.mu);
+  PREGATED_RETURN_IF_ERROR(m.wait_idle_locked(lk));
+  std::string problems;
+  auto bad = [&](int32_t slot, const std::string& what) {
+    problems += "slot " + std::to_string(slot) + ": " + what + "\n";
+  };
+  std::vector<uint8_t> bytes(m.slot_bytes);
+  for (int32_t i = 0; i < m.cache.num_slots(); ++i) {
+    const slot_info& s = m.cache.slot(i);
+    if (s.state == slot_state::slot_state_empty) {
+      if (s.refs != 0 || s.pinned) bad(i, "empty but referenced or pinned");
+      continue;
+    }
+    const std::string who = " (layer " + std::to_string(s.key.layer) + " expert " +
+                            std::to_string(s.key.expert) + ")";
+    if (!m.store.check_key(s.key)) { bad(i, "holds an invalid key" + who); continue; }
+    if (m.cache.find(s.key) != i) bad(i, "not the slot the cache maps its key to" + who);
+    if (s.refs != 0) bad(i, "still referenced by " + std::to_string(s.refs) + " forwards" + who);
+    if (s.state != slot_state::slot_state_ready) {
+      bad(i, std::string("not ready after all copies finished: ") + slot_state_name(s.state) + who);
+      continue;
+    }
+    status st = m.be->download_sync(bytes.data(), m.slot_ptr(i), m.slot_bytes);
+    if (!st) return st;
+    if (std::memcmp(bytes.data(), m.store.expert(s.key), m.slot_bytes) != 0) {
+      bad(i, "bytes differ from the host copy" + who);
+    }
+  }
+  for (int32_t l = 0; l < m.cfg.num_layers; ++l) {
+    for (int32_t e = 0; e < m.cfg.num_experts; ++e) {
+      const int32_t slot = m.cache.find({l, e});
+      if (slot >= 0 && !(m.cache.slot(slot).key == expert_key{l, e})) {
+        problems += "layer " + std::to_string(l) + " expert " + std::to_string(e) +
+                    " maps to slot " + std::to_string(slot) + " which holds another expert\n";
+      }
+    }
+  }
+  if (report != nullptr) *report = problems;
+  if (!problems.empty()) return internal_error("expert cache check failed:\n" + problems);
+  return {};
+}
+
+}  // namespace pregated

@@ -1,0 +1,193 @@
+// The CPU backend: "device" memory is host memory, copies are memcpy done by the copy
+// engine's worker thread before copy_to_device returns, and compute runs synchronously in the
+// calling thread, so every stream argument is ignored and an event is complete once recorded.
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#include "cpu_gemm.h"
+#include "half.h"
+#include "pregated/backend.h"
+
+namespace pregated {
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+class cpu_event : public backend_event {
+ public:
+  void signal() {
+    std::lock_guard<std::mutex> lk(mu_);
+    done_ = true;
+    time_ = clock_type::now();
+    cv_.notify_all();
+  }
+  void wait() {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return done_; });
+  }
+  bool done() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return done_;
+  }
+  clock_type::time_point time() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return time_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = true;  // never recorded: nothing to wait for, like a CUDA event
+  clock_type::time_point time_ = clock_type::now();
+};
+
+cpu_event* as_cpu(backend_event* ev) { return static_cast<cpu_event*>(ev); }
+
+float load(dtype dt, const void* p, int64_t i) {
+  switch (dt) {
+    case dtype::dtype_f32: return static_cast<const float*>(p)[i];
+    case dtype::dtype_bf16: return cpu::bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case dtype::dtype_f16: return cpu::f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  }
+  return 0;
+}
+
+void store(dtype dt, void* p, int64_t i, float v) {
+  switch (dt) {
+    case dtype::dtype_f32: static_cast<float*>(p)[i] = v; break;
+    case dtype::dtype_bf16: static_cast<uint16_t*>(p)[i] = cpu::f32_to_bf16(v); break;
+    case dtype::dtype_f16: static_cast<uint16_t*>(p)[i] = cpu::f32_to_f16(v); break;
+  }
+}
+
+float activation(ffn_kind kind, float x) {
+  switch (kind) {
+    case ffn_kind::ffn_kind_gated_silu: return x / (1.0f + std::exp(-x));
+    case ffn_kind::ffn_kind_relu: return x > 0 ? x : 0.0f;
+    case ffn_kind::ffn_kind_gated_gelu:
+    case ffn_kind::ffn_kind_gelu: return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
+  }
+  return x;
+}
+
+status aligned(size_t bytes, void** ptr, const char* what) {
+  void* p = nullptr;
+  // 64-byte alignment for vector loads; at least one byte so every allocation is distinct.
+  if (posix_memalign(&p, 64, bytes == 0 ? 1 : bytes) != 0) {
+    return {status_code::status_code_out_of_memory,
+            std::string("cannot allocate ") + std::to_string(bytes) + " bytes (" +
+                format_bytes(static_cast<int64_t>(bytes)) + ") of " + what + " memory"};
+  }
+  *ptr = p;
+  return {};
+}
+
+class cpu_backend final : public backend {
+ public:
+  const char* name() const override { return "cpu"; }
+  backend_caps caps() const override { return {/*async_copy=*/false, /*device_is_host=*/true}; }
+
+  status alloc_device(size_t bytes, void** ptr) override { return aligned(bytes, ptr, "slab"); }
+  void free_device(void* ptr) override { std::free(ptr); }
+  status alloc_host(size_t bytes, void** ptr) override { return aligned(bytes, ptr, "host"); }
+  void free_host(void* ptr) override { std::free(ptr); }
+  status alloc_workspace(size_t bytes, void*, void** ptr) override {
+    return aligned(bytes, ptr, "workspace");
+  }
+  void free_workspace(void* ptr, void*) override { std::free(ptr); }
+
+  status create_event(bool, std::unique_ptr<backend_event>* out) override {
+    *out = std::make_unique<cpu_event>();
+    return {};
+  }
+
+  status copy_to_device(void* dst, const void* src, size_t bytes, backend_event*,
+                        backend_event* done) override {
+    std::memcpy(dst, src, bytes);
+    if (done != nullptr) as_cpu(done)->signal();
+    return {};
+  }
+  status wait_host(backend_event* ev) override {
+    as_cpu(ev)->wait();
+    return {};
+  }
+  status record(backend_event* ev, void*) override {
+    as_cpu(ev)->signal();
+    return {};
+  }
+  status stream_wait(backend_event* ev, void*) override {
+    as_cpu(ev)->wait();
+    return {};
+  }
+  status elapsed_seconds(backend_event* start, backend_event* end, double* out) override {
+    *out = std::chrono::duration<double>(as_cpu(end)->time() - as_cpu(start)->time()).count();
+    return {};
+  }
+  bool query(backend_event* ev) override { return as_cpu(ev)->done(); }
+
+  status upload(void* dst, const void* src, size_t bytes, void*) override {
+    std::memcpy(dst, src, bytes);
+    return {};
+  }
+  status download_sync(void* dst, const void* src, size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+    return {};
+  }
+  status synchronize(void*) override { return {}; }
+
+  status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+                 const void* b, int64_t ldb, void* c, int64_t ldc, void*) override {
+    return cpu::gemm_nt(dt, m, n, k, a, lda, b, ldb, c, ldc);
+  }
+
+  status gather_rows(dtype dt, void* dst, const void* src, const int32_t* rows, int64_t n_rows,
+                     int64_t width, void*) override {
+    const size_t row_bytes = static_cast<size_t>(width) * dtype_size(dt);
+    for (int64_t r = 0; r < n_rows; ++r) {
+      std::memcpy(static_cast<uint8_t*>(dst) + static_cast<size_t>(r) * row_bytes,
+                  static_cast<const uint8_t*>(src) + static_cast<size_t>(rows[r]) * row_bytes,
+                  row_bytes);
+    }
+    return {};
+  }
+
+  status activate(ffn_kind kind, dtype dt, void* data, int64_t rows, int64_t width, int64_t ld,
+                  void*) override {
+    const bool gated = ffn_is_gated(kind);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t base = r * ld;
+      for (int64_t j = 0; j < width; ++j) {
+        float v = activation(kind, load(dt, data, base + j));
+        if (gated) v *= load(dt, data, base + width + j);
+        store(dt, data, base + j, v);
+      }
+    }
+    return {};
+  }
+
+  status combine(dtype dt, void* out, const void* y, const int32_t* row_of, const float* weights,
+                 int64_t tokens, int64_t top_k, int64_t width, void*) override {
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t c = 0; c < width; ++c) {
+        float acc = 0;
+        for (int64_t k = 0; k < top_k; ++k) {
+          acc += weights[t * top_k + k] * load(dt, y, row_of[t * top_k + k] * width + c);
+        }
+        store(dt, out, t * width + c, acc);
+      }
+    }
+    return {};
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<backend> make_cpu_backend() { return std::make_unique<cpu_backend>(); }
+
+}  // namespace pregated

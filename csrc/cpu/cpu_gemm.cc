@@ -1,0 +1,82 @@
+#include "cpu_gemm.h"
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "half.h"
+
+#include <cblas.h>  // scipy-openblas32: OpenBLAS with a scipy_ symbol prefix
+
+namespace pregated::cpu {
+
+namespace {
+
+void widen(dtype dt, const void* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+  const uint16_t* s = static_cast<const uint16_t*>(src);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* in = s + r * ld;
+    float* out = dst + r * cols;
+    if (dt == dtype::dtype_bf16) {
+      for (int64_t c = 0; c < cols; ++c) out[c] = bf16_to_f32(in[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) out[c] = f16_to_f32(in[c]);
+    }
+  }
+}
+
+void narrow(dtype dt, const float* src, int64_t rows, int64_t cols, int64_t src_ld, void* dst,
+            int64_t ld) {
+  uint16_t* d = static_cast<uint16_t*>(dst);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = src + r * src_ld;
+    uint16_t* out = d + r * ld;
+    if (dt == dtype::dtype_bf16) {
+      for (int64_t c = 0; c < cols; ++c) out[c] = f32_to_bf16(in[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) out[c] = f32_to_f16(in[c]);
+    }
+  }
+}
+
+void sgemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+              int64_t ldb, float* c, int64_t ldc) {
+  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m),
+                    static_cast<blasint>(n), static_cast<blasint>(k), 1.0f, a,
+                    static_cast<blasint>(lda), b, static_cast<blasint>(ldb), 0.0f, c,
+                    static_cast<blasint>(ldc));
+}
+
+}  // namespace
+
+status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+               const void* b, int64_t ldb, void* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return {};
+  if (dt == dtype::dtype_f32) {
+    sgemm_nt(m, n, k, static_cast<const float*>(a), lda, static_cast<const float*>(b), ldb,
+             static_cast<float*>(c), ldc);
+    return {};
+  }
+  // OpenBLAS has no half-precision GEMM in this build: widen A once and B a tile of rows at a
+  // time (about 1 MiB of fp32), so the extra memory stays small while sgemm sees long runs.
+  std::vector<float> a32(static_cast<size_t>(m * k));
+  widen(dt, a, m, k, lda, a32.data());
+  const int64_t tile = std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(k, 1));
+  std::vector<float> b32(static_cast<size_t>(std::min(tile, n) * k));
+  std::vector<float> c32(static_cast<size_t>(m * std::min(tile, n)));
+  const uint16_t* b16 = static_cast<const uint16_t*>(b);
+  uint16_t* c16 = static_cast<uint16_t*>(c);
+  for (int64_t j0 = 0; j0 < n; j0 += tile) {
+    const int64_t nb = std::min(tile, n - j0);
+    widen(dt, b16 + j0 * ldb, nb, k, ldb, b32.data());
+    sgemm_nt(m, nb, k, a32.data(), k, b32.data(), k, c32.data(), nb);
+    narrow(dt, c32.data(), m, nb, nb, c16 + j0, ldc);
+  }
+  return {};
+}
+
+const char* blas_name() {
+  return "OpenBLAS (scipy-openblas32) sgemm; float16/bfloat16 widened to float32 per tile";
+}
+
+}  // namespace pregated::cpu

@@ -1,0 +1,157 @@
+#include "cuda_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace pregated::cuda {
+
+namespace {
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// One block per packed row; rows are copied as 16-byte words when the width allows.
+__global__ void gather_rows_kernel(uint8_t* dst, const uint8_t* src, const int32_t* rows,
+                                   int64_t row_bytes) {
+  const int64_t r = blockIdx.x;
+  const uint8_t* in = src + static_cast<int64_t>(rows[r]) * row_bytes;
+  uint8_t* out = dst + r * row_bytes;
+  if (row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+    const int4* in4 = reinterpret_cast<const int4*>(in);
+    int4* out4 = reinterpret_cast<int4*>(out);
+    for (int64_t i = threadIdx.x; i < row_bytes / 16; i += blockDim.x) out4[i] = in4[i];
+  } else {
+    for (int64_t i = threadIdx.x; i < row_bytes; i += blockDim.x) out[i] = in[i];
+  }
+}
+
+template <int Kind>
+__device__ __forceinline__ float activation(float x) {
+  if constexpr (Kind == static_cast<int>(ffn_kind::ffn_kind_gated_silu)) {
+    return x / (1.0f + __expf(-x));
+  } else if constexpr (Kind == static_cast<int>(ffn_kind::ffn_kind_relu)) {
+    return fmaxf(x, 0.0f);
+  } else {
+    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+  }
+}
+
+template <typename T, int Kind, bool Gated>
+__global__ void activate_kernel(T* data, int64_t rows, int64_t width, int64_t ld) {
+  const int64_t total = rows * width;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / width, j = i % width;
+    T* row = data + r * ld;
+    float v = activation<Kind>(to_f32(row[j]));
+    if constexpr (Gated) v *= to_f32(row[width + j]);
+    row[j] = from_f32<T>(v);
+  }
+}
+
+template <typename T>
+__global__ void combine_kernel(T* out, const T* y, const int32_t* row_of, const float* weights,
+                               int64_t top_k, int64_t width) {
+  const int64_t t = blockIdx.y;
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < width;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t k = 0; k < top_k; ++k) {
+      acc += weights[t * top_k + k] * to_f32(y[static_cast<int64_t>(row_of[t * top_k + k]) * width + c]);
+    }
+    out[t * width + c] = from_f32<T>(acc);
+  }
+}
+
+int grid_for(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<int>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+}
+
+template <typename T>
+cudaError_t activate_typed(ffn_kind kind, T* data, int64_t rows, int64_t width, int64_t ld,
+                           cudaStream_t stream) {
+  const int threads = 256;
+  const int grid = grid_for(rows * width, threads);
+  switch (kind) {
+    case ffn_kind::ffn_kind_gated_silu:
+      activate_kernel<T, 0, true><<<grid, threads, 0, stream>>>(data, rows, width, ld);
+      break;
+    case ffn_kind::ffn_kind_gated_gelu:
+      activate_kernel<T, 1, true><<<grid, threads, 0, stream>>>(data, rows, width, ld);
+      break;
+    case ffn_kind::ffn_kind_relu:
+      activate_kernel<T, 2, false><<<grid, threads, 0, stream>>>(data, rows, width, ld);
+      break;
+    case ffn_kind::ffn_kind_gelu:
+      activate_kernel<T, 3, false><<<grid, threads, 0, stream>>>(data, rows, width, ld);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t combine_typed(T* out, const T* y, const int32_t* row_of, const float* weights,
+                          int64_t tokens, int64_t top_k, int64_t width, cudaStream_t stream) {
+  const int threads = 256;
+  // grid.y is limited to 65535 tokens per launch.
+  for (int64_t t0 = 0; t0 < tokens; t0 += 65535) {
+    const int64_t nt = tokens - t0 < 65535 ? tokens - t0 : 65535;
+    dim3 grid(grid_for(width, threads), static_cast<unsigned>(nt));
+    combine_kernel<T><<<grid, threads, 0, stream>>>(out + t0 * width, y, row_of + t0 * top_k,
+                                                    weights + t0 * top_k, top_k, width);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_gather_rows(dtype dt, void* dst, const void* src, const int32_t* rows,
+                               int64_t n_rows, int64_t width, cudaStream_t stream) {
+  const int64_t row_bytes = width * static_cast<int64_t>(dtype_size(dt));
+  for (int64_t r0 = 0; r0 < n_rows; r0 += 65535 * 32) {
+    const int64_t n = n_rows - r0 < 65535 * 32 ? n_rows - r0 : 65535 * 32;
+    gather_rows_kernel<<<static_cast<unsigned>(n), 128, 0, stream>>>(
+        static_cast<uint8_t*>(dst) + r0 * row_bytes, static_cast<const uint8_t*>(src),
+        rows + r0, row_bytes);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_activate(ffn_kind kind, dtype dt, void* data, int64_t rows, int64_t width,
+                            int64_t ld, cudaStream_t stream) {
+  switch (dt) {
+    case dtype::dtype_f32: return activate_typed(kind, static_cast<float*>(data), rows, width, ld, stream);
+    case dtype::dtype_f16: return activate_typed(kind, static_cast<__half*>(data), rows, width, ld, stream);
+    case dtype::dtype_bf16:
+      return activate_typed(kind, static_cast<__nv_bfloat16*>(data), rows, width, ld, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_combine(dtype dt, void* out, const void* y, const int32_t* row_of,
+                           const float* weights, int64_t tokens, int64_t top_k, int64_t width,
+                           cudaStream_t stream) {
+  switch (dt) {
+    case dtype::dtype_f32:
+      return combine_typed(static_cast<float*>(out), static_cast<const float*>(y), row_of, weights,
+                           tokens, top_k, width, stream);
+    case dtype::dtype_f16:
+      return combine_typed(static_cast<__half*>(out), static_cast<const __half*>(y), row_of,
+                           weights, tokens, top_k, width, stream);
+    case dtype::dtype_bf16:
+      return combine_typed(static_cast<__nv_bfloat16*>(out), static_cast<const __nv_bfloat16*>(y),
+                           row_of, weights, tokens, top_k, width, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace pregated::cuda

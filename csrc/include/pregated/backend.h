@@ -1,0 +1,109 @@
+// The one small interface every backend implements (CPU, CUDA).
+//
+// Two kinds of callers use it:
+//   * the copy engine's worker thread: copy_to_device, wait_host;
+//   * the thread that runs a MoE block, on the caller's compute stream: everything else.
+// A "stream" is an opaque handle: a cudaStream_t on CUDA, ignored on the CPU, where compute is
+// synchronous in the calling thread. Backends without asynchronous copies (caps.async_copy ==
+// false) finish a copy before copy_to_device returns; the scheduling code is the same.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "pregated/status.h"
+#include "pregated/types.h"
+
+namespace pregated {
+
+// A point in a stream that other work can wait for.
+class backend_event {
+ public:
+  virtual ~backend_event() = default;
+};
+
+struct backend_caps {
+  bool async_copy = false;     // copies overlap compute on another engine
+  bool device_is_host = true;  // "device" memory is ordinary host memory
+};
+
+class backend {
+ public:
+  virtual ~backend() = default;
+
+  virtual const char* name() const = 0;
+  virtual backend_caps caps() const = 0;
+  virtual int device_index() const { return -1; }
+
+  // Memory. Device memory holds the slab; host memory holds the expert store (pinned where
+  // the backend can copy from it asynchronously).
+  virtual status alloc_device(size_t bytes, void** ptr) = 0;
+  virtual void free_device(void* ptr) = 0;
+  virtual status alloc_host(size_t bytes, void** ptr) = 0;
+  virtual void free_host(void* ptr) = 0;
+  // Scratch memory ordered on a compute stream (freed after the work enqueued before it).
+  virtual status alloc_workspace(size_t bytes, void* stream, void** ptr) = 0;
+  virtual void free_workspace(void* ptr, void* stream) = 0;
+
+  // Events. `timing` events can be passed to elapsed_seconds.
+  virtual status create_event(bool timing, std::unique_ptr<backend_event>* out) = 0;
+
+  // --- copy engine side -------------------------------------------------------------------
+  // Copy host -> device on the copy engine after `after` (may be null) has completed, then
+  // record `done`.
+  virtual status copy_to_device(void* dst, const void* src, size_t bytes, backend_event* after,
+                                backend_event* done) = 0;
+  // Block the calling thread until `ev` has completed.
+  virtual status wait_host(backend_event* ev) = 0;
+
+  // --- compute side (stream = the caller's compute stream) --------------------------------
+  virtual status record(backend_event* ev, void* stream) = 0;
+  // Make later work on `stream` wait for `ev` (on the CPU: block until it completed).
+  virtual status stream_wait(backend_event* ev, void* stream) = 0;
+  // Seconds between two recorded timing events; both must have completed.
+  virtual status elapsed_seconds(backend_event* start, backend_event* end, double* out) = 0;
+  virtual bool query(backend_event* ev) = 0;
+
+  // Small host -> device upload ordered on `stream`; the host buffer may be reused at once.
+  virtual status upload(void* dst, const void* src, size_t bytes, void* stream) = 0;
+  // Device -> host copy that has completed when it returns (tests, consistency checks).
+  virtual status download_sync(void* dst, const void* src, size_t bytes) = 0;
+  virtual status synchronize(void* stream) = 0;
+
+  // C[m, n] = A[m, k] * B[n, k]^T; row-major, leading dimensions in elements, fp32 accumulate.
+  virtual status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+                         const void* b, int64_t ldb, void* c, int64_t ldc, void* stream) = 0;
+  // dst[r, :] = src[rows[r], :] for r < n_rows; rows is a device int32 array.
+  virtual status gather_rows(dtype dt, void* dst, const void* src, const int32_t* rows,
+                             int64_t n_rows, int64_t width, void* stream) = 0;
+  // In place on data[rows, ld]: gated kinds read [act_in | up] (2*width columns) and write
+  // act(act_in) * up into the first `width` columns; non-gated kinds apply act to `width`.
+  virtual status activate(ffn_kind kind, dtype dt, void* data, int64_t rows, int64_t width,
+                          int64_t ld, void* stream) = 0;
+  // out[t, :] = sum_k weights[t, k] * y[row_of[t, k], :]   (row_of, weights: device arrays)
+  virtual status combine(dtype dt, void* out, const void* y, const int32_t* row_of,
+                         const float* weights, int64_t tokens, int64_t top_k, int64_t width,
+                         void* stream) = 0;
+};
+
+// The CPU backend: always available.
+std::unique_ptr<backend> make_cpu_backend();
+
+// The CUDA backend on `device`; fails with status_code_unavailable when CUDA was not compiled
+// in or no usable device exists.
+status make_cuda_backend(int device, std::unique_ptr<backend>* out);
+
+// Usable CUDA devices right now (0 without a driver, or when CUDA was not compiled in).
+int cuda_device_count();
+
+struct build_info_t {
+  bool cuda = false;       // CUDA backend compiled in
+  std::string blas;        // library behind the CPU backend's GEMMs
+  std::string version;
+  std::string cuda_archs;  // architectures the CUDA kernels were built for
+};
+build_info_t build_info();
+
+}  // namespace pregated

@@ -1,0 +1,79 @@
+// The expert cache: which expert each slot of the slab holds, in which state, and which slot
+// to give up when a new expert must come in. A plain data structure: the runtime locks it.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "pregated/status.h"
+#include "pregated/types.h"
+
+namespace pregated {
+
+enum class slot_state {
+  slot_state_empty = 0,
+  slot_state_queued = 1,  // a copy is waiting in the prefetch queue
+  slot_state_issued = 2,  // the copy was handed to the copy engine (may still be in flight)
+  slot_state_ready = 3,   // the copy has completed
+};
+
+const char* slot_state_name(slot_state s);
+
+struct slot_info {
+  expert_key key;
+  slot_state state = slot_state::slot_state_empty;
+  int32_t refs = 0;           // MoE forwards using the slot right now
+  bool pinned = false;        // never evicted
+  bool prefetched = false;    // loaded by a prefetch that its layer has not consumed yet
+  bool demanded = false;      // a forward waits for this load: it goes ahead of prefetches
+  uint64_t generation = 0;    // bumped whenever the slot is bound to a new load
+  uint64_t last_use = 0;      // LRU clock
+};
+
+class expert_cache {
+ public:
+  status init(int32_t num_slots, int32_t num_layers, int32_t num_experts, eviction_policy policy);
+
+  int32_t num_slots() const { return static_cast<int32_t>(slots_.size()); }
+  eviction_policy policy() const { return policy_; }
+  slot_info& slot(int32_t i) { return slots_[i]; }
+  const slot_info& slot(int32_t i) const { return slots_[i]; }
+
+  // Slot holding `key` (in any non-empty state), or -1.
+  int32_t find(expert_key key) const;
+
+  // A slot for a new load: an empty one if any, else the policy's victim among the slots that
+  // may be given up (no references, not pinned). A prefetch never displaces a load in flight or
+  // a prefetched expert its layer has not used yet; a demand load does, as a last resort.
+  // Returns -1 when nothing can be given up.
+  int32_t choose_slot(bool for_prefetch) const;
+
+  // Bind `slot` to `key` in state queued; what it held is evicted. Returns true on eviction.
+  bool assign(int32_t slot, expert_key key);
+  // Forget what the slot holds.
+  void clear(int32_t slot);
+  // Record a use of the expert in `slot` (LRU clock, LFU count).
+  void touch(int32_t slot);
+  // Move the slot to the recent end of the LRU clock without counting a use (a prefetch hit).
+  void refresh(int32_t slot);
+
+  uint64_t frequency(expert_key key) const { return freq_[index(key)]; }
+  int32_t pinned_count() const;
+
+ private:
+  size_t index(expert_key key) const {
+    return static_cast<size_t>(key.layer) * static_cast<size_t>(num_experts_) +
+           static_cast<size_t>(key.expert);
+  }
+  // True when `a` should be evicted before `b` under the policy.
+  bool evict_before(const slot_info& a, const slot_info& b) const;
+
+  eviction_policy policy_ = eviction_policy::eviction_policy_lru;
+  int32_t num_experts_ = 0;
+  std::vector<slot_info> slots_;
+  std::vector<int32_t> slot_of_;  // expert index -> slot or -1
+  std::vector<uint64_t> freq_;    // uses of each expert over the cache's life (LFU)
+  uint64_t clock_ = 0;
+};
+
+}  // namespace pregated

@@ -1,0 +1,123 @@
+// The expert runtime: expert store in host memory, a slab of slots on the device, the prefetch
+// queue and its copy engine, and the MoE forward that runs experts from the slots.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pregated/backend.h"
+#include "pregated/expert_cache.h"
+#include "pregated/expert_store.h"
+#include "pregated/status.h"
+#include "pregated/types.h"
+
+namespace pregated {
+
+struct runtime_config {
+  int32_t num_layers = 0;   // MoE layers
+  int32_t num_experts = 0;  // experts per MoE layer
+  expert_spec spec;
+  // Bytes of device memory for expert slots; < 0 means one slot per expert (everything fits).
+  int64_t expert_memory = -1;
+  eviction_policy eviction = eviction_policy::eviction_policy_lru;
+  // Copies handed to the copy engine at once; a demand load waits behind at most this many.
+  int32_t copy_depth = 2;
+
+  status validate() const;
+  // Slots that `expert_memory` buys (capped at the number of experts).
+  int64_t num_slots() const;
+};
+
+// One MoE block. T = tokens, K = experts per token, H = hidden.
+struct moe_args {
+  int32_t layer = 0;
+  int64_t tokens = 0;                 // T
+  int64_t top_k = 0;                  // K
+  const void* x = nullptr;            // [T, H] device memory, spec.dt
+  void* out = nullptr;                // [T, H] device memory, spec.dt; may alias x
+  const int32_t* ids = nullptr;       // [T, K] host memory, expert of each (token, k)
+  const float* weights = nullptr;     // [T, K] host memory, weight of each (token, k)
+  void* stream = nullptr;             // compute stream (cudaStream_t); ignored on the CPU
+  // Optional: experts to prefetch for `next_layer`, issued once this block's experts hold
+  // their slots, so the prefetch can never displace them.
+  int32_t next_layer = -1;
+  const int32_t* next_experts = nullptr;
+  int32_t num_next = 0;
+};
+
+struct layer_stats {
+  int64_t bytes_h2d = 0;         // bytes copied host -> device
+  int64_t expert_hits = 0;       // experts a forward needed that were in a slot (or on the way)
+  int64_t expert_misses = 0;     // experts a forward had to load on demand
+  int64_t prefetch_issued = 0;   // prefetch copies started
+  int64_t prefetch_used = 0;     // prefetched experts that a forward then used
+  int64_t prefetch_dropped = 0;  // queued prefetches cancelled before their copy started
+  double stall_seconds = 0;      // compute time spent waiting for copies
+};
+
+struct runtime_stats {
+  layer_stats total;
+  std::vector<layer_stats> layers;
+  int64_t evictions = 0;
+  int64_t forwards = 0;
+};
+
+struct slot_snapshot {
+  int32_t slot = 0;
+  expert_key key;
+  slot_state state = slot_state::slot_state_empty;
+  int32_t refs = 0;
+  bool pinned = false;
+  bool prefetched = false;
+};
+
+class runtime {
+ public:
+  static status create(std::unique_ptr<backend> be, const runtime_config& cfg,
+                       std::unique_ptr<runtime>* out);
+  ~runtime();
+  runtime(const runtime&) = delete;
+  runtime& operator=(const runtime&) = delete;
+
+  const runtime_config& config() const;
+  int32_t num_slots() const;
+  backend& get_backend();
+  // Fill experts here before use (set_part). Writing an expert that sits in a slot is not
+  // reflected in the slot until it is evicted and loaded again.
+  expert_store& store();
+
+  // Queue copies of `experts` of `layer` (duplicates and residents are skipped).
+  status prefetch(int32_t layer, const int32_t* experts, int32_t n);
+  // Drop every prefetch whose copy has not started yet.
+  status cancel_prefetches();
+  status moe_forward(const moe_args& args);
+
+  // Keep an expert resident until unpinned (loads it if needed).
+  status pin(expert_key key);
+  status unpin(expert_key key);
+  // Give up the expert's slot now; fails if a forward is using it or it is pinned.
+  status evict(expert_key key);
+  // Wait until every queued copy has completed.
+  status wait_idle();
+
+  runtime_stats stats();
+  void reset_stats();
+  std::vector<slot_snapshot> slots();
+  // Checks every invariant of the cache and compares each ready slot with its host copy byte
+  // for byte; a description of every violation goes to `report`.
+  status check(std::string* report);
+
+  // Stops the copy engine and frees device and host memory. Later calls fail with
+  // status_code_closed.
+  status close();
+  bool closed() const;
+
+ private:
+  runtime();
+  struct impl;
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace pregated

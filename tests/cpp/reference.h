@@ -1,0 +1,106 @@
+// A float32 MoE model with random experts and a plain-loop reference of one MoE block, for the
+// C++ tests and the downstream package test.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "pregated/pregated.h"
+
+namespace pgref {
+
+struct toy_model {
+  int32_t layers = 0;
+  int32_t experts = 0;
+  pregated::expert_spec spec;
+  std::vector<std::vector<float>> blocks;  // [layer * experts]: gate|up|down (or in|out), fp32
+
+  const std::vector<float>& expert(int32_t layer, int32_t e) const {
+    return blocks[static_cast<size_t>(layer) * static_cast<size_t>(experts) + static_cast<size_t>(e)];
+  }
+};
+
+inline toy_model make_model(int32_t layers, int32_t experts, int64_t hidden, int64_t inter,
+                            pregated::ffn_kind kind, uint32_t seed) {
+  toy_model m;
+  m.layers = layers;
+  m.experts = experts;
+  m.spec.kind = kind;
+  m.spec.dt = pregated::dtype::dtype_f32;
+  m.spec.hidden = hidden;
+  m.spec.intermediate = inter;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f / std::sqrt(static_cast<float>(hidden)));
+  const size_t n = m.spec.bytes() / sizeof(float);
+  for (int32_t i = 0; i < layers * experts; ++i) {
+    std::vector<float> w(n);
+    for (float& v : w) v = nd(rng);
+    m.blocks.push_back(std::move(w));
+  }
+  return m;
+}
+
+// Copies every expert of `m` into the runtime's expert store.
+inline pregated::status fill_store(pregated::runtime& rt, const toy_model& m) {
+  for (int32_t l = 0; l < m.layers; ++l) {
+    for (int32_t e = 0; e < m.experts; ++e) {
+      const float* w = m.expert(l, e).data();
+      for (int p = 0; p < m.spec.num_parts(); ++p) {
+        const size_t off = m.spec.part_offset(p) / sizeof(float);
+        PREGATED_RETURN_IF_ERROR(rt.store().set_part({l, e}, p, w + off,
+                                                     m.spec.part_elements(p) * sizeof(float)));
+      }
+    }
+  }
+  return {};
+}
+
+inline float act(pregated::ffn_kind kind, float x) {
+  switch (kind) {
+    case pregated::ffn_kind::ffn_kind_gated_silu: return x / (1.0f + std::exp(-x));
+    case pregated::ffn_kind::ffn_kind_relu: return x > 0 ? x : 0.0f;
+    default: return 0.5f * x * (1.0f + std::erf(x / std::sqrt(2.0f)));
+  }
+}
+
+// out[t] = sum_k w[t, k] * FFN_{ids[t, k]}(x[t]), computed one token and one expert at a time.
+inline std::vector<float> reference_forward(const toy_model& m, int32_t layer,
+                                            const std::vector<float>& x,
+                                            const std::vector<int32_t>& ids,
+                                            const std::vector<float>& w, int64_t T, int64_t K) {
+  const int64_t H = m.spec.hidden, I = m.spec.intermediate;
+  const bool gated = pregated::ffn_is_gated(m.spec.kind);
+  std::vector<float> out(static_cast<size_t>(T * H), 0.0f), a(static_cast<size_t>(I));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t k = 0; k < K; ++k) {
+      const std::vector<float>& e = m.expert(layer, ids[static_cast<size_t>(t * K + k)]);
+      const float* up0 = e.data();                    // gate (or in): [I, H]
+      const float* up1 = e.data() + I * H;            // up: [I, H] (gated only)
+      const float* down = e.data() + (gated ? 2 : 1) * I * H;  // [H, I]
+      for (int64_t i = 0; i < I; ++i) {
+        double g = 0, u = 0;
+        for (int64_t h = 0; h < H; ++h) {
+          g += static_cast<double>(up0[i * H + h]) * x[static_cast<size_t>(t * H + h)];
+          if (gated) u += static_cast<double>(up1[i * H + h]) * x[static_cast<size_t>(t * H + h)];
+        }
+        a[static_cast<size_t>(i)] = act(m.spec.kind, static_cast<float>(g)) * (gated ? static_cast<float>(u) : 1.0f);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        double y = 0;
+        for (int64_t i = 0; i < I; ++i) y += static_cast<double>(down[h * I + i]) * a[static_cast<size_t>(i)];
+        out[static_cast<size_t>(t * H + h)] += w[static_cast<size_t>(t * K + k)] * static_cast<float>(y);
+      }
+    }
+  }
+  return out;
+}
+
+inline float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  float d = 0;
+  for (size_t i = 0; i < a.size(); ++i) d = std::fmax(d, std::fabs(a[i] - b[i]));
+  return d;
+}
+
+}  // namespace pgref

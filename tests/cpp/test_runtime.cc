@@ -1,0 +1,161 @@
+// The runtime on the CPU backend against the plain-loop reference, and its error paths.
+#include <algorithm>
+#include <random>
+
+#include "harness.h"
+#include "reference.h"
+
+using namespace pregated;
+
+namespace {
+
+std::unique_ptr<runtime> make_runtime(const pgref::toy_model& m, int64_t slots,
+                                      eviction_policy ev = eviction_policy::eviction_policy_lru) {
+  runtime_config cfg;
+  cfg.num_layers = m.layers;
+  cfg.num_experts = m.experts;
+  cfg.spec = m.spec;
+  cfg.expert_memory = slots < 0 ? -1 : slots * static_cast<int64_t>(m.spec.bytes());
+  cfg.eviction = ev;
+  std::unique_ptr<runtime> rt;
+  CHECK_OK(runtime::create(make_cpu_backend(), cfg, &rt));
+  if (rt) CHECK_OK(pgref::fill_store(*rt, m));
+  return rt;
+}
+
+struct batch {
+  std::vector<float> x, w;
+  std::vector<int32_t> ids;
+};
+
+batch random_batch(std::mt19937& rng, int64_t T, int64_t K, int64_t H, int32_t experts) {
+  batch b;
+  std::normal_distribution<float> nd;
+  std::uniform_real_distribution<float> ud(0.1f, 1.0f);
+  b.x.resize(static_cast<size_t>(T * H));
+  for (float& v : b.x) v = nd(rng);
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> all(static_cast<size_t>(experts));
+    for (int32_t e = 0; e < experts; ++e) all[static_cast<size_t>(e)] = e;
+    std::shuffle(all.begin(), all.end(), rng);  // K distinct experts per token
+    for (int64_t k = 0; k < K; ++k) {
+      b.ids.push_back(all[static_cast<size_t>(k)]);
+      b.w.push_back(ud(rng));
+    }
+  }
+  return b;
+}
+
+status run(runtime& rt, int32_t layer, const batch& b, int64_t T, int64_t K, std::vector<float>* out) {
+  out->assign(b.x.size(), -1.0f);
+  moe_args a;
+  a.layer = layer;
+  a.tokens = T;
+  a.top_k = K;
+  a.x = b.x.data();
+  a.out = out->data();
+  a.ids = b.ids.data();
+  a.weights = b.w.data();
+  return rt.moe_forward(a);
+}
+
+}  // namespace
+
+TEST(forward_matches_reference_for_every_budget) {
+  const pgref::toy_model m = pgref::make_model(2, 6, 24, 20, ffn_kind::ffn_kind_gated_silu, 1);
+  std::mt19937 rng(7);
+  for (int64_t slots : {1, 2, 5, 12}) {
+    auto rt = make_runtime(m, slots);
+    if (!rt) return;
+    for (int64_t K : {1, 2, 6}) {
+      for (int64_t T : {1, 3, 33}) {
+        for (int32_t layer = 0; layer < 2; ++layer) {
+          batch b = random_batch(rng, T, K, 24, 6);
+          std::vector<float> out;
+          CHECK_OK(run(*rt, layer, b, T, K, &out));
+          const auto ref = pgref::reference_forward(m, layer, b.x, b.ids, b.w, T, K);
+          CHECK(pgref::max_abs_diff(out, ref) < 1e-4f);
+        }
+      }
+    }
+    CHECK_OK(rt->check(nullptr));
+  }
+}
+
+TEST(forward_non_gated_relu_and_gelu) {
+  for (ffn_kind kind : {ffn_kind::ffn_kind_relu, ffn_kind::ffn_kind_gelu}) {
+    const pgref::toy_model m = pgref::make_model(1, 4, 17, 9, kind, 3);
+    auto rt = make_runtime(m, 2);
+    if (!rt) return;
+    std::mt19937 rng(5);
+    batch b = random_batch(rng, 10, 2, 17, 4);
+    std::vector<float> out;
+    CHECK_OK(run(*rt, 0, b, 10, 2, &out));
+    CHECK(pgref::max_abs_diff(out, pgref::reference_forward(m, 0, b.x, b.ids, b.w, 10, 2)) < 1e-4f);
+  }
+}
+
+TEST(errors_name_the_problem) {
+  const pgref::toy_model m = pgref::make_model(2, 4, 8, 8, ffn_kind::ffn_kind_gated_silu, 2);
+  runtime_config cfg;
+  cfg.num_layers = 2;
+  cfg.num_experts = 4;
+  cfg.spec = m.spec;
+  cfg.expert_memory = static_cast<int64_t>(m.spec.bytes()) - 1;
+  std::unique_ptr<runtime> rt;
+  CHECK_ERR(runtime::create(make_cpu_backend(), cfg, &rt), "smaller than one expert");
+  cfg.expert_memory = -1;
+  cfg.spec.hidden = 0;
+  CHECK_ERR(runtime::create(make_cpu_backend(), cfg, &rt), "must be positive");
+
+  auto good = make_runtime(m, 2);
+  if (!good) return;
+  std::mt19937 rng(1);
+  batch b = random_batch(rng, 2, 2, 8, 4);
+  b.ids[3] = 4;
+  std::vector<float> out;
+  CHECK_ERR(run(*good, 0, b, 2, 2, &out), "expert id 4 at token 1, k 1 is out of range");
+  b.ids[3] = 1;
+  CHECK_ERR(run(*good, 2, b, 2, 2, &out), "layer 2 is out of range");
+  const int32_t bad[] = {9};
+  CHECK_ERR(good->prefetch(0, bad, 1), "expert id 9");
+  CHECK_OK(good->pin({0, 0}));
+  CHECK_ERR(good->pin({0, 1}), "at least one slot must stay free");
+  CHECK_ERR(good->evict({0, 0}), "pinned");
+  CHECK_OK(good->unpin({0, 0}));
+  CHECK_OK(good->evict({0, 0}));
+  CHECK_OK(good->close());
+  CHECK_ERR(run(*good, 0, b, 2, 2, &out), "closed");
+  CHECK_ERR(good->prefetch(0, bad, 0), "closed");
+}
+
+TEST(prefetch_then_forward_uses_the_prefetched_experts) {
+  const pgref::toy_model m = pgref::make_model(2, 8, 16, 16, ffn_kind::ffn_kind_gated_silu, 4);
+  auto rt = make_runtime(m, 4);
+  if (!rt) return;
+  const int32_t want[] = {1, 5};
+  CHECK_OK(rt->prefetch(1, want, 2));
+  CHECK_OK(rt->wait_idle());
+  batch b;
+  b.x.assign(2 * 16, 0.5f);
+  b.ids = {1, 5, 5, 1};
+  b.w = {0.5f, 0.5f, 0.25f, 0.75f};
+  std::vector<float> out;
+  CHECK_OK(run(*rt, 1, b, 2, 2, &out));
+  const runtime_stats s = rt->stats();
+  CHECK(s.total.prefetch_issued == 2);
+  CHECK(s.total.prefetch_used == 2);
+  CHECK(s.total.expert_hits == 2);
+  CHECK(s.total.expert_misses == 0);
+  CHECK(s.total.bytes_h2d == 2 * static_cast<int64_t>(m.spec.bytes()));
+  CHECK(pgref::max_abs_diff(out, pgref::reference_forward(m, 1, b.x, b.ids, b.w, 2, 2)) < 1e-4f);
+  // A wrong guess for layer 0 is dropped or wasted, never used.
+  const int32_t guess[] = {3};
+  CHECK_OK(rt->prefetch(0, guess, 1));
+  b.ids = {0, 2, 2, 0};
+  CHECK_OK(run(*rt, 0, b, 2, 2, &out));
+  const runtime_stats s2 = rt->stats();
+  CHECK(s2.layers[0].prefetch_used == 0);
+  CHECK(s2.layers[0].prefetch_issued + s2.layers[0].prefetch_dropped == 1);
+  CHECK_OK(rt->check(nullptr));
+}
