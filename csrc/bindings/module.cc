@@ -258,6 +258,26 @@ class py_runtime {
     return out;
   }
 
+  py::list trace() {
+    runtime& r = rt();
+    std::vector<trace_event> events;
+    {
+      py::gil_scoped_release nogil;
+      throw_if_error(r.trace(&events));
+    }
+    py::list out;
+    for (const trace_event& e : events) {
+      py::dict d;
+      d["kind"] = e.kind == trace_event::kind_t::kind_copy ? "copy" : "compute";
+      d["layer"] = e.layer;
+      d["expert"] = e.expert;
+      d["start_s"] = e.start_s;
+      d["end_s"] = e.end_s;
+      out.append(d);
+    }
+    return out;
+  }
+
   void check() {
     runtime& r = rt();
     std::string report;
@@ -384,6 +404,14 @@ hold their slots.)doc")
         r.reset_stats();
       })
       .def("slots", &py_runtime::slots)
+      .def("set_tracing", [](py_runtime& self, bool on) {
+        runtime& r = self.rt();
+        py::gil_scoped_release nogil;
+        throw_if_error(r.set_tracing(on));
+      }, py::arg("on"), "Start (clearing earlier records) or stop recording a timeline.")
+      .def("trace", &py_runtime::trace,
+           "Intervals recorded since set_tracing(True): dicts with kind ('copy' or 'compute'), "
+           "layer, expert, start_s, end_s (seconds since tracing started).")
       .def("check", &py_runtime::check,
            "Wait for copies, then verify the cache's invariants and every slot against its host copy.")
       .def("close", &py_runtime::close)

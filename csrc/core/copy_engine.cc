@@ -29,15 +29,22 @@ void runtime::impl::copy_loop() {
       }
       const expert_key key = s.key;
       const bool prefetch = !s.demanded;
+      std::unique_ptr<backend_event> t0, t1;
+      trace_timers(&t0, &t1);
       worker_busy = true;
       lk.unlock();
       // A slot's previous expert may still be read by GEMMs on the compute stream: the copy
       // waits for the slot's last use.
-      status st = be->copy_to_device(slot_ptr(r.slot), store.expert(key), slot_bytes,
-                                     last_use[static_cast<size_t>(r.slot)].get(),
-                                     copy_done[static_cast<size_t>(r.slot)].get());
+      status st = be->copy_wait(last_use[static_cast<size_t>(r.slot)].get());
+      if (st.is_ok() && t0) st = be->record_copy(t0.get());
+      if (st.is_ok()) {
+        st = be->copy_to_device(slot_ptr(r.slot), store.expert(key), slot_bytes,
+                                copy_done[static_cast<size_t>(r.slot)].get());
+      }
+      if (st.is_ok() && t1) st = be->record_copy(t1.get());
       lk.lock();
       worker_busy = false;
+      if (t0 && t1) traces.push_back({trace_event::kind_t::kind_copy, key.layer, key.expert, std::move(t0), std::move(t1)});
       if (!st) {
         failure = {st.code(), "copy engine: loading layer " + std::to_string(key.layer) +
                                   " expert " + std::to_string(key.expert) + ": " + st.message()};

@@ -210,6 +210,12 @@ status runtime::impl::forward(const moe_args& a) {
         }
       }
       if (!result.is_ok()) break;
+      std::unique_ptr<backend_event> c0, c1;
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        trace_timers(&c0, &c1);
+      }
+      if (c0) result = be->record(c0.get(), a.stream);
       const uint8_t* w = slot_ptr(h.slot);
       const int64_t r0 = plan.offsets[h.plan_index];
       const int64_t n = plan.offsets[h.plan_index + 1] - r0;
@@ -220,6 +226,12 @@ status runtime::impl::forward(const moe_args& a) {
       if (result.is_ok()) {
         result = be->gemm_nt(dt, n, H, I, a_rows, U, w + sp.part_offset(sp.num_parts() - 1), I,
                              y + static_cast<size_t>(r0 * H) * esz, H, a.stream);
+      }
+      if (result.is_ok() && c1) result = be->record(c1.get(), a.stream);
+      if (c0 && c1) {
+        std::lock_guard<std::mutex> lk(mu);
+        traces.push_back({trace_event::kind_t::kind_compute, a.layer, plan.experts[h.plan_index],
+                          std::move(c0), std::move(c1)});
       }
       if (!result.is_ok()) break;
     }

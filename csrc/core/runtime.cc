@@ -91,6 +91,8 @@ status runtime::close() {
   if (m.worker.joinable()) m.worker.join();  // returns once copies in flight completed
   m.be->synchronize(nullptr);
   m.probes.clear();
+  m.traces.clear();
+  m.trace_base.reset();
   m.spare.clear();
   m.copy_done.clear();
   m.last_use.clear();
@@ -286,6 +288,56 @@ void runtime::impl::resolve_probes(bool wait) {
     }
   }
   probes.resize(kept);
+}
+
+void runtime::impl::trace_timers(std::unique_ptr<backend_event>* start,
+                                 std::unique_ptr<backend_event>* end) {
+  if (!tracing) return;
+  *start = take_timer();
+  *end = take_timer();
+  if (!*start || !*end) {
+    start->reset();
+    end->reset();
+  }
+}
+
+status runtime::set_tracing(bool on) {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  PREGATED_RETURN_IF_ERROR(m.check_open());
+  std::unique_lock<std::mutex> lk(m.mu);
+  PREGATED_RETURN_IF_ERROR(m.wait_idle_locked(lk));
+  m.traces.clear();
+  m.tracing = on;
+  if (!on) return {};
+  if (!m.trace_base) PREGATED_RETURN_IF_ERROR(m.be->create_event(true, &m.trace_base));
+  // The copy engine is idle now, so the base is recorded at about this moment.
+  return m.be->record_copy(m.trace_base.get());
+}
+
+status runtime::trace(std::vector<trace_event>* out) {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  PREGATED_RETURN_IF_ERROR(m.check_open());
+  std::unique_lock<std::mutex> lk(m.mu);
+  PREGATED_RETURN_IF_ERROR(m.wait_idle_locked(lk));
+  out->clear();
+  if (!m.trace_base) return {};
+  PREGATED_RETURN_IF_ERROR(m.be->wait_host(m.trace_base.get()));
+  for (impl::trace_probe& p : m.traces) {
+    PREGATED_RETURN_IF_ERROR(m.be->wait_host(p.end.get()));
+    trace_event ev;
+    ev.kind = p.kind;
+    ev.layer = p.layer;
+    ev.expert = p.expert;
+    PREGATED_RETURN_IF_ERROR(m.be->elapsed_seconds(m.trace_base.get(), p.start.get(), &ev.start_s));
+    PREGATED_RETURN_IF_ERROR(m.be->elapsed_seconds(m.trace_base.get(), p.end.get(), &ev.end_s));
+    out->push_back(ev);
+    m.spare.push_back(std::move(p.start));
+    m.spare.push_back(std::move(p.end));
+  }
+  m.traces.clear();
+  return {};
 }
 
 runtime_stats runtime::stats() {

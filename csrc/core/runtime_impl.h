@@ -23,6 +23,12 @@ struct runtime::impl {
     int32_t layer = 0;
   };
 
+  struct trace_probe {
+    trace_event::kind_t kind;
+    int32_t layer, expert;
+    std::unique_ptr<backend_event> start, end;
+  };
+
   runtime_config cfg;
   std::unique_ptr<backend> be;
   backend_caps caps;
@@ -50,6 +56,9 @@ struct runtime::impl {
   std::vector<stall_probe> probes;                    // waiting to be resolved
   std::vector<std::unique_ptr<backend_event>> spare;  // timing events to reuse
   std::thread worker;
+  bool tracing = false;
+  std::unique_ptr<backend_event> trace_base;
+  std::vector<trace_probe> traces;
 
   uint8_t* slot_ptr(int32_t slot) const { return slab + slot_bytes * static_cast<size_t>(slot); }
   status check_open() const;
@@ -68,6 +77,8 @@ struct runtime::impl {
   // runtime.cc
   void prefetch_locked(int32_t layer, const int32_t* experts, int32_t n);
   std::unique_ptr<backend_event> take_timer();
+  // Two timing events for a traced interval, or nulls when tracing is off (mu held).
+  void trace_timers(std::unique_ptr<backend_event>* start, std::unique_ptr<backend_event>* end);
   void resolve_probes(bool wait);
 
   // moe_forward.cc

@@ -114,12 +114,21 @@ class cuda_backend final : public backend {
     return {};
   }
 
-  status copy_to_device(void* dst, const void* src, size_t bytes, backend_event* after,
+  status copy_wait(backend_event* ev) override {
+    PREGATED_CUDA_CHECK(cudaSetDevice(device_));
+    PREGATED_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, raw(ev), 0));
+    return {};
+  }
+  status copy_to_device(void* dst, const void* src, size_t bytes,
                         backend_event* done) override {
     PREGATED_CUDA_CHECK(cudaSetDevice(device_));
-    if (after != nullptr) PREGATED_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, raw(after), 0));
     PREGATED_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, copy_stream_));
     if (done != nullptr) PREGATED_CUDA_CHECK(cudaEventRecord(raw(done), copy_stream_));
+    return {};
+  }
+  status record_copy(backend_event* ev) override {
+    PREGATED_CUDA_CHECK(cudaSetDevice(device_));
+    PREGATED_CUDA_CHECK(cudaEventRecord(raw(ev), copy_stream_));
     return {};
   }
   status wait_host(backend_event* ev) override {

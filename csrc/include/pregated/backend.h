@@ -51,10 +51,13 @@ class backend {
   virtual status create_event(bool timing, std::unique_ptr<backend_event>* out) = 0;
 
   // --- copy engine side -------------------------------------------------------------------
-  // Copy host -> device on the copy engine after `after` (may be null) has completed, then
-  // record `done`.
-  virtual status copy_to_device(void* dst, const void* src, size_t bytes, backend_event* after,
+  // Later copies wait for `ev` (recorded on a compute stream) to complete.
+  virtual status copy_wait(backend_event* ev) = 0;
+  // Copy host -> device on the copy engine, then record `done` (may be null).
+  virtual status copy_to_device(void* dst, const void* src, size_t bytes,
                                 backend_event* done) = 0;
+  // Record `ev` on the copy engine, after the copies handed over so far (timelines).
+  virtual status record_copy(backend_event* ev) = 0;
   // Block the calling thread until `ev` has completed.
   virtual status wait_host(backend_event* ev) = 0;
 

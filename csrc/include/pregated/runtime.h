@@ -64,6 +64,16 @@ struct runtime_stats {
   int64_t forwards = 0;
 };
 
+// One interval of a timeline: a copy on the copy engine or an expert's GEMMs on the compute
+// stream, in seconds since tracing was switched on.
+struct trace_event {
+  enum class kind_t { kind_copy = 0, kind_compute = 1 } kind = kind_t::kind_copy;
+  int32_t layer = 0;
+  int32_t expert = 0;
+  double start_s = 0;
+  double end_s = 0;
+};
+
 struct slot_snapshot {
   int32_t slot = 0;
   expert_key key;
@@ -101,6 +111,12 @@ class runtime {
   status evict(expert_key key);
   // Wait until every queued copy has completed.
   status wait_idle();
+
+  // Timelines from backend events (CUDA events on the GPU). set_tracing(true) waits for copies
+  // in flight, starts the clock and clears earlier records; trace() returns what was recorded
+  // since, waiting for it to complete.
+  status set_tracing(bool on);
+  status trace(std::vector<trace_event>* out);
 
   runtime_stats stats();
   void reset_stats();

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with an NVIDIA GPU and no internet, build pregated with the CUDA
+# backend required, run the GPU-marked tests, and keep what they measured.
+#
+#   scripts/gpu-check.sh [--results DIR]
+#
+# Needs the GPU image's build tools (cmake, ninja, nvcc, pybind11, scikit-build-core, torch).
+# scipy-openblas32 is installed from .whl/ when the machine lacks it (no index is reached).
+# Results go to DIR (default benchmarks/results/<date>-<gpu>/), plus $OUT when that is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+RESULTS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --results) RESULTS=$2; shift 2 ;;
+    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+    *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+step() { printf '\n=== %s ===\n' "$*"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || {
+  echo "gpu-check: nvidia-smi failed: this machine has no usable NVIDIA GPU" >&2; exit 1; }
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9_.-')
+RESULTS=${RESULTS:-benchmarks/results/$(date +%F)-$GPU}
+mkdir -p "$RESULTS"
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda)"
+nvcc --version | tail -1
+echo "cpu: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+
+step "build (CUDA required)"
+if ! "$PY" -c "import scipy_openblas32" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps .whl/scipy_openblas32-*.whl
+fi
+"$PY" -m pip install --no-build-isolation --no-deps \
+  -C cmake.define.PREGATED_CUDA=ON \
+  -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=${PREGATED_CUDA_ARCHS:-90}" . 2>&1 | tail -3
+"$PY" -c "
+import pregated
+info = pregated.build_info()
+print(info)
+assert info['cuda'] and info['cuda_devices'] > 0, 'the CUDA backend is not usable'
+"
+
+step "GPU tests"
+export PREGATED_RESULTS_DIR="$RESULTS"
+set +e
+"$PY" -m pytest -m gpu -v -rs -s tests 2>&1 | tee "$RESULTS/gpu-tests.log"
+status=${PIPESTATUS[0]}
+set -e
+
+if [ -n "${OUT:-}" ]; then cp -r "$RESULTS"/. "$OUT"/ 2>/dev/null || true; fi
+step "done: results in $RESULTS (tests exit $status)"
+exit "$status"

@@ -1,0 +1,35 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def _cuda_devices() -> int:
+    import pregated
+
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return 0
+    except ImportError:
+        return 0
+    return pregated.build_info()["cuda_devices"]
+
+
+def pytest_collection_modifyitems(config, items):
+    import pregated
+
+    info = pregated.build_info()
+    if not info["cuda"]:
+        reason = "the CUDA backend is not compiled into this build of pregated"
+    elif _cuda_devices() == 0:
+        reason = "no usable CUDA device on this machine (CUDA backend compiled in, nothing to run it on)"
+    else:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
