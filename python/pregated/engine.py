@@ -1,0 +1,352 @@
+"""Engine: load a Hugging Face MoE checkpoint, own the runtime, generate.
+
+B = batch, L = new tokens this step, S = cache length, H = hidden, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from . import _core
+from .checkpoint import Checkpoint
+from .config import DTYPES, ModelConfig, read_config
+from .generation import GenerationResult, SamplingParams, TextStream, TextTracker, sample
+from .models import CausalLM, expert_layout, load_dense, load_experts
+from .models.layers import rope_cos_sin
+from .models.loader import checkpoint_parameters, progress_bar
+from .moe import MoEExecutor, resolve_policy
+from .tokenizer import Tokenizer
+
+
+def default_device() -> str:
+    if torch.cuda.is_available() and _core.build_info()["cuda_devices"] > 0:
+        return "cuda:0"
+    return "cpu"
+
+
+def _resolve_device(device) -> str:
+    if device is None:
+        return default_device()
+    d = torch.device(device)
+    if d.type == "cuda":
+        if not _core.build_info()["cuda"]:
+            raise RuntimeError("this build of pregated has no CUDA backend; use device='cpu' or rebuild with CUDA")
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device; use device='cpu'")
+        return f"cuda:{d.index or 0}"
+    if d.type != "cpu":
+        raise ValueError(f"device '{device}' is not supported: use 'cpu' or 'cuda[:N]'")
+    return "cpu"
+
+
+def _resolve_dtype(dtype, cfg: ModelConfig) -> torch.dtype:
+    if dtype is None:
+        return cfg.dtype
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
+        return DTYPES[dtype.replace("torch.", "")]
+    raise ValueError(f"dtype {dtype!r} is not supported: use float32, float16 or bfloat16")
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, batch: int, length: int, device, dtype):
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)  # real tokens
+
+
+class Engine:
+    """A MoE model whose experts live in host memory and reach the device through the runtime.
+
+    Parameters
+    ----------
+    model : folder in Hugging Face layout (config.json, safetensors, tokenizer.json).
+    device : "cpu", "cuda" or "cuda:N"; default CUDA when usable, else CPU.
+    dtype : float32 / float16 / bfloat16 (default: the checkpoint's).
+    policy : "gpu-only", "on-demand", "prefetch-all" or "pregated"; default the fastest correct
+        choice for the budget (gpu-only when every expert fits, else pregated).
+    expert_memory : device bytes for expert slots, an int or a string like "8GiB"; None = all.
+    eviction : "lru" or "lfu".
+    progress : show a progress bar while loading.
+    """
+
+    def __init__(self, model: str, *, device=None, dtype=None, policy: str | None = None,
+                 expert_memory=None, eviction: str = "lru", progress: bool = True):
+        if not isinstance(model, (str, os.PathLike)) or not os.path.isdir(model):
+            raise FileNotFoundError(f"model folder {model!r} does not exist (a local folder in Hugging Face layout)")
+        self.folder = str(model)
+        self.cfg = read_config(self.folder)
+        self.tokenizer = Tokenizer(self.folder)
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.cfg)
+        self.cfg.dtype = self.dtype  # expert sizes follow the dtype we run in
+        self.policy, self.expert_memory = resolve_policy(policy, expert_memory, self.cfg)
+        ckpt = Checkpoint(self.folder)
+        layouts = {layer: expert_layout(ckpt, layer) for layer in self.cfg.moe_layers}
+        cfg = self.cfg
+        self.runtime = _core.Runtime(
+            cfg.num_moe_layers, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
+            ffn="gated_silu", dtype=str(self.dtype).replace("torch.", ""), device=self.device,
+            expert_memory=self.expert_memory, eviction=eviction)
+        try:
+            with torch.device("meta"):
+                self.model = CausalLM(cfg)
+            with progress_bar(checkpoint_parameters(ckpt), progress) as bar:
+                load_dense(self.model, cfg, ckpt, self.device, self.dtype, layouts, bar)
+                load_experts(self.runtime, cfg, ckpt, layouts, self.dtype, bar)
+        except BaseException:
+            self.runtime.close()
+            raise
+        del ckpt
+        self.model.eval()
+        self.moe = MoEExecutor(self.runtime, self.model, cfg, self.policy)
+        self._counters = {"tokens": 0, "decode_seconds": 0.0, "prefill_tokens": 0, "prefill_seconds": 0.0}
+        self.eos_ids = set(cfg.eos_token_ids)
+        eos_text = self.tokenizer.token_id(self.tokenizer.eos_token)
+        if eos_text is not None:
+            self.eos_ids.add(eos_text)
+        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self._closed = False
+
+    # --- lifetime ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Frees the device memory of the model and the expert slots."""
+        if self._closed:
+            return
+        self.runtime.close()
+        self.model = None
+        self._closed = True
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("this Engine was closed; create a new one")
+
+    # --- the forward pass --------------------------------------------------------------
+
+    def _mask(self, cache: KVCache, start: int, L: int, window: int | None) -> torch.Tensor:
+        """[B, 1, L, start + L] bool: causal, real keys only, within the sliding window."""
+        S = start + L
+        q = torch.arange(start, S, device=cache.valid.device)[:, None]
+        k = torch.arange(S, device=cache.valid.device)[None, :]
+        allowed = (k <= q)
+        if window:
+            allowed = allowed & (k > q - window)
+        mask = allowed[None] & cache.valid[:, None, :S]
+        # A padding query sees itself only: finite garbage that no real token ever reads.
+        mask = mask | (k == q)[None]
+        return mask[:, None]
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
+                 active: torch.Tensor) -> torch.Tensor:
+        """tokens, positions: [B, L]; active: [B, L] rows that go through the experts -> [B, L, H]."""
+        cfg, layers = self.cfg, self.model.model.layers
+        B, L = tokens.shape
+        h = self.model.model.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
+        masks = {}
+        rows = active.reshape(-1).nonzero().squeeze(-1)
+        m = 0
+        for i, layer in enumerate(layers):
+            window = layer.sliding_window
+            if window not in masks:
+                masks[window] = self._mask(cache, start, L, window)
+            x = layer.input_layernorm(h)
+            h = h + layer.self_attn(x, cos, sin, cache.k[i], cache.v[i], start, masks[window])
+            x = layer.post_attention_layernorm(h)
+            if layer.is_moe:
+                flat_x, flat_h = x.reshape(B * L, -1), h.reshape(B * L, -1)
+                out = torch.zeros_like(flat_x)
+                out[rows] = self.moe(m, flat_x[rows], flat_h[rows])
+                h = h + out.view(B, L, -1)
+                m += 1
+            else:
+                h = h + layer.mlp(x)
+        return self.model.model.norm(h)
+
+    def _prefill(self, prompts: list[list[int]], extra: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+        """Left-pads the prompts into one batch and runs them; returns the cache, the last
+        positions [B] and the hidden state of the last prompt token [B, H]."""
+        B, L = len(prompts), max(len(p) for p in prompts)
+        cache = KVCache(self.cfg, B, L + extra, self.device, self.dtype)
+        tokens = torch.full((B, L), self.pad_id, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            tokens[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            cache.valid[b, L - len(p):L] = True
+        valid = cache.valid[:, :L]
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self._forward(tokens.to(self.device), positions, cache, 0, valid)
+        return cache, positions[:, -1], hidden[:, -1]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    # --- public API --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, token_ids) -> torch.Tensor:
+        """float32 [len(token_ids), vocab_size] through the same offloading path."""
+        self._check_open()
+        prompt = self._check_ids(list(token_ids), 0)
+        cache = KVCache(self.cfg, 1, len(prompt), self.device, self.dtype)
+        cache.valid[0, :] = True
+        tokens = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        positions = torch.arange(len(prompt), device=self.device)[None]
+        hidden = self._forward(tokens, positions, cache, 0, cache.valid)
+        return self._logits(hidden[0])
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def generate(self, prompt, *, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None,
+                 stream: bool = False):
+        """Generate from a prompt: text, token ids, chat messages (list of dicts), or a list of
+        those (a batch). Returns a GenerationResult (a list for a batch), or with stream=True
+        (one prompt) a TextStream yielding text pieces, whose .result is set at the end."""
+        self._check_open()
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=seed, stop=list(stop or []) if not isinstance(stop, str) else [stop])
+        prompts, single = self._prompts(prompt, params.max_new_tokens)
+        if stream:
+            if not single:
+                raise ValueError("stream=True takes one prompt, not a batch")
+            text_stream = TextStream(None)
+
+            def pieces():
+                for _, piece in self._run(prompts, params):
+                    yield piece
+                text_stream.result = self._last_results[0]
+
+            text_stream._pieces = pieces()
+            return text_stream
+        for _ in self._run(prompts, params):
+            pass
+        return self._last_results[0] if single else self._last_results
+
+    def _run(self, prompts: list[list[int]], params: SamplingParams):
+        """The generation loop; yields (row, text piece) as text becomes showable."""
+        with torch.inference_mode():
+            gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+            B = len(prompts)
+            t0 = time.perf_counter()
+            cache, last_pos, hidden = self._prefill(prompts, params.max_new_tokens)
+            logits = self._logits(hidden)
+            self._sync()
+            self._counters["prefill_seconds"] += time.perf_counter() - t0
+            self._counters["prefill_tokens"] += sum(len(p) for p in prompts)
+            trackers = [TextTracker(self.tokenizer, params.stop) for _ in range(B)]
+            finish = [None] * B
+            start = cache.valid.shape[1] - params.max_new_tokens
+            t_decode = time.perf_counter()
+            for step in range(params.max_new_tokens):
+                nxt = sample(logits, params, gen)
+                for b in range(B):
+                    if finish[b] is not None:
+                        continue
+                    tok = int(nxt[b])
+                    piece = trackers[b].add(tok)
+                    self._counters["tokens"] += 1
+                    if piece:
+                        yield b, piece
+                    if tok in self.eos_ids or trackers[b].stopped:
+                        finish[b] = "stop"
+                if all(f is not None for f in finish) or step == params.max_new_tokens - 1:
+                    break
+                active = torch.tensor([f is None for f in finish], device=self.device)[:, None]
+                cache.valid[:, start + step] = True
+                last_pos = last_pos + 1
+                hidden = self._forward(nxt[:, None].to(self.device), last_pos[:, None], cache,
+                                       start + step, active)
+                logits = self._logits(hidden[:, -1])
+            self._sync()
+            self._counters["decode_seconds"] += time.perf_counter() - t_decode
+            results = []
+            for b in range(B):
+                rest = trackers[b].finish()
+                if rest:
+                    yield b, rest
+                results.append(GenerationResult(text=trackers[b].text, token_ids=trackers[b].ids,
+                                                finish_reason=finish[b] or "length",
+                                                prompt_tokens=len(prompts[b])))
+            self._last_results = results
+
+    def _sync(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+    def _check_ids(self, ids: list, extra: int) -> list[int]:
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        V = self.cfg.vocab_size
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V:
+                raise ValueError(f"token id {t!r} is not in the vocabulary (0..{V - 1})")
+        limit = self.cfg.max_position_embeddings
+        if len(ids) + extra > limit:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens plus max_new_tokens={extra} exceeds the model's "
+                f"context of {limit} tokens; shorten the prompt or lower max_new_tokens")
+        return ids
+
+    def _encode_one(self, p, extra: int) -> list[int]:
+        if isinstance(p, str):
+            if not p:
+                raise ValueError("prompt is empty: give some text")
+            return self._check_ids(self.tokenizer.encode(p), extra)
+        if isinstance(p, (list, tuple)) and p and all(isinstance(m, dict) for m in p):
+            text = self.apply_chat_template(list(p))
+            return self._check_ids(self.tokenizer.encode(text, add_special_tokens=False), extra)
+        if isinstance(p, (list, tuple)) or torch.is_tensor(p):
+            ids = p.tolist() if torch.is_tensor(p) else list(p)
+            return self._check_ids(ids, extra)
+        raise TypeError(f"a prompt is text, a list of token ids or a list of chat messages, got {type(p).__name__}")
+
+    def _prompts(self, prompt, extra: int) -> tuple[list[list[int]], bool]:
+        """-> (token id lists, whether a single prompt was given)."""
+        if isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise ValueError("prompt is empty: give text, token ids or chat messages")
+            one = all(isinstance(p, int) for p in prompt) or all(isinstance(p, dict) for p in prompt)
+            if not one:
+                return [self._encode_one(p, extra) for p in prompt], False
+        return [self._encode_one(prompt, extra)], True
+
+    def stats(self) -> dict:
+        """Offloading statistics since load (or reset_stats)."""
+        self._check_open()
+        s = self.runtime.stats()
+        out = {k: v for k, v in s.items() if k != "layers"}
+        out.update(self._counters)
+        pred = self.moe.prediction_stats()
+        layers = []
+        for m, (rt_layer, p) in enumerate(zip(s["layers"], pred)):
+            layers.append({"layer": self.cfg.moe_layers[m], **rt_layer, **p})
+        hits = sum(self.moe.pred_hits)
+        count = sum(self.moe.pred_count)
+        routed = sum(self.moe.routed_count)
+        out["prefetch_precision"] = hits / count if count else None
+        out["prefetch_recall"] = hits / routed if count else None
+        out["policy"] = self.policy
+        out["expert_memory"] = self.expert_memory
+        out["layers"] = layers
+        return out
+
+    def reset_stats(self) -> None:
+        self._check_open()
+        self.runtime.reset_stats()
+        self.moe.reset()
+        self._counters = {k: type(v)() for k, v in self._counters.items()}
