@@ -1,0 +1,214 @@
+"""The `pregated` command line: demo, generate, info (and the benchmark and pre-gate tools)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import _core
+
+POLICY_HELP = ("how experts reach the device: gpu-only (all resident), on-demand (load after routing), "
+               "prefetch-all (load all of block i+1 during block i), pregated (load the predicted experts "
+               "of block i+1 during block i); default: gpu-only when all experts fit in --expert-memory, "
+               "else pregated")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when usable, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--policy", default=None, help=POLICY_HELP)
+    p.add_argument("--expert-memory", default=None, metavar="BYTES",
+                   help="device memory for expert slots, e.g. 8GiB or 512MB (default: every expert)")
+    p.add_argument("--eviction", default="lru", choices=["lru", "lfu"], help="expert cache eviction policy")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new, help=f"tokens to generate (default {max_new})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pregated",
+        description="Run Mixture-of-Experts LLMs on one GPU smaller than the model: experts stay in host "
+                    "memory and the ones the next block needs are copied to the GPU while the current "
+                    "block computes.")
+    parser.add_argument("--version", action="version", version=f"pregated {_core.build_info()['version']}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="build a small random Mixtral-style model once and generate from it",
+                       description="Builds (once, in ~/.cache/pregated or $PREGATED_CACHE) a small "
+                                   "Mixtral-style checkpoint with random weights and a locally trained "
+                                   "tokenizer, then generates from it through the offloading path with "
+                                   "a tight expert budget and prints what moved. The text is gibberish: "
+                                   "the weights are random.")
+    p.add_argument("--prompt", default="The pre-gate of block i guesses the experts of block i+1",
+                   help="prompt text")
+    _add_sampling_args(p, 48)
+    _add_engine_args(p)
+    p.add_argument("--rebuild", action="store_true", help="build the demo checkpoint again")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="generate text from a model folder, streaming it",
+                       description="Streams the answer to a prompt, then prints tokens/s and offload statistics.")
+    p.add_argument("--model", required=True, help="model folder in Hugging Face layout")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    _add_sampling_args(p, 128)
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="summarise a model folder: layers, experts, bytes, what fits",
+                       description="Reads config.json and the checkpoint index (no weights are loaded).")
+    p.add_argument("--model", required=True, help="model folder in Hugging Face layout")
+    p.add_argument("--expert-memory", default=None, metavar="BYTES",
+                   help="also say how many experts fit in this much device memory, e.g. 8GiB")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.set_defaults(func=cmd_info)
+
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, RuntimeError, MemoryError, TypeError) as e:
+        print(f"pregated {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- commands ---------------------------------------------------------------------------
+
+def _open_engine(args, folder: str):
+    from .engine import Engine
+
+    return Engine(folder, device=args.device, dtype=args.dtype, policy=args.policy,
+                  expert_memory=args.expert_memory, eviction=args.eviction, progress=sys.stderr.isatty())
+
+
+def _stream(engine, prompt, args) -> tuple[object, float]:
+    t = time.perf_counter()
+    stream = engine.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, stream=True)
+    for piece in stream:
+        print(piece, end="", flush=True)
+    print()
+    return stream.result, time.perf_counter() - t
+
+
+def format_stats(stats: dict, expert_bytes: int) -> str:
+    fb = _core.format_bytes
+    tokens = max(stats["tokens"], 1)
+    lines = [
+        f"policy {stats['policy']}, expert memory {fb(stats['expert_memory'])} "
+        f"({stats['expert_memory'] // expert_bytes} experts of {fb(expert_bytes)})",
+        f"moved {fb(stats['bytes_h2d'])} host->device ({stats['bytes_h2d'] // expert_bytes} expert copies, "
+        f"{fb(stats['bytes_h2d'] // tokens)} per generated token)",
+        f"experts: {stats['expert_hits']} hits, {stats['expert_misses']} misses (demand loads), "
+        f"{stats['evictions']} evictions",
+    ]
+    if stats["prefetch_issued"] or stats.get("prefetch_precision") is not None:
+        line = f"prefetch: {stats['prefetch_issued']} issued, {stats['prefetch_used']} used, {stats['prefetch_dropped']} dropped"
+        if stats.get("prefetch_precision") is not None:
+            line += f"; pre-gate precision {stats['prefetch_precision']:.2f}, recall {stats['prefetch_recall']:.2f}"
+        lines.append(line)
+    lines.append(f"stalled {stats['stall_seconds'] * 1e3:.1f} ms waiting for copies")
+    return "\n".join(lines)
+
+
+def _report(engine, result, seconds: float) -> None:
+    s = engine.stats()
+    decode = s["decode_seconds"]
+    n = len(result.token_ids)
+    rate = f"{(n - 1) / decode:.1f} tokens/s decode" if decode > 0 and n > 1 else "n/a"
+    print(f"\n{n} tokens in {seconds:.2f} s ({rate}; prefill {s['prefill_tokens']} tokens in "
+          f"{s['prefill_seconds'] * 1e3:.0f} ms), finish: {result.finish_reason}", file=sys.stderr)
+    print(format_stats(s, engine.cfg.expert_bytes()), file=sys.stderr)
+
+
+def cmd_generate(args) -> int:
+    with _open_engine(args, args.model) as engine:
+        prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+        result, seconds = _stream(engine, prompt, args)
+        _report(engine, result, seconds)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .config import read_config
+    from .demo import build_demo, demo_folder
+
+    folder = demo_folder()
+    t = time.perf_counter()
+    build_demo(folder, force=args.rebuild)
+    cfg = read_config(folder)
+    one = cfg.expert_bytes()
+    if args.expert_memory is None:  # a tight budget: 6 of the 32 experts
+        args.expert_memory = 6 * one
+    print(f"demo model: {folder} (ready in {time.perf_counter() - t:.1f} s)", file=sys.stderr)
+    print(f"  Mixtral-style, random weights: {cfg.num_layers} layers x {cfg.num_experts} experts "
+          f"(top-{cfg.top_k}), {_core.format_bytes(one)} per expert, "
+          f"{_core.format_bytes(one * cfg.num_experts * cfg.num_moe_layers)} of experts in host memory", file=sys.stderr)
+    with _open_engine(args, folder) as engine:
+        print(f"  device {engine.device}, {engine.dtype}, policy {engine.policy}, expert memory "
+              f"{_core.format_bytes(engine.expert_memory)} ({engine.expert_memory // one} of "
+              f"{cfg.num_experts * cfg.num_moe_layers} experts fit)\n", file=sys.stderr)
+        print(args.prompt, end="", flush=True)
+        result, seconds = _stream(engine, args.prompt, args)
+        _report(engine, result, seconds)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import Checkpoint
+    from .config import DTYPES, read_config
+    from .models import expert_layout
+
+    cfg = read_config(args.model)
+    if args.dtype:
+        cfg.dtype = DTYPES[args.dtype]
+    ckpt = Checkpoint(args.model)
+    for layer in cfg.moe_layers:
+        expert_layout(ckpt, layer)
+    one = cfg.expert_bytes()
+    n_experts = cfg.num_experts * cfg.num_moe_layers
+    total_params = 0
+    for name in ckpt.keys():
+        n = 1
+        for s in ckpt.shape(name):
+            n *= s
+        total_params += n
+    elem = one // (3 * cfg.hidden_size * cfg.moe_intermediate_size)
+    dense = total_params * elem - one * n_experts
+    fb = _core.format_bytes
+    print(f"model        {args.model} ({cfg.model_type}, {cfg.dtype})")
+    print(f"layers       {cfg.num_layers} decoder layers, {cfg.num_moe_layers} with MoE")
+    print(f"attention    {cfg.num_heads} heads, {cfg.num_kv_heads} key/value heads, head dim {cfg.head_dim}")
+    print(f"experts      {cfg.num_experts} per MoE layer, {cfg.top_k} per token, hidden {cfg.hidden_size}, "
+          f"intermediate {cfg.moe_intermediate_size}"
+          + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.shared_expert_intermediate_size else ""))
+    print(f"bytes        {fb(one)} per expert, {fb(one * n_experts)} all experts, {fb(dense)} dense (on the device)")
+    print(f"minimum      on-demand {fb(cfg.top_k * one)}, pregated / prefetch-all {fb(2 * cfg.top_k * one)}, "
+          f"gpu-only {fb(one * n_experts)} of expert memory")
+    if args.expert_memory:
+        budget = _core.parse_bytes(args.expert_memory)
+        fit = min(budget // one, n_experts)
+        print(f"fits         {fit} of {n_experts} experts ({100 * fit / n_experts:.0f}%) in {fb(budget)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
