@@ -33,3 +33,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """checkpoint_factory(family, dtype=torch.float32, fused=False, **config) -> folder, cached."""
+    import torch
+
+    from tiny_models import make_checkpoint
+
+    made = {}
+
+    def make(family, dtype=torch.float32, fused=False, **over):
+        key = (family, dtype, fused, tuple(sorted(over.items())))
+        if key not in made:
+            name = f"{family}-{str(dtype).replace('torch.', '')}-{'fused' if fused else 'split'}-{len(made)}"
+            made[key] = make_checkpoint(str(tmp_path_factory.mktemp(name)), family, dtype=dtype, fused=fused, **over)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def mixtral_folder(checkpoint_factory):
+    return checkpoint_factory("mixtral")
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

@@ -53,19 +53,17 @@ def family_config(family: str, vocab: int, **over):
                   num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=512,
                   initializer_range=0.08, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                   rms_norm_eps=1e-5)
-    common.update(over)
-    if family == "mixtral":
-        return transformers.MixtralConfig(intermediate_size=48, num_local_experts=8, **common)
-    if family == "qwen2_moe":
-        return transformers.Qwen2MoeConfig(intermediate_size=80, moe_intermediate_size=40,
-                                           shared_expert_intermediate_size=56, num_experts=8,
-                                           norm_topk_prob=False, mlp_only_layers=[1], **common)
-    if family == "qwen3_moe":
-        return transformers.Qwen3MoeConfig(intermediate_size=80, moe_intermediate_size=40, num_experts=8,
-                                           head_dim=24, norm_topk_prob=True, **common)
-    if family == "olmoe":
-        return transformers.OlmoeConfig(intermediate_size=40, num_experts=8, norm_topk_prob=False, **common)
-    raise ValueError(family)
+    specific = {
+        "mixtral": (transformers.MixtralConfig, dict(intermediate_size=48, num_local_experts=8)),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, dict(
+            intermediate_size=80, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+            num_experts=8, norm_topk_prob=False, mlp_only_layers=[1])),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
+            intermediate_size=80, moe_intermediate_size=40, num_experts=8, head_dim=24, norm_topk_prob=True)),
+        "olmoe": (transformers.OlmoeConfig, dict(intermediate_size=40, num_experts=8, norm_topk_prob=False)),
+    }
+    cls, kw = specific[family]
+    return cls(**{**common, **kw, **over})
 
 
 def make_checkpoint(folder: str, family: str, dtype=torch.float32, fused=False, seed=0, **over) -> str:

@@ -1,0 +1,91 @@
+"""The pregated command line."""
+
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pregated.cli import main
+
+
+def test_help_is_useful(capsys):
+    out = subprocess.run(["pregated", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("demo", "generate", "info"):
+        assert cmd in out
+    for cmd, needles in (("generate", ["--model", "--prompt", "--chat", "--max-new-tokens", "--temperature",
+                                       "--top-p", "--top-k", "--seed", "--device", "--policy", "--expert-memory"]),
+                         ("info", ["--model", "--expert-memory"]),
+                         ("demo", ["--prompt", "--device", "--expert-memory"])):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        for n in needles:
+            assert n in text, f"{cmd} --help lacks {n}"
+
+
+def test_info(mixtral_folder, capsys):
+    assert main(["info", "--model", mixtral_folder, "--expert-memory", "100KB"]) == 0
+    out = capsys.readouterr().out
+    assert "3 decoder layers, 3 with MoE" in out
+    assert "8 per MoE layer, 2 per token" in out
+    assert "of 24 experts" in out and "minimum" in out
+
+
+def test_generate_streams_and_reports(mixtral_folder, capsys):
+    rc = main(["generate", "--model", mixtral_folder, "--prompt", "Experts live in", "--max-new-tokens", "6",
+               "--device", "cpu", "--policy", "pregated", "--expert-memory", "20KB"])
+    assert rc == 2  # below the minimum: a clear error, not a crash
+    assert "below the minimum for policy 'pregated'" in capsys.readouterr().err
+    from pregated.engine import Engine
+    with Engine(mixtral_folder, device="cpu", progress=False) as eng:
+        budget = 5 * eng.cfg.expert_bytes()
+        expected = eng.generate("Experts live in", max_new_tokens=6).text
+    rc = main(["generate", "--model", mixtral_folder, "--prompt", "Experts live in", "--max-new-tokens", "6",
+               "--device", "cpu", "--expert-memory", str(budget)])
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert cap.out.strip() == expected.strip()
+    assert "tokens/s" in cap.err and "moved" in cap.err and "pre-gate precision" in cap.err
+
+
+def test_generate_chat(mixtral_folder, capsys):
+    assert main(["generate", "--model", mixtral_folder, "--prompt", "hi", "--chat", "--max-new-tokens", "3",
+                 "--device", "cpu"]) == 0
+    assert "policy gpu-only" in capsys.readouterr().err
+
+
+def test_demo_runs_offline(tmp_path):
+    env = dict(os.environ, PREGATED_CACHE=str(tmp_path), HF_HUB_OFFLINE="1")
+    run = subprocess.run(["pregated", "demo", "--device", "cpu", "--max-new-tokens", "8"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "policy pregated" in run.stderr and "moved" in run.stderr and "6 of 32 experts fit" in run.stderr
+    assert os.path.isfile(tmp_path / "demo-mixtral-v2" / "model.safetensors.index.json")
+
+
+@pytest.mark.slow
+def test_loading_streams_experts_without_a_second_copy(tmp_path):
+    """Peak host memory while loading stays close to the checkpoint's size."""
+    from tiny_models import make_checkpoint
+
+    folder = make_checkpoint(str(tmp_path / "m"), "mixtral", hidden_size=256, intermediate_size=1024,
+                             num_local_experts=16, num_hidden_layers=4)
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    code = f"""
+import resource, torch, pregated
+from pregated.engine import Engine
+torch.ones(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+eng = Engine({folder!r}, device="cpu", policy="pregated", expert_memory=4 * 3 * 256 * 1024 * 4, progress=False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grew = int(run.stdout.strip().splitlines()[-1])
+    # The expert store holds one copy (about the checkpoint's size); reading the files through
+    # mmap adds page cache, not a second resident copy.
+    assert grew < 1.35 * size + 64 * 2**20, f"peak RSS grew by {grew / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB checkpoint"
