@@ -78,7 +78,7 @@ def test_bad_configuration():
         pregated.Runtime(1, 4, H, I, dtype="float8")
     with pytest.raises(ValueError, match="unknown ffn kind 'swiglu'"):
         pregated.Runtime(1, 4, H, I, ffn="swiglu")
-    with pytest.raises(ValueError, match="unknown eviction policy 'fifo'"):
+    with pytest.raises(ValueError, match="unknown eviction policy 'fifo': use lru, lfu or none"):
         pregated.Runtime(1, 4, H, I, eviction="fifo")
     with pytest.raises(ValueError, match="device 'tpu' is not supported"):
         pregated.Runtime(1, 4, H, I, device="tpu")

@@ -392,6 +392,15 @@ hold their slots.)doc")
            py::arg("layer"), py::arg("expert"))
       .def("evict", [](py_runtime& self, int32_t l, int32_t e) { throw_if_error(self.rt().evict({l, e})); },
            py::arg("layer"), py::arg("expert"))
+      .def("resize", [](py_runtime& self, const py::object& expert_memory, const std::string& eviction) {
+        runtime& r = self.rt();
+        eviction_policy ev;
+        throw_if_error(parse_eviction_policy(eviction, &ev));
+        const int64_t bytes = bytes_arg(expert_memory, "expert_memory");
+        py::gil_scoped_release nogil;
+        throw_if_error(r.resize(bytes, ev));
+      }, py::arg("expert_memory"), py::arg("eviction") = "lru",
+         "New slab size and eviction policy; the expert store stays. Slots start empty, stats at zero.")
       .def("wait_idle", [](py_runtime& self) {
         runtime& r = self.rt();
         py::gil_scoped_release nogil;

@@ -249,11 +249,19 @@ status runtime::impl::forward(const moe_args& a) {
     result = be->combine(dt, a.out, y, row_of_dev, weights_dev, a.tokens, a.top_k, H, a.stream);
   }
   std::lock_guard<std::mutex> lk(mu);
-  // This layer has run: what was prefetched for it and not used was a wrong guess.
+  // This layer has run: what was prefetched for it and not used was a wrong guess. Without a
+  // cache, its experts leave their slots now.
+  const bool keep = cache.policy() != eviction_policy::eviction_policy_none;
   for (int32_t i = 0; i < cache.num_slots(); ++i) {
     slot_info& s = cache.slot(i);
-    if (s.prefetched && s.key.layer == a.layer && s.state != slot_state::slot_state_queued) {
-      s.prefetched = false;
+    if (s.key.layer != a.layer || s.state == slot_state::slot_state_empty ||
+        s.state == slot_state::slot_state_queued) {
+      continue;
+    }
+    s.prefetched = false;
+    if (!keep && s.refs == 0 && !s.pinned) {
+      cache.clear(i);
+      ++stats.evictions;
     }
   }
   ++stats.forwards;

@@ -53,29 +53,62 @@ status runtime::create(std::unique_ptr<backend> be, const runtime_config& cfg,
   m.be = std::move(be);
   m.caps = m.be->caps();
   m.slot_bytes = cfg.spec.bytes();
-  const int64_t slots = cfg.num_slots();
   PREGATED_RETURN_IF_ERROR(m.store.init(m.be.get(), cfg.num_layers, cfg.num_experts, cfg.spec));
-  void* slab = nullptr;
-  status st = m.be->alloc_device(m.slot_bytes * static_cast<size_t>(slots), &slab);
-  if (!st) {
-    return {st.code(), "expert slab of " + std::to_string(slots) + " slots x " +
-                           format_bytes(static_cast<int64_t>(m.slot_bytes)) + ": " +
-                           st.message() + "; lower expert_memory"};
-  }
-  m.slab = static_cast<uint8_t*>(slab);
-  PREGATED_RETURN_IF_ERROR(m.cache.init(static_cast<int32_t>(slots), cfg.num_layers,
-                                        cfg.num_experts, cfg.eviction));
-  for (int64_t i = 0; i < slots; ++i) {
-    std::unique_ptr<backend_event> a, b;
-    PREGATED_RETURN_IF_ERROR(m.be->create_event(false, &a));
-    PREGATED_RETURN_IF_ERROR(m.be->create_event(false, &b));
-    m.copy_done.push_back(std::move(a));
-    m.last_use.push_back(std::move(b));
-  }
-  m.stats.layers.assign(static_cast<size_t>(cfg.num_layers), layer_stats{});
+  PREGATED_RETURN_IF_ERROR(m.make_slab(cfg.expert_memory, cfg.eviction));
   m.worker = std::thread([&m] { m.copy_loop(); });
   *out = std::move(rt);
   return {};
+}
+
+status runtime::impl::make_slab(int64_t expert_memory, eviction_policy eviction) {
+  cfg.expert_memory = expert_memory;
+  cfg.eviction = eviction;
+  PREGATED_RETURN_IF_ERROR(cfg.validate());
+  const int64_t slots = cfg.num_slots();
+  void* p = nullptr;
+  status st = be->alloc_device(slot_bytes * static_cast<size_t>(slots), &p);
+  if (!st) {
+    return {st.code(), "expert slab of " + std::to_string(slots) + " slots x " +
+                           format_bytes(static_cast<int64_t>(slot_bytes)) + ": " + st.message() +
+                           "; lower expert_memory"};
+  }
+  slab = static_cast<uint8_t*>(p);
+  PREGATED_RETURN_IF_ERROR(cache.init(static_cast<int32_t>(slots), cfg.num_layers, cfg.num_experts, eviction));
+  copy_done.clear();
+  last_use.clear();
+  for (int64_t i = 0; i < slots; ++i) {
+    std::unique_ptr<backend_event> a, b;
+    PREGATED_RETURN_IF_ERROR(be->create_event(false, &a));
+    PREGATED_RETURN_IF_ERROR(be->create_event(false, &b));
+    copy_done.push_back(std::move(a));
+    last_use.push_back(std::move(b));
+  }
+  stats = runtime_stats{};
+  stats.layers.assign(static_cast<size_t>(cfg.num_layers), layer_stats{});
+  return {};
+}
+
+status runtime::resize(int64_t expert_memory, eviction_policy eviction) {
+  std::unique_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  PREGATED_RETURN_IF_ERROR(m.check_open());
+  runtime_config want = m.cfg;
+  want.expert_memory = expert_memory;
+  want.eviction = eviction;
+  PREGATED_RETURN_IF_ERROR(want.validate());
+  {
+    std::unique_lock<std::mutex> lk(m.mu);
+    m.queue.clear();
+    PREGATED_RETURN_IF_ERROR(m.wait_idle_locked(lk));
+    m.resolve_probes(/*wait=*/true);
+    m.traces.clear();
+    m.tracing = false;
+  }
+  PREGATED_RETURN_IF_ERROR(m.be->synchronize(nullptr));
+  m.be->free_device(m.slab);
+  m.slab = nullptr;
+  std::lock_guard<std::mutex> lk(m.mu);
+  return m.make_slab(expert_memory, eviction);
 }
 
 status runtime::close() {

@@ -62,6 +62,8 @@ struct runtime::impl {
 
   uint8_t* slot_ptr(int32_t slot) const { return slab + slot_bytes * static_cast<size_t>(slot); }
   status check_open() const;
+  // Allocates the slab, the cache and the per-slot events for a budget (mu held or no worker).
+  status make_slab(int64_t expert_memory, eviction_policy eviction);
   status check_layer(int32_t layer, const char* what) const;
   status check_experts(const int32_t* experts, int32_t n, const char* what) const;
 

@@ -90,13 +90,19 @@ const char* expert_spec::part_name(int part) const {
 }
 
 const char* eviction_policy_name(eviction_policy p) {
-  return p == eviction_policy::eviction_policy_lru ? "lru" : "lfu";
+  switch (p) {
+    case eviction_policy::eviction_policy_lru: return "lru";
+    case eviction_policy::eviction_policy_lfu: return "lfu";
+    case eviction_policy::eviction_policy_none: return "none";
+  }
+  return "?";
 }
 
 status parse_eviction_policy(const std::string& name, eviction_policy* out) {
   if (name == "lru") { *out = eviction_policy::eviction_policy_lru; return {}; }
   if (name == "lfu") { *out = eviction_policy::eviction_policy_lfu; return {}; }
-  return invalid_argument("unknown eviction policy '" + name + "': use lru or lfu");
+  if (name == "none") { *out = eviction_policy::eviction_policy_none; return {}; }
+  return invalid_argument("unknown eviction policy '" + name + "': use lru, lfu or none");
 }
 
 status parse_bytes(const std::string& text, int64_t* out) {

@@ -21,7 +21,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default=None, help=POLICY_HELP)
     p.add_argument("--expert-memory", default=None, metavar="BYTES",
                    help="device memory for expert slots, e.g. 8GiB or 512MB (default: every expert)")
-    p.add_argument("--eviction", default="lru", choices=["lru", "lfu"], help="expert cache eviction policy")
+    p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "none"],
+                   help="expert cache eviction: lru, lfu, or none (a block's experts leave when it is done)")
+    p.add_argument("--pregate", default=None, metavar="DIR",
+                   help="trained pre-gate folder from `pregated calibrate` (default: speculative)")
+    p.add_argument("--routing", default="exact", choices=["exact", "pregate"],
+                   help="exact: each block routes with its own router (default); pregate: block i+1 "
+                        "uses the experts the pre-gate chose at block i (the paper's algorithm)")
+    p.add_argument("--per-block", action="store_true", help="print statistics per MoE block")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -72,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.set_defaults(func=cmd_info)
 
+    from .cli_tools import add_tool_commands
+    add_tool_commands(sub, _add_engine_args)
     return parser
 
 
@@ -96,7 +105,8 @@ def _open_engine(args, folder: str):
     from .engine import Engine
 
     return Engine(folder, device=args.device, dtype=args.dtype, policy=args.policy,
-                  expert_memory=args.expert_memory, eviction=args.eviction, progress=sys.stderr.isatty())
+                  expert_memory=args.expert_memory, eviction=args.eviction, pregate=args.pregate,
+                  routing=args.routing, progress=sys.stderr.isatty())
 
 
 def _stream(engine, prompt, args) -> tuple[object, float]:
@@ -129,7 +139,21 @@ def format_stats(stats: dict, expert_bytes: int) -> str:
     return "\n".join(lines)
 
 
-def _report(engine, result, seconds: float) -> None:
+def format_block_table(stats: dict) -> str:
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    rows = [f"{'block':>5} {'layer':>5} {'hits':>6} {'misses':>6} {'MiB in':>8} {'prefetch':>8} "
+            f"{'used':>6} {'prec':>5} {'recall':>6} {'stall ms':>8}"]
+    for m, b in enumerate(stats["layers"]):
+        rows.append(f"{m:>5} {b['layer']:>5} {b['expert_hits']:>6} {b['expert_misses']:>6} "
+                    f"{b['bytes_h2d'] / 2**20:>8.1f} {b['prefetch_issued']:>8} {b['prefetch_used']:>6} "
+                    f"{f(b['prefetch_precision'], '.2f'):>5} {f(b['prefetch_recall'], '.2f'):>6} "
+                    f"{b['stall_seconds'] * 1e3:>8.1f}")
+    return "\n".join(rows)
+
+
+def _report(engine, result, seconds: float, args) -> None:
     s = engine.stats()
     decode = s["decode_seconds"]
     n = len(result.token_ids)
@@ -137,13 +161,15 @@ def _report(engine, result, seconds: float) -> None:
     print(f"\n{n} tokens in {seconds:.2f} s ({rate}; prefill {s['prefill_tokens']} tokens in "
           f"{s['prefill_seconds'] * 1e3:.0f} ms), finish: {result.finish_reason}", file=sys.stderr)
     print(format_stats(s, engine.cfg.expert_bytes()), file=sys.stderr)
+    if args.per_block:
+        print(format_block_table(s), file=sys.stderr)
 
 
 def cmd_generate(args) -> int:
     with _open_engine(args, args.model) as engine:
         prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
         result, seconds = _stream(engine, prompt, args)
-        _report(engine, result, seconds)
+        _report(engine, result, seconds, args)
     return 0
 
 
@@ -168,7 +194,7 @@ def cmd_demo(args) -> int:
               f"{cfg.num_experts * cfg.num_moe_layers} experts fit)\n", file=sys.stderr)
         print(args.prompt, end="", flush=True)
         result, seconds = _stream(engine, args.prompt, args)
-        _report(engine, result, seconds)
+        _report(engine, result, seconds, args)
     return 0
 
 

@@ -11,14 +11,14 @@ import time
 import torch
 
 from . import _core
-from .checkpoint import Checkpoint
-from .config import DTYPES, ModelConfig, read_config
+from .config import DTYPES, ModelConfig
 from .generation import GenerationResult, SamplingParams, TextStream, TextTracker, sample
-from .models import CausalLM, expert_layout, load_dense, load_experts
+from .models import CausalLM
 from .models.layers import rope_cos_sin
-from .models.loader import checkpoint_parameters, progress_bar
-from .moe import MoEExecutor, resolve_policy
-from .tokenizer import Tokenizer
+from .models.loader import CheckpointSource, progress_bar
+from .moe import ROUTING_MODES, MoEExecutor, resolve_policy
+from .pregate import SpeculativePregate, load_pregate
+from .synthetic import SyntheticModel
 
 
 def default_device() -> str:
@@ -71,24 +71,37 @@ class Engine:
     policy : "gpu-only", "on-demand", "prefetch-all" or "pregated"; default the fastest correct
         choice for the budget (gpu-only when every expert fits, else pregated).
     expert_memory : device bytes for expert slots, an int or a string like "8GiB"; None = all.
-    eviction : "lru" or "lfu".
+    eviction : "lru", "lfu" or "none" (no cache: a block's experts leave when it is done).
+    pregate : "speculative" (default: block i+1's router applied early) or a folder written by
+        `pregated calibrate` (a trained pre-gate).
+    routing : "exact" (default: every block routes with its own router; the pre-gate only
+        prefetches) or "pregate" (block i+1 computes with the experts the pre-gate chose).
     progress : show a progress bar while loading.
     """
 
     def __init__(self, model: str, *, device=None, dtype=None, policy: str | None = None,
-                 expert_memory=None, eviction: str = "lru", progress: bool = True):
-        if not isinstance(model, (str, os.PathLike)) or not os.path.isdir(model):
-            raise FileNotFoundError(f"model folder {model!r} does not exist (a local folder in Hugging Face layout)")
-        self.folder = str(model)
-        self.cfg = read_config(self.folder)
-        self.tokenizer = Tokenizer(self.folder)
+                 expert_memory=None, eviction: str = "lru", pregate=None, routing: str = "exact",
+                 progress: bool = True):
+        if isinstance(model, SyntheticModel):
+            source = model
+            self.folder = None
+        else:
+            if not isinstance(model, (str, os.PathLike)) or not os.path.isdir(model):
+                raise FileNotFoundError(f"model folder {model!r} does not exist (a local folder in Hugging Face layout)")
+            self.folder = str(model)
+            source = CheckpointSource(self.folder)
+        self.cfg = cfg = source.config
+        self.tokenizer = source.tokenizer
         self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.cfg)
-        self.cfg.dtype = self.dtype  # expert sizes follow the dtype we run in
-        self.policy, self.expert_memory = resolve_policy(policy, expert_memory, self.cfg)
-        ckpt = Checkpoint(self.folder)
-        layouts = {layer: expert_layout(ckpt, layer) for layer in self.cfg.moe_layers}
-        cfg = self.cfg
+        self.dtype = _resolve_dtype(dtype, cfg)
+        cfg.dtype = self.dtype  # expert sizes follow the dtype we run in
+        self.policy, self.expert_memory = resolve_policy(policy, expert_memory, cfg)
+        if eviction == "none" and self.policy == "gpu-only":
+            raise ValueError("eviction 'none' drops experts after each block, which contradicts policy "
+                             "'gpu-only'; use lru or lfu, or an offloading policy")
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"unknown routing mode '{routing}': choose exact or pregate")
+        self.eviction = eviction
         self.runtime = _core.Runtime(
             cfg.num_moe_layers, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
             ffn="gated_silu", dtype=str(self.dtype).replace("torch.", ""), device=self.device,
@@ -96,15 +109,18 @@ class Engine:
         try:
             with torch.device("meta"):
                 self.model = CausalLM(cfg)
-            with progress_bar(checkpoint_parameters(ckpt), progress) as bar:
-                load_dense(self.model, cfg, ckpt, self.device, self.dtype, layouts, bar)
-                load_experts(self.runtime, cfg, ckpt, layouts, self.dtype, bar)
+            with progress_bar(source.parameters(), progress) as bar:
+                source.load(self.model, self.runtime, self.device, self.dtype, bar)
         except BaseException:
             self.runtime.close()
             raise
-        del ckpt
         self.model.eval()
-        self.moe = MoEExecutor(self.runtime, self.model, cfg, self.policy)
+        try:
+            self.pregate = self._load_pregate(pregate)
+        except BaseException:
+            self.runtime.close()
+            raise
+        self.moe = MoEExecutor(self.runtime, self.model, cfg, self.policy, self.pregate, routing)
         self._counters = {"tokens": 0, "decode_seconds": 0.0, "prefill_tokens": 0, "prefill_seconds": 0.0}
         self.eos_ids = set(cfg.eos_token_ids)
         eos_text = self.tokenizer.token_id(self.tokenizer.eos_token)
@@ -112,6 +128,38 @@ class Engine:
             self.eos_ids.add(eos_text)
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         self._closed = False
+
+    def _load_pregate(self, pregate):
+        if pregate is None or pregate == "speculative":
+            return SpeculativePregate(self.model, self.cfg)
+        if isinstance(pregate, (str, os.PathLike)):
+            return load_pregate(str(pregate), self.model, self.cfg, self.device)
+        raise ValueError(f"pregate must be 'speculative' or a folder from `pregated calibrate`, got {pregate!r}")
+
+    def set_routing(self, routing: str, pregate=None) -> None:
+        """Switch the routing mode (exact / pregate) and, optionally, the pre-gate."""
+        self._check_open()
+        if pregate is not None:
+            self.pregate = self.moe.pregate = self._load_pregate(pregate)
+        self.moe.set_routing(routing)
+        self.moe.reset()
+
+    @property
+    def routing(self) -> str:
+        return self.moe.routing
+
+    def reconfigure(self, *, policy: str | None = None, expert_memory=None, eviction: str | None = None) -> None:
+        """New policy / expert budget / eviction without reloading the model: the expert slots
+        are rebuilt (empty) and the statistics start from zero."""
+        self._check_open()
+        eviction = eviction or self.eviction
+        policy, budget = resolve_policy(policy, expert_memory, self.cfg)
+        if eviction == "none" and policy == "gpu-only":
+            raise ValueError("eviction 'none' contradicts policy 'gpu-only'")
+        self.runtime.resize(budget, eviction)
+        self.policy, self.expert_memory, self.eviction = policy, budget, eviction
+        self.moe.policy = policy
+        self.reset_stats()
 
     # --- lifetime ----------------------------------------------------------------------
 
@@ -237,6 +285,24 @@ class Engine:
             pass
         return self._last_results[0] if single else self._last_results
 
+    def trace_decode_step(self, prompt, warmup_tokens: int = 3) -> list[dict]:
+        """A timeline of one decode step: generates `warmup_tokens` tokens, then records the
+        copies (copy engine) and expert GEMMs (compute stream) of the next step from backend
+        events (CUDA events on the GPU). Times are seconds from the start of the step."""
+        self._check_open()
+        params = SamplingParams(max_new_tokens=warmup_tokens + 1)
+        prompts, single = self._prompts(prompt, params.max_new_tokens)
+        self._trace_step = warmup_tokens
+        try:
+            for _ in self._run(prompts, params):
+                pass
+        finally:
+            self._trace_step = None
+        return self._last_trace
+
+    _trace_step = None
+    _last_trace: list = []
+
     def _run(self, prompts: list[list[int]], params: SamplingParams):
         """The generation loop; yields (row, text piece) as text becomes showable."""
         with torch.inference_mode():
@@ -269,9 +335,17 @@ class Engine:
                 active = torch.tensor([f is None for f in finish], device=self.device)[:, None]
                 cache.valid[:, start + step] = True
                 last_pos = last_pos + 1
+                tracing = self._trace_step is not None and step + 1 == self._trace_step
+                if tracing:
+                    self._sync()
+                    self.runtime.set_tracing(True)
                 hidden = self._forward(nxt[:, None].to(self.device), last_pos[:, None], cache,
                                        start + step, active)
                 logits = self._logits(hidden[:, -1])
+                if tracing:
+                    self._sync()
+                    self._last_trace = self.runtime.trace()
+                    self.runtime.set_tracing(False)
             self._sync()
             self._counters["decode_seconds"] += time.perf_counter() - t_decode
             results = []
@@ -341,6 +415,8 @@ class Engine:
         out["prefetch_precision"] = hits / count if count else None
         out["prefetch_recall"] = hits / routed if count else None
         out["policy"] = self.policy
+        out["routing"] = self.moe.routing
+        out["pregate"] = self.pregate.kind
         out["expert_memory"] = self.expert_memory
         out["layers"] = layers
         return out

@@ -21,13 +21,17 @@ POLICIES = ("gpu-only", "on-demand", "prefetch-all", "pregated")
 
 def route(gate: torch.nn.Linear, x: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [T, H] -> ids [T, K] (int64), weights [T, K] float32, as transformers routes."""
-    logits = F.linear(x, gate.weight)                       # [T, E] in the model dtype
+    return route_logits(F.linear(x, gate.weight), cfg)
+
+
+def route_logits(logits: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] (their dtype is the model's) -> ids [T, K], weights [T, K] float32."""
     probs = torch.softmax(logits, dim=-1, dtype=torch.float)
     weights, ids = torch.topk(probs, cfg.top_k, dim=-1)
     if cfg.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     if cfg.router_weights_in_dtype:
-        weights = weights.to(x.dtype)
+        weights = weights.to(logits.dtype)
     return ids, weights.float()
 
 
@@ -65,52 +69,70 @@ def resolve_policy(policy: str | None, expert_memory, cfg) -> tuple[str, int]:
     return policy, min(budget, total)
 
 
-class MoEExecutor:
-    """Runs MoE block m for the engine and issues the prefetch for block m + 1."""
+ROUTING_MODES = ("exact", "pregate")
 
-    def __init__(self, runtime, model, cfg, policy: str):
+
+class MoEExecutor:
+    """Runs MoE block m for the engine and issues the prefetch for block m + 1.
+
+    routing "exact": each block routes with its own router; the pre-gate only prefetches.
+    routing "pregate": block m + 1 computes with the experts (and weights) the pre-gate chose at
+    block m (the paper's algorithm); the first block routes with its own router.
+    """
+
+    def __init__(self, runtime, model, cfg, policy: str, pregate, routing: str = "exact"):
         self.runtime = runtime
         self.cfg = cfg
         self.policy = policy
-        layers = model.model.layers
-        self.blocks = [layers[i].mlp for i in cfg.moe_layers]
-        # The norm that block m + 1's router input goes through: the speculative pre-gate
-        # applies it, and that router, to block m's hidden state.
-        self.next_norms = [layers[i].post_attention_layernorm for i in cfg.moe_layers]
-        n = cfg.num_moe_layers
-        self.predicted: list[set[int] | None] = [None] * n
-        self.pred_hits = [0] * n
-        self.pred_count = [0] * n
-        self.routed_count = [0] * n
+        self.pregate = pregate
+        self.set_routing(routing)
+        self.blocks = [model.model.layers[i].mlp for i in cfg.moe_layers]
+        self.recorder = None  # calibration hook: recorder(m, h, router_logits, ids)
+        self.reset()
 
-    def predict_next(self, m: int, h: torch.Tensor) -> list[int] | None:
-        """Experts to prefetch for block m + 1 given block m's residual stream h: [T, H]."""
-        if m + 1 >= len(self.blocks) or self.policy in ("gpu-only", "on-demand"):
-            return None
-        if self.policy == "prefetch-all":
-            return list(range(self.cfg.num_experts))
-        x = self.next_norms[m + 1](h)
-        ids, _ = route(self.blocks[m + 1].gate, x, self.cfg)
-        return torch.unique(ids).tolist()
+    def set_routing(self, routing: str) -> None:
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"unknown routing mode '{routing}': choose exact or pregate")
+        self.routing = routing
+
+    def reset(self) -> None:
+        n = self.cfg.num_moe_layers
+        self.predicted: list[set[int] | None] = [None] * n
+        self.pending: list[tuple | None] = [None] * n  # pregate routing chosen for block m
+        self.pred_hits, self.pred_count, self.routed_count = [0] * n, [0] * n, [0] * n
 
     def __call__(self, m: int, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """x: [T, H] normed input of block m; h: [T, H] residual stream -> [T, H]."""
-        block = self.blocks[m]
-        ids, weights = route(block.gate, x, self.cfg)
-        ids_cpu = ids.cpu()
-        self._score(m, ids_cpu)
-        nxt = self.predict_next(m, h)
-        if nxt is not None and self.policy == "pregated":
-            self.predicted[m + 1] = set(nxt)
-        out = self.runtime.forward(m, x.contiguous(), ids_cpu, weights,
+        cfg, block, n = self.cfg, self.blocks[m], self.cfg.num_moe_layers
+        router_logits = F.linear(x, block.gate.weight)
+        ids, weights = route_logits(router_logits, cfg)
+        if self.recorder is not None:
+            self.recorder(m, h, router_logits, ids)
+        self._score(m, ids)  # the pre-gate is scored against the block's own router
+        if self.routing == "pregate" and self.pending[m] is not None:
+            ids, weights = self.pending[m]
+        self.pending[m] = None
+        nxt = None
+        if m + 1 < n:
+            if self.routing == "pregate" or self.policy == "pregated":
+                p_ids, p_weights = self.pregate.predict(m, h)
+                unique = torch.unique(p_ids).tolist()
+                self.predicted[m + 1] = set(unique)
+                if self.routing == "pregate":
+                    self.pending[m + 1] = (p_ids, p_weights)
+                if self.policy == "pregated":
+                    nxt = unique
+            if self.policy == "prefetch-all":
+                nxt = list(range(cfg.num_experts))
+        out = self.runtime.forward(m, x.contiguous(), ids.cpu(), weights,
                                    next_layer=m + 1 if nxt else -1, next_experts=nxt)
         shared = block.shared(x)
         return out if shared is None else out + shared
 
-    def _score(self, m: int, ids_cpu: torch.Tensor) -> None:
+    def _score(self, m: int, ids: torch.Tensor) -> None:
         pred = self.predicted[m]
         if pred is not None:  # scored only where a prediction was made
-            routed = set(ids_cpu.flatten().tolist())
+            routed = set(ids.flatten().tolist())
             self.routed_count[m] += len(routed)
             self.pred_hits[m] += len(pred & routed)
             self.pred_count[m] += len(pred)
@@ -118,15 +140,10 @@ class MoEExecutor:
 
     def prediction_stats(self) -> list[dict]:
         out = []
-        for m in range(len(self.blocks)):
+        for m in range(self.cfg.num_moe_layers):
             scored = self.pred_count[m] > 0
             out.append({
                 "prefetch_precision": self.pred_hits[m] / self.pred_count[m] if scored else None,
                 "prefetch_recall": self.pred_hits[m] / self.routed_count[m] if scored else None,
             })
         return out
-
-    def reset(self) -> None:
-        n = len(self.blocks)
-        self.predicted = [None] * n
-        self.pred_hits, self.pred_count, self.routed_count = [0] * n, [0] * n, [0] * n

@@ -104,6 +104,11 @@ class runtime {
   status cancel_prefetches();
   status moe_forward(const moe_args& args);
 
+  // Give the slab a new size and the cache a new eviction policy, keeping the expert store:
+  // waits for copies in flight, then starts with empty slots (pins are dropped) and zeroed
+  // statistics. Must not run while another thread is inside a forward.
+  status resize(int64_t expert_memory, eviction_policy eviction);
+
   // Keep an expert resident until unpinned (loads it if needed).
   status pin(expert_key key);
   status unpin(expert_key key);

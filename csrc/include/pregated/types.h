@@ -60,7 +60,9 @@ struct expert_key {
   bool valid() const { return layer >= 0 && expert >= 0; }
 };
 
-enum class eviction_policy { eviction_policy_lru = 0, eviction_policy_lfu = 1 };
+// lru / lfu keep experts cached across blocks and tokens; none keeps only the experts in use:
+// a block's experts leave their slots when the block is done (the Pre-gated MoE paper's setting).
+enum class eviction_policy { eviction_policy_lru = 0, eviction_policy_lfu = 1, eviction_policy_none = 2 };
 
 const char* eviction_policy_name(eviction_policy p);
 status parse_eviction_policy(const std::string& name, eviction_policy* out);

@@ -99,3 +99,25 @@ def checkpoint_parameters(ckpt: Checkpoint) -> int:
 def progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit=" params", unit_scale=True, desc="loading", disable=not enabled,
                 leave=False)
+
+
+class CheckpointSource:
+    """A model source for Engine: a folder in Hugging Face layout."""
+
+    def __init__(self, folder: str):
+        from ..config import read_config
+        from ..tokenizer import Tokenizer
+
+        self.folder = folder
+        self.config = read_config(folder)
+        self.tokenizer = Tokenizer(folder)
+        self.checkpoint = Checkpoint(folder)
+        self.layouts = {layer: expert_layout(self.checkpoint, layer) for layer in self.config.moe_layers}
+
+    def parameters(self) -> int:
+        return checkpoint_parameters(self.checkpoint)
+
+    def load(self, model, runtime, device, dtype, progress=None) -> None:
+        load_dense(model, self.config, self.checkpoint, device, dtype, self.layouts, progress)
+        load_experts(runtime, self.config, self.checkpoint, self.layouts, dtype, progress)
+        self.checkpoint = None  # unmap the files
