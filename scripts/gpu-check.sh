@@ -1,26 +1,41 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with an NVIDIA GPU and no internet, build pregated with the CUDA
-# backend required, run the GPU-marked tests, and keep what they measured.
+# backend required, run the GPU-marked tests, run the standard benchmark suite, and keep what
+# they measured.
 #
-#   scripts/gpu-check.sh [--results DIR]
+#   scripts/gpu-check.sh [--results DIR] [--skip-tests] [--skip-bench]
+#   scripts/gpu-check.sh --dry-run --results DIR     the suite's steps on the CPU, tiny shapes
 #
 # Needs the GPU image's build tools (cmake, ninja, nvcc, pybind11, scikit-build-core, torch).
 # scipy-openblas32 is installed from .whl/ when the machine lacks it (no index is reached).
-# Results go to DIR (default benchmarks/results/<date>-<gpu>/), plus $OUT when that is set.
+# Results go to DIR (default benchmarks/results/<date>-<gpu>/), plus $OUT when that is set;
+# the suite also rewrites the results section of benchmarks/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 RESULTS=""
+DRY=0
+TESTS=1
+BENCH=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --results) RESULTS=$2; shift 2 ;;
-    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+    --dry-run) DRY=1; shift ;;
+    --skip-tests) TESTS=0; shift ;;
+    --skip-bench) BENCH=0; shift ;;
+    -h|--help) sed -n 2,14p "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 
 step() { printf '\n=== %s ===\n' "$*"; }
+
+if [ "$DRY" = 1 ]; then
+  [ -n "$RESULTS" ] || { echo "gpu-check: --dry-run needs --results DIR" >&2; exit 2; }
+  step "dry run: benchmark suite on the CPU (tiny shapes; the installed pregated)"
+  exec "$PY" -m pregated.suite --dry-run --results "$RESULTS" --readme ""
+fi
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || {
@@ -46,12 +61,23 @@ print(info)
 assert info['cuda'] and info['cuda_devices'] > 0, 'the CUDA backend is not usable'
 "
 
-step "GPU tests"
+status=0
 export PREGATED_RESULTS_DIR="$RESULTS"
-set +e
-"$PY" -m pytest -m gpu -v -rs -s tests 2>&1 | tee "$RESULTS/gpu-tests.log"
-status=${PIPESTATUS[0]}
-set -e
+if [ "$TESTS" = 1 ]; then
+  step "GPU tests"
+  set +e
+  (cd tests && "$PY" -m pytest -m gpu -v -rs -s -p no:cacheprovider .) 2>&1 | tee "$RESULTS/gpu-tests.log"
+  status=${PIPESTATUS[0]}
+  set -e
+fi
+if [ "$BENCH" = 1 ]; then
+  step "benchmark suite"
+  set +e
+  "$PY" -m pregated.suite --results "$RESULTS" 2>&1 | tee "$RESULTS/bench-suite.log"
+  bench_status=${PIPESTATUS[0]}
+  set -e
+  [ "$bench_status" = 0 ] || status=$bench_status
+fi
 
 if [ -n "${OUT:-}" ]; then cp -r "$RESULTS"/. "$OUT"/ 2>/dev/null || true; fi
 step "done: results in $RESULTS (tests exit $status)"

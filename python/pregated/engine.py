@@ -314,6 +314,7 @@ class Engine:
             self._sync()
             self._counters["prefill_seconds"] += time.perf_counter() - t0
             self._counters["prefill_tokens"] += sum(len(p) for p in prompts)
+            self.last_prefill_stats = self.runtime.stats()  # lets a benchmark split prefill from decode
             trackers = [TextTracker(self.tokenizer, params.stop) for _ in range(B)]
             finish = [None] * B
             start = cache.valid.shape[1] - params.max_new_tokens

@@ -1,0 +1,433 @@
+"""`pregated bench`: every policy and budget side by side, against GPU-only, HF accelerate
+offloading and the physical limit of the host-to-device link, in one run on one machine.
+
+Efficiency against the physical limit: achieved decode tokens/s divided by
+min(GPU-only tokens/s of the same run, h2d bandwidth / bytes moved per decode token).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from . import _core
+from .config import DTYPES
+
+FIELDS = ("model", "layers", "policy", "baseline", "expert_memory_bytes", "expert_bytes_total", "batch",
+          "prompt_len", "new_tokens", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s",
+          "peak_device_bytes", "bytes_h2d_per_token", "hit_rate", "prefetch_precision", "prefetch_recall",
+          "stall_s_per_token", "efficiency")
+POLICY_ORDER = ("gpu-only", "on-demand", "prefetch-all", "pregated")
+
+
+def add_bench_command(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark policies and budgets (and HF baselines) on one machine",
+                       description="Runs every --policy under every --expert-memory on a model folder or a "
+                                   "synthetic model, plus GPU-only when it fits and the HF baselines asked "
+                                   "for; prints a table, writes JSON (every figure and the machine) and a "
+                                   "PNG plot.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model folder in Hugging Face layout")
+    src.add_argument("--synthetic", help="shapes of a real model with random weights: "
+                                         "mixtral-8x7b, qwen3-30b-a3b, olmoe-1b-7b, qwen1.5-moe-a2.7b, tiny")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (synthetic)")
+    p.add_argument("--policy", default="on-demand,prefetch-all,pregated",
+                   help="comma-separated policies (gpu-only is added when the model fits)")
+    p.add_argument("--expert-memory", default="10%,25%,50%",
+                   help="comma-separated budgets: N%% of all expert bytes, or bytes like 8GiB")
+    p.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
+    p.add_argument("--baseline", action="append", default=[], choices=["hf-accelerate", "hf-gpu"],
+                   help="also run transformers: device_map='auto' with the same device budget "
+                        "(hf-accelerate), or fully on the device (hf-gpu); repeatable")
+    p.add_argument("--no-gpu-only", action="store_true", help="skip the gpu-only run")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "none"])
+    p.add_argument("--save", default=None, metavar="DIR", help="write the synthetic model as a HF checkpoint")
+    p.add_argument("--out", default="bench.json", help="JSON results file (default bench.json)")
+    p.add_argument("--plot", default=None, help="PNG plot file (default: --out with .png)")
+    p.add_argument("--timeline", action="store_true",
+                   help="also record a timeline of one pregated decode step at the smallest budget")
+    p.set_defaults(func=cmd_bench)
+
+
+# --- machine ------------------------------------------------------------------------------
+
+def measure_h2d_gbps(device: str, nbytes: int = 256 << 20) -> float:
+    """Pinned host -> device copy bandwidth (best of 5); on the CPU, a host memcpy."""
+    if device.startswith("cuda"):
+        src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        best = float("inf")
+        for _ in range(5):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src, non_blocking=True)
+            b.record()
+            b.synchronize()
+            best = min(best, a.elapsed_time(b) / 1e3)
+        return nbytes / best / 1e9
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"gpu": None, "driver": None, "cuda": torch.version.cuda, "torch": torch.__version__,
+            "cpu": f"{cpu} ({os.cpu_count()} cores)",
+            "host_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            "h2d_gbps": measure_h2d_gbps(device), "device": device, "pregated": _core.build_info()["version"]}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+# --- one configuration --------------------------------------------------------------------
+
+def parse_budgets(text: str, total: int) -> list[int]:
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if item.endswith("%"):
+            out.append(int(total * float(item[:-1]) / 100))
+        elif item:
+            out.append(_core.parse_bytes(item))
+    return out
+
+
+def _prompts(cfg, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, cfg.vocab_size, (batch, length), generator=g).tolist()
+
+
+def _peak(engine) -> int:
+    dense = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    if engine.device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(engine.device) + engine.expert_memory
+    return dense + engine.expert_memory  # the CPU backend's "device" is host memory: an estimate
+
+
+def run_engine(engine, prompts, new_tokens: int) -> dict:
+    """One timed generation after a warm-up; decode figures exclude the prefill."""
+    engine.generate(prompts[0][:8], max_new_tokens=2)  # warm-up: kernels, handles, first loads
+    engine.reset_stats()
+    if engine.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    engine.generate(prompts if len(prompts) > 1 else prompts[0], max_new_tokens=new_tokens)
+    s = engine.stats()
+    pre = engine.last_prefill_stats
+    batch = len(prompts)
+    decode_tokens = batch * (new_tokens - 1)  # forward passes after the prefill's token
+    dec = {k: s[k] - pre[k] for k in ("bytes_h2d", "expert_hits", "expert_misses", "stall_seconds")}
+    used = dec["expert_hits"] + dec["expert_misses"]
+    return {
+        "decode_tokens_per_s": decode_tokens / s["decode_seconds"] if s["decode_seconds"] > 0 else None,
+        "prefill_tokens_per_s": s["prefill_tokens"] / s["prefill_seconds"] if s["prefill_seconds"] > 0 else None,
+        "ttft_s": s["prefill_seconds"],
+        "peak_device_bytes": _peak(engine),
+        "bytes_h2d_per_token": dec["bytes_h2d"] / decode_tokens,
+        "bytes_h2d_decode": dec["bytes_h2d"],
+        "bytes_h2d_prefill": pre["bytes_h2d"],
+        "decode_tokens": decode_tokens,
+        "hit_rate": dec["expert_hits"] / used if used else None,
+        "prefetch_precision": s["prefetch_precision"],
+        "prefetch_recall": s["prefetch_recall"],
+        "stall_s_per_token": dec["stall_seconds"] / decode_tokens,
+        "prefetch_issued": s["prefetch_issued"],
+        "prefetch_used": s["prefetch_used"],
+    }
+
+
+def run_hf(folder: str, baseline: str, device: str, dtype, budget_bytes, prompts, new_tokens: int) -> dict:
+    """transformers on the same checkpoint and prompts: device_map='auto' with max_memory set to
+    the device budget (hf-accelerate), or everything on the device (hf-gpu)."""
+    from transformers import AutoModelForCausalLM
+
+    if device.startswith("cuda"):
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if baseline == "hf-gpu":
+            kw = {"device_map": {"": idx}}
+        else:
+            kw = {"device_map": "auto", "max_memory": {idx: int(budget_bytes), "cpu": 10**13}}
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        kw = {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw).eval()
+    ids = torch.tensor(prompts, device=model.device if baseline == "hf-gpu" or not device.startswith("cuda") else device)
+
+    def timed(n):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t
+
+    timed(2)  # warm-up
+    ttft = timed(1)
+    total = timed(new_tokens)
+    batch = len(prompts)
+    out = {
+        "decode_tokens_per_s": batch * (new_tokens - 1) / max(total - ttft, 1e-9),
+        "prefill_tokens_per_s": batch * len(prompts[0]) / ttft,
+        "ttft_s": ttft,
+        "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None,
+        "bytes_h2d_per_token": None, "hit_rate": None, "prefetch_precision": None, "prefetch_recall": None,
+        "stall_s_per_token": None,
+    }
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def efficiency(run: dict, gpu_only_tps: float | None, h2d_gbps: float) -> tuple[float | None, float | None]:
+    """(achieved / limit, limit tokens/s); limit = min(GPU-only rate, bandwidth / bytes per token)."""
+    tps, per_token = run.get("decode_tokens_per_s"), run.get("bytes_h2d_per_token")
+    if tps is None or per_token is None:
+        return None, None
+    limits = []
+    if gpu_only_tps:
+        limits.append(gpu_only_tps)
+    if per_token > 0:
+        limits.append(h2d_gbps * 1e9 / per_token)
+    if not limits:
+        return None, None
+    limit = min(limits)
+    return min(1.0, tps / limit), limit  # above 1 only through timing noise
+
+
+# --- the whole run ------------------------------------------------------------------------
+
+def _fits_on_device(engine, total: int) -> bool:
+    if not engine.device.startswith("cuda"):
+        return total < 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    free, _ = torch.cuda.mem_get_info(engine.device)
+    return total + engine.expert_memory < 0.85 * free  # the current slab is given back first
+
+
+def run_bench(args, log=print) -> dict:
+    from tqdm.auto import tqdm
+
+    from .engine import Engine, _resolve_device
+    from .moe import POLICIES
+    from .synthetic import SyntheticModel
+
+    device = _resolve_device(args.device)
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    for p in policies:
+        if p not in POLICIES:
+            raise ValueError(f"unknown policy '{p}' in --policy: choose from {', '.join(POLICIES)}")
+    if args.batch < 1 or args.prompt_len < 1 or args.new_tokens < 2:
+        raise ValueError("--batch and --prompt-len must be >= 1 and --new-tokens >= 2")
+    t0 = time.perf_counter()
+    source = SyntheticModel(args.synthetic, layers=args.layers, dtype=args.dtype or "bfloat16") if args.synthetic else args.model
+    name = args.synthetic or os.path.basename(os.path.normpath(args.model))
+    machine = machine_info(device)
+    log(f"machine: {machine['gpu'] or machine['cpu']}, h2d {machine['h2d_gbps']:.1f} GB/s")
+    # Open with the smallest slab; it is resized for each configuration.
+    if args.synthetic:
+        cfg0 = source.config
+    else:
+        from .config import read_config
+        cfg0 = read_config(args.model)
+    if args.dtype:
+        cfg0.dtype = DTYPES[args.dtype]
+    engine = Engine(source, device=device, dtype=args.dtype, policy="on-demand",
+                    expert_memory=cfg0.top_k * cfg0.expert_bytes(), eviction=args.eviction,
+                    progress=sys.stderr.isatty())
+    cfg = engine.cfg
+    one = cfg.expert_bytes()
+    total = one * cfg.num_experts * cfg.num_moe_layers
+    log(f"model: {name}, {cfg.num_layers} layers, {cfg.num_experts} experts x {_core.format_bytes(one)} = "
+        f"{_core.format_bytes(total)} of experts (ready in {time.perf_counter() - t0:.1f} s)")
+    prompts = _prompts(cfg, args.batch, args.prompt_len)
+    budgets = parse_budgets(args.expert_memory, total)
+    plan = []
+    if not args.no_gpu_only:
+        plan.append(("gpu-only", total))
+    plan += [(p, b) for b in budgets for p in policies if p != "gpu-only"]
+    plan += [(bl, b) for bl in args.baseline for b in (budgets if bl == "hf-accelerate" else [total])]
+    runs, gpu_only_tps, timeline = [], None, None
+    saved = None
+    for policy, budget in tqdm(plan, desc="bench", disable=not sys.stderr.isatty(), leave=False):
+        base = {"model": name, "layers": cfg.num_layers, "policy": None, "baseline": None,
+                "expert_memory_bytes": budget, "expert_bytes_total": total, "expert_memory_fraction": budget / total,
+                "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                "eviction": args.eviction, "efficiency": None}
+        try:
+            if policy.startswith("hf-"):
+                base["baseline"] = policy
+                base["policy"] = None
+                if saved is None:
+                    saved = args.save or args.model or tempfile.mkdtemp(prefix="pregated-bench-")
+                    if args.synthetic and not os.path.isfile(os.path.join(saved, "config.json")):
+                        log(f"writing the synthetic checkpoint to {saved} for the HF baselines")
+                        source.save(saved, dtype=engine.dtype)
+                if policy == "hf-gpu" and not _fits_on_device(engine, total):
+                    raise RuntimeError("the model does not fit on the device")
+                dense = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+                base.update(run_hf(saved, policy, device, engine.dtype, dense + budget, prompts, args.new_tokens))
+            else:
+                base["policy"] = policy
+                if policy == "gpu-only" and not _fits_on_device(engine, total):
+                    raise RuntimeError("the experts do not fit on the device")
+                ev = "lru" if policy == "gpu-only" and args.eviction == "none" else args.eviction
+                minimum = (cfg.top_k if policy == "on-demand" else 2 * cfg.top_k) * one
+                if policy != "gpu-only" and budget < minimum:
+                    base["expert_memory_requested"] = budget
+                    budget = base["expert_memory_bytes"] = minimum
+                engine.reconfigure(policy=policy, expert_memory=budget, eviction=ev)
+                base.update(run_engine(engine, prompts, args.new_tokens))
+                if policy == "gpu-only":
+                    gpu_only_tps = base["decode_tokens_per_s"]
+                if args.timeline and policy == "pregated" and timeline is None:
+                    timeline = {"model": name, "policy": policy, "expert_memory_bytes": budget,
+                                "events": engine.trace_decode_step(prompts[0], warmup_tokens=3)}
+                    timeline["summary"] = timeline_summary(timeline["events"], cfg.num_moe_layers)
+        except (RuntimeError, ValueError, MemoryError) as e:
+            base["error"] = str(e)
+            log(f"{policy} at {_core.format_bytes(budget)}: skipped: {e}")
+        runs.append(base)
+    engine.close()
+    if saved and not args.save and not args.model:
+        shutil.rmtree(saved, ignore_errors=True)
+    for r in runs:
+        if r.get("policy") and not r.get("error"):
+            r["efficiency"], r["limit_tokens_per_s"] = efficiency(r, gpu_only_tps, machine["h2d_gbps"])
+    result = {"machine": machine, "command": shlex.join(["pregated"] + sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "runs": runs}
+    if timeline is not None:
+        result["timeline"] = timeline
+    return result
+
+
+def timeline_summary(events: list[dict], num_blocks: int) -> list[dict]:
+    """Per block m: when its GEMMs ran, and how much of block m+1's copying ran meanwhile."""
+    out = []
+    for m in range(num_blocks):
+        comp = [e for e in events if e["kind"] == "compute" and e["layer"] == m]
+        if not comp:
+            continue
+        a, b = min(e["start_s"] for e in comp), max(e["end_s"] for e in comp)
+        nxt = [e for e in events if e["kind"] == "copy" and e["layer"] == m + 1]
+        during = sum(max(0.0, min(b, e["end_s"]) - max(a, e["start_s"])) for e in nxt)
+        out.append({"block": m, "compute_start_s": a, "compute_end_s": b,
+                    "next_block_copies": len(nxt),
+                    "next_block_copy_s": sum(e["end_s"] - e["start_s"] for e in nxt),
+                    "next_block_copy_during_compute_s": during})
+    return out
+
+
+def _fmt(v, spec, scale=1.0):
+    return "-" if v is None else format(v * scale, spec)
+
+
+def format_table(result: dict) -> str:
+    rows = [f"{'model':<16} {'policy':<14} {'budget':>10} {'%':>4} {'decode t/s':>10} {'prefill t/s':>11} "
+            f"{'TTFT ms':>8} {'MiB/tok':>8} {'hit':>5} {'prec':>5} {'recall':>6} {'stall ms/t':>10} "
+            f"{'eff':>5} {'peak GiB':>8}"]
+    for r in result["runs"]:
+        label = r["baseline"] or r["policy"]
+        head = (f"{r['model'][:16]:<16} {label:<14} {_core.format_bytes(r['expert_memory_bytes']):>10} "
+                f"{100 * r['expert_memory_fraction']:>4.0f} ")
+        if r.get("error"):
+            rows.append(head + f"skipped: {r['error']}")
+            continue
+        rows.append(head + f"{_fmt(r['decode_tokens_per_s'], '.1f'):>10} {_fmt(r['prefill_tokens_per_s'], '.0f'):>11} "
+                    f"{_fmt(r['ttft_s'], '.1f', 1e3):>8} {_fmt(r['bytes_h2d_per_token'], '.1f', 2**-20):>8} "
+                    f"{_fmt(r['hit_rate'], '.2f'):>5} {_fmt(r['prefetch_precision'], '.2f'):>5} "
+                    f"{_fmt(r['prefetch_recall'], '.2f'):>6} {_fmt(r['stall_s_per_token'], '.2f', 1e3):>10} "
+                    f"{_fmt(r['efficiency'], '.2f'):>5} {_fmt(r['peak_device_bytes'], '.2f', 2**-30):>8}")
+    m = result["machine"]
+    rows.append(f"machine: {m['gpu'] or m['cpu']}; torch {m['torch']}, CUDA {m['cuda']}, driver {m['driver']}; "
+                f"pinned h2d {m['h2d_gbps']:.1f} GB/s")
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Decode tokens/s and peak device memory per policy against the expert budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for res in results for r in res["runs"] if not r.get("error")]
+    models = list(dict.fromkeys((r["model"], r["layers"]) for r in runs))
+    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 7), squeeze=False)
+    for j, (model, layers) in enumerate(models):
+        mine = [r for r in runs if (r["model"], r["layers"]) == (model, layers)]
+        for label in list(POLICY_ORDER) + ["hf-accelerate", "hf-gpu"]:
+            pts = sorted((100 * r["expert_memory_fraction"], r["decode_tokens_per_s"], r["peak_device_bytes"])
+                         for r in mine if (r["baseline"] or r["policy"]) == label and r["decode_tokens_per_s"])
+            if not pts:
+                continue
+            x, tps, mem = zip(*pts)
+            style = "o--" if label.startswith("hf") else "o-"
+            axes[0][j].plot(x, tps, style, label=label)
+            axes[1][j].plot(x, [v / 2**30 if v else float("nan") for v in mem], style, label=label)
+        axes[0][j].set_title(f"{model} ({layers} layers)")
+        axes[0][j].set_ylabel("decode tokens/s")
+        axes[1][j].set_ylabel("peak device memory (GiB)")
+        axes[1][j].set_xlabel("expert memory (% of all expert bytes)")
+        axes[0][j].set_yscale("log")
+        axes[0][j].legend(fontsize=7)
+    m = results[0]["machine"]
+    fig.suptitle(f"pregated bench on {m['gpu'] or m['cpu']} (h2d {m['h2d_gbps']:.0f} GB/s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_bench(args) -> int:
+    result = run_bench(args, log=lambda msg: print(msg, file=sys.stderr))
+    print(format_table(result))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    png = args.plot or os.path.splitext(args.out)[0] + ".png"
+    try:
+        plot([result], png)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        png = None
+    print(f"wrote {args.out}" + (f" and {png}" if png else ""), file=sys.stderr)
+    return 0

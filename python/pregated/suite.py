@@ -1,0 +1,116 @@
+"""The standard benchmark suite of scripts/gpu-check.sh.
+
+    python -m pregated.suite --results DIR [--dry-run]
+
+Runs `pregated bench` for each model of the suite in its own process (one failure does not
+stop the others), merges the results into DIR/<date>-<gpu>.json with a plot next to it, and
+rewrites the table in benchmarks/README.md. --dry-run runs the same steps on the CPU with tiny
+shapes, so the script is exercised between GPU runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+BUDGETS = "10%,25%,50%"
+# (synthetic model, extra bench arguments): full depth where the machine allows, enough layers
+# for stable numbers otherwise.
+SUITE = [
+    ("olmoe-1b-7b", ["--baseline", "hf-accelerate", "--baseline", "hf-gpu", "--timeline"]),
+    ("qwen3-30b-a3b", ["--layers", "12", "--timeline"]),
+    ("mixtral-8x7b", ["--layers", "8", "--timeline"]),
+]
+DRY_SUITE = [
+    ("tiny", ["--baseline", "hf-accelerate", "--baseline", "hf-gpu", "--timeline"]),
+    ("tiny", ["--layers", "2"]),
+]
+COMMON = ["--policy", "on-demand,prefetch-all,pregated", "--expert-memory", BUDGETS,
+          "--prompt-len", "32", "--new-tokens", "24"]
+MARK_BEGIN, MARK_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", required=True, help="folder for the JSON, logs and plot")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--readme", default=os.path.join("benchmarks", "README.md"),
+                    help="README whose results section is rewritten ('' = none)")
+    args = ap.parse_args(argv)
+    os.makedirs(args.results, exist_ok=True)
+    suite = DRY_SUITE if args.dry_run else SUITE
+    device = ["--device", "cpu"] if args.dry_run else []
+    results, commands = [], []
+    for k, (model, extra) in enumerate(suite):
+        out = os.path.join(args.results, f"bench-{k}-{model}.json")
+        cmd = ["pregated", "bench", "--synthetic", model, *COMMON, *extra, *device, "--out", out]
+        commands.append(shlex.join(cmd))
+        print(f"\n$ {commands[-1]}", flush=True)
+        run = subprocess.run(cmd, text=True)
+        if run.returncode != 0 or not os.path.isfile(out):
+            print(f"suite: {model} failed (exit {run.returncode})", file=sys.stderr)
+            results.append({"model": model, "error": f"pregated bench exited {run.returncode}", "command": commands[-1]})
+            continue
+        with open(out, encoding="utf-8") as f:
+            res = json.load(f)
+        res["command"] = commands[-1]
+        results.append(res)
+    good = [r for r in results if "runs" in r]
+    if not good:
+        print("suite: every benchmark failed", file=sys.stderr)
+        return 1
+    machine = good[0]["machine"]
+    gpu = re.sub(r"[^A-Za-z0-9.-]+", "-", machine["gpu"] or "cpu").strip("-")
+    stem = f"{datetime.date.today().isoformat()}-{gpu}" + ("-dry-run" if args.dry_run else "")
+    merged = {"machine": machine, "commands": commands, "date": good[0]["date"],
+              "runs": [run for r in good for run in r["runs"]],
+              "timelines": [r["timeline"] for r in good if "timeline" in r],
+              "failed": [r for r in results if "runs" not in r]}
+    path = os.path.join(args.results, stem + ".json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(merged, f, indent=1)
+    from .bench import format_table, plot
+
+    png = os.path.join(args.results, stem + ".png")
+    try:
+        plot(good, png)
+    except ImportError:
+        png = None
+    table = format_table(merged)
+    print("\n" + table)
+    if args.readme and os.path.isfile(args.readme) and not args.dry_run:
+        write_readme(args.readme, merged, table, path, png)
+    print(f"\nsuite: wrote {path}" + (f" and {png}" if png else ""))
+    return 0 if not merged["failed"] else 1
+
+
+def write_readme(readme: str, merged: dict, table: str, path: str, png: str | None) -> None:
+    base = os.path.dirname(os.path.abspath(readme))
+    rel = lambda p: os.path.relpath(os.path.abspath(p), base)  # noqa: E731
+    section = [MARK_BEGIN, f"Latest run: {merged['date']} on {merged['machine']['gpu']} "
+               f"(driver {merged['machine']['driver']}, CUDA {merged['machine']['cuda']}, torch "
+               f"{merged['machine']['torch']}); pinned host-to-device {merged['machine']['h2d_gbps']:.1f} GB/s. "
+               f"Produced by `scripts/gpu-check.sh`, which ran:", "", "```"]
+    section += merged["commands"] + ["```", "", "```", table, "```", ""]
+    section.append(f"Full figures: [{os.path.basename(path)}]({rel(path)})")
+    if png:
+        section += ["", f"![tokens/s and device memory per policy and budget]({rel(png)})"]
+    section.append(MARK_END)
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    if MARK_BEGIN in text and MARK_END in text:
+        text = text[:text.index(MARK_BEGIN)] + "\n".join(section) + text[text.index(MARK_END) + len(MARK_END):]
+    else:
+        text += "\n" + "\n".join(section) + "\n"
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""`pregated bench` on the CPU (smoke run) and a dry run of scripts/gpu-check.sh."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from pregated.bench import FIELDS
+from pregated.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MACHINE = ("gpu", "driver", "cuda", "torch", "cpu", "host_memory_bytes", "h2d_gbps")
+
+
+def check_result(res: dict) -> None:
+    for k in MACHINE:
+        assert k in res["machine"], k
+    assert res["machine"]["h2d_gbps"] > 0
+    assert res["runs"]
+    for r in res["runs"]:
+        for k in FIELDS:
+            assert k in r, f"run lacks {k}: {r}"
+        assert "error" not in r, r["error"]
+        assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["ttft_s"] > 0
+        if r["baseline"]:
+            continue
+        assert 0 <= r["hit_rate"] <= 1
+        assert r["bytes_h2d_per_token"] * r["decode_tokens"] == pytest.approx(r["bytes_h2d_decode"])
+        assert r["bytes_h2d_decode"] % (r["expert_bytes_total"] // (r["layers"] * 8)) == 0  # whole experts
+        assert 0 < r["efficiency"] <= 1
+        if r["policy"] == "gpu-only":
+            assert r["bytes_h2d_per_token"] == 0 and r["hit_rate"] == 1  # nothing moves after load
+            assert r["expert_memory_bytes"] == r["expert_bytes_total"]
+        if r["policy"] == "on-demand":
+            assert r["prefetch_issued"] == 0
+        if r["policy"] == "pregated":
+            assert 0 <= r["prefetch_precision"] <= 1 and 0 <= r["prefetch_recall"] <= 1
+        else:
+            assert r["prefetch_precision"] is None
+
+
+def test_bench_smoke_on_cpu(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--synthetic", "tiny", "--device", "cpu", "--out", str(out), "--new-tokens", "6",
+                 "--prompt-len", "12", "--batch", "2", "--timeline"]) == 0
+    res = json.loads(out.read_text())
+    check_result(res)
+    labels = {(r["policy"], round(r["expert_memory_fraction"], 2)) for r in res["runs"]}
+    assert ("gpu-only", 1.0) in labels and ("pregated", 0.25) in labels and ("on-demand", 0.5) in labels
+    assert os.path.getsize(tmp_path / "b.png") > 1000
+    events = res["timeline"]["events"]
+    assert {e["kind"] for e in events} == {"copy", "compute"}
+    assert len(res["timeline"]["summary"]) == 4
+    table = capsys.readouterr().out
+    assert "decode t/s" in table and "pregated" in table
+
+
+def test_bench_hf_baselines_on_cpu(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--synthetic", "tiny", "--layers", "2", "--device", "cpu", "--out", str(out),
+                 "--policy", "pregated", "--expert-memory", "50%", "--new-tokens", "4", "--prompt-len", "8",
+                 "--baseline", "hf-accelerate", "--baseline", "hf-gpu", "--save", str(tmp_path / "ckpt")]) == 0
+    res = json.loads(out.read_text())
+    check_result(res)
+    assert {r["baseline"] for r in res["runs"]} == {None, "hf-accelerate", "hf-gpu"}
+    # The saved synthetic checkpoint is a complete model folder.
+    assert main(["info", "--model", str(tmp_path / "ckpt")]) == 0
+
+
+def test_bench_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["bench", "--synthetic", "gpt-5", "--device", "cpu", "--out", str(tmp_path / "x.json")]) == 2
+    assert "unknown synthetic model 'gpt-5'" in capsys.readouterr().err
+    assert main(["bench", "--synthetic", "tiny", "--policy", "fast", "--device", "cpu"]) == 2
+    assert "unknown policy 'fast'" in capsys.readouterr().err
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """The steps of scripts/gpu-check.sh's suite, on the CPU with tiny shapes."""
+    run = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu-check.sh"), "--dry-run", "--results",
+                          str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    merged = [f for f in os.listdir(tmp_path) if f.endswith("-dry-run.json")]
+    assert len(merged) == 1
+    res = json.loads((tmp_path / merged[0]).read_text())
+    check_result(res)
+    assert not res["failed"] and len(res["commands"]) == 2 and res["timelines"]
+    assert os.path.isfile(tmp_path / merged[0].replace(".json", ".png"))

@@ -1,0 +1,189 @@
+"""Policies, routing modes and the expert cache through the Engine."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import DEVICES
+from pregated.engine import Engine
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [40, 41, 42]]
+
+
+def generate(eng, n=12):
+    return [r.token_ids for r in eng.generate(PROMPTS, max_new_tokens=n)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_policy_equals_gpu_only_in_exact_mode(family, device, checkpoint_factory):
+    folder = checkpoint_factory(family)
+    with Engine(folder, device=device, policy="gpu-only", progress=False) as eng:
+        want = generate(eng)
+        one = eng.cfg.expert_bytes()
+        total = one * eng.cfg.num_experts * eng.cfg.num_moe_layers
+        K = eng.cfg.top_k
+        for policy in ("on-demand", "prefetch-all", "pregated"):
+            minimum = (K if policy == "on-demand" else 2 * K) * one
+            for budget in (minimum, minimum + 3 * one, total // 2, total):
+                for eviction in ("lru", "lfu", "none"):
+                    if eviction != "lru" and budget not in (minimum, total // 2):
+                        continue
+                    eng.reconfigure(policy=policy, expert_memory=budget, eviction=eviction)
+                    got = generate(eng)
+                    assert got == want, f"{policy} at {budget} bytes ({eviction})"
+                    eng.runtime.check()
+
+
+@pytest.fixture(scope="module")
+def eng(mixtral_folder):
+    with Engine(mixtral_folder, device="cpu", policy="pregated", progress=False) as e:
+        yield e
+
+
+def budget(eng, experts):
+    return experts * eng.cfg.expert_bytes()
+
+
+def test_on_demand_issues_no_prefetch(eng):
+    eng.reconfigure(policy="on-demand", expert_memory=budget(eng, 6))
+    generate(eng)
+    s = eng.stats()
+    assert s["prefetch_issued"] == 0 and s["prefetch_used"] == 0 and s["expert_misses"] > 0
+
+
+def test_prefetch_all_moves_at_least_as_much_as_pregated(eng):
+    moved = {}
+    for policy in ("prefetch-all", "pregated"):
+        eng.reconfigure(policy=policy, expert_memory=budget(eng, 12))
+        generate(eng)
+        moved[policy] = eng.stats()["bytes_h2d"]
+    assert moved["prefetch-all"] >= moved["pregated"] > 0
+
+
+def test_nothing_moves_after_the_first_pass_when_everything_fits(eng):
+    for policy in ("gpu-only", "pregated", "on-demand"):
+        eng.reconfigure(policy=policy, expert_memory=budget(eng, 24))
+        generate(eng)
+        first = eng.stats()["bytes_h2d"]
+        assert first <= budget(eng, 24)
+        generate(eng)
+        generate(eng)
+        assert eng.stats()["bytes_h2d"] == first, policy
+
+
+@pytest.mark.parametrize("eviction", ["lru", "lfu"])
+def test_a_cache_moves_fewer_bytes_than_none_on_repeated_prompts(eng, eviction):
+    moved = {}
+    for ev in (eviction, "none"):
+        eng.reconfigure(policy="on-demand", expert_memory=budget(eng, 14), eviction=ev)
+        for _ in range(3):
+            generate(eng, n=6)
+        moved[ev] = eng.stats()["bytes_h2d"]
+    assert moved[eviction] < moved["none"]
+
+
+def test_per_block_statistics(eng):
+    eng.reconfigure(policy="pregated", expert_memory=budget(eng, 6))
+    generate(eng)
+    s = eng.stats()
+    assert len(s["layers"]) == eng.cfg.num_moe_layers
+    for key in ("bytes_h2d", "expert_hits", "expert_misses", "prefetch_issued", "stall_seconds"):
+        assert sum(b[key] for b in s["layers"]) == pytest.approx(s[key])
+    assert s["layers"][0]["prefetch_precision"] is None  # nothing predicts the first block
+    assert all(0 <= b["prefetch_recall"] <= 1 for b in s["layers"][1:])
+
+
+def test_pregate_routing_never_loads_late_in_decode(eng):
+    """routing='pregate': block i+1 uses the experts chosen at block i and prefetched during it,
+    so after the first block a decode step has no demand loads."""
+    eng.reconfigure(policy="pregated", expert_memory=budget(eng, 4))  # the minimum: 2K slots
+    eng.set_routing("pregate")
+    try:
+        eng.generate(PROMPTS[0], max_new_tokens=10)
+        s, pre = eng.stats(), eng.last_prefill_stats
+        decode_misses = [b["expert_misses"] - p["expert_misses"] for b, p in zip(s["layers"], pre["layers"])]
+        assert decode_misses[1:] == [0] * (len(decode_misses) - 1)
+    finally:
+        eng.set_routing("exact")
+
+
+def test_pregate_routing_changes_outputs_and_exact_does_not(eng, mixtral_folder):
+    eng.reconfigure(policy="pregated", expert_memory=budget(eng, 6))
+    exact = eng.logits(list(range(5, 60)))
+    eng.set_routing("pregate")
+    pregate = eng.logits(list(range(5, 60)))
+    eng.set_routing("exact")
+    assert torch.allclose(eng.logits(list(range(5, 60))), exact)
+    assert not torch.allclose(pregate, exact)  # the predicted routing is not always the true one
+    # the first token's logits differ only through blocks 1.. which use predicted experts
+    assert torch.isfinite(pregate).all()
+
+
+def test_decode_step_timeline(eng):
+    eng.reconfigure(policy="pregated", expert_memory=budget(eng, 6))
+    events = eng.trace_decode_step(PROMPTS[0], warmup_tokens=2)
+    computes = [e for e in events if e["kind"] == "compute"]
+    assert {e["layer"] for e in computes} == set(range(eng.cfg.num_moe_layers))
+    # block order on the compute stream
+    starts = [min(e["start_s"] for e in computes if e["layer"] == m) for m in range(eng.cfg.num_moe_layers)]
+    assert starts == sorted(starts)
+
+
+TEXT = " ".join(["Mixture of experts models route each token to a few experts.",
+                 "The quick brown fox jumps over the lazy dog.",
+                 "Experts live in host memory and move to the GPU before they are needed.",
+                 "héllo wörld, ça va? 0123456789"] * 12)
+
+
+def test_calibrate_and_use_a_trained_pregate(mixtral_folder, tmp_path, capsys):
+    from pregated.cli import main
+
+    out = tmp_path / "pg"
+    data = tmp_path / "calib.txt"
+    data.write_text(TEXT)
+    assert main(["calibrate", "--model", mixtral_folder, "--data", str(data), "--out", str(out),
+                 "--device", "cpu", "--steps", "60", "--window", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "speculative precision" in printed and "trained precision" in printed and "overall" in printed
+    report = json.loads((out / "pregate.json").read_text())
+    assert len(report["blocks"]) == 2  # 3 MoE blocks: 0 -> 1 and 1 -> 2
+    for b in report["blocks"] + [report["overall"]]:
+        for kind in ("speculative", "trained"):
+            assert 0 <= b[kind]["recall"] <= 1 and 0 <= b[kind]["precision"] <= 1
+    assert os.path.isfile(out / "pregate.safetensors")
+    # Exact routing ignores the pre-gate's quality: same tokens as gpu-only.
+    with Engine(mixtral_folder, device="cpu", policy="gpu-only", progress=False) as ref:
+        want = generate(ref)
+    with Engine(mixtral_folder, device="cpu", pregate=str(out), expert_memory=6 * ref.cfg.expert_bytes(),
+                progress=False) as e:
+        assert e.pregate.kind == "trained"
+        assert generate(e) == want
+        assert e.stats()["prefetch_recall"] is not None
+    # eval reports both routing modes and both pre-gates
+    assert main(["eval", "--model", mixtral_folder, "--data", str(data), "--pregate", str(out), "--device", "cpu",
+                 "--window", "64", "--json", str(tmp_path / "eval.json")]) == 0
+    res = json.loads((tmp_path / "eval.json").read_text())
+    rows = {(r["routing"], r["pregate"]): r["perplexity"] for r in res["results"]}
+    assert set(rows) == {("exact", "speculative"), ("pregate", "speculative"), ("pregate", "trained")}
+    assert all(p > 1 for p in rows.values())
+
+
+def test_pregate_folder_that_does_not_match(mixtral_folder, checkpoint_factory, tmp_path):
+    from pregated.pregate import calibrate
+
+    out = tmp_path / "pg"
+    calibrate(mixtral_folder, TEXT, str(out), device="cpu", steps=5, window=64, progress=False, log=lambda *_: None)
+    other = checkpoint_factory("mixtral", seed=1)  # same shapes, different weights
+    with pytest.raises(ValueError, match="does not match this model: it was calibrated for router weights"):
+        Engine(other, device="cpu", pregate=str(out), progress=False)
+    olmoe = checkpoint_factory("olmoe")
+    with pytest.raises(ValueError, match="calibrated for model_type mixtral, this model has olmoe"):
+        Engine(olmoe, device="cpu", pregate=str(out), progress=False)
+    with pytest.raises(ValueError, match="is not a pre-gate folder"):
+        Engine(mixtral_folder, device="cpu", pregate=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="unknown routing mode 'fast'"):
+        Engine(mixtral_folder, device="cpu", routing="fast", progress=False)
