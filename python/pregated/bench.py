@@ -51,6 +51,8 @@ def add_bench_command(sub) -> None:
     p.add_argument("--baseline", action="append", default=[], choices=["hf-accelerate", "hf-gpu"],
                    help="also run transformers: device_map='auto' with the same device budget "
                         "(hf-accelerate), or fully on the device (hf-gpu); repeatable")
+    p.add_argument("--baseline-tokens", type=int, default=None,
+                   help="tokens per prompt for the HF baselines (default: --new-tokens; offloaded HF runs are slow)")
     p.add_argument("--no-gpu-only", action="store_true", help="skip the gpu-only run")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
@@ -304,7 +306,9 @@ def run_bench(args, log=print) -> dict:
                 if policy == "hf-gpu" and not _fits_on_device(engine, total):
                     raise RuntimeError("the model does not fit on the device")
                 dense = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-                base.update(run_hf(saved, policy, device, engine.dtype, dense + budget, prompts, args.new_tokens))
+                n = args.baseline_tokens or args.new_tokens
+                base["new_tokens"] = n
+                base.update(run_hf(saved, policy, device, engine.dtype, dense + budget, prompts, n))
             else:
                 base["policy"] = policy
                 if policy == "gpu-only" and not _fits_on_device(engine, total):

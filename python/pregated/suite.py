@@ -23,7 +23,7 @@ BUDGETS = "10%,25%,50%"
 # (synthetic model, extra bench arguments): full depth where the machine allows, enough layers
 # for stable numbers otherwise.
 SUITE = [
-    ("olmoe-1b-7b", ["--baseline", "hf-accelerate", "--baseline", "hf-gpu", "--timeline"]),
+    ("olmoe-1b-7b", ["--baseline", "hf-accelerate", "--baseline", "hf-gpu", "--baseline-tokens", "8", "--timeline"]),
     ("qwen3-30b-a3b", ["--layers", "12", "--timeline"]),
     ("mixtral-8x7b", ["--layers", "8", "--timeline"]),
 ]
@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", required=True, help="folder for the JSON, logs and plot")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--timeout", type=int, default=330, help="seconds allowed per model (default 330)")
     ap.add_argument("--readme", default=os.path.join("benchmarks", "README.md"),
                     help="README whose results section is rewritten ('' = none)")
     args = ap.parse_args(argv)
@@ -52,10 +53,13 @@ def main(argv=None) -> int:
         cmd = ["pregated", "bench", "--synthetic", model, *COMMON, *extra, *device, "--out", out]
         commands.append(shlex.join(cmd))
         print(f"\n$ {commands[-1]}", flush=True)
-        run = subprocess.run(cmd, text=True)
-        if run.returncode != 0 or not os.path.isfile(out):
-            print(f"suite: {model} failed (exit {run.returncode})", file=sys.stderr)
-            results.append({"model": model, "error": f"pregated bench exited {run.returncode}", "command": commands[-1]})
+        try:
+            code = subprocess.run(cmd, text=True, timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = f"timeout after {args.timeout} s"
+        if code != 0 or not os.path.isfile(out):
+            print(f"suite: {model} failed ({code})", file=sys.stderr)
+            results.append({"model": model, "error": f"pregated bench: {code}", "command": commands[-1]})
             continue
         with open(out, encoding="utf-8") as f:
             res = json.load(f)
