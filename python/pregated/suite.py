@@ -20,16 +20,16 @@ import subprocess
 import sys
 
 BUDGETS = "10%,25%,50%"
-# (synthetic model, extra bench arguments): full depth where the machine allows, enough layers
-# for stable numbers otherwise.
+# (synthetic model, extra bench arguments, seconds allowed): full depth where the machine allows,
+# enough layers for stable numbers otherwise. The slow HF-offloading baseline runs last.
 SUITE = [
-    ("olmoe-1b-7b", ["--baseline", "hf-accelerate", "--baseline", "hf-gpu", "--baseline-tokens", "8", "--timeline"]),
-    ("qwen3-30b-a3b", ["--layers", "12", "--timeline"]),
-    ("mixtral-8x7b", ["--layers", "8", "--timeline"]),
+    ("mixtral-8x7b", ["--layers", "8", "--timeline"], 120),
+    ("qwen3-30b-a3b", ["--layers", "12", "--timeline"], 90),
+    ("olmoe-1b-7b", ["--baseline", "hf-accelerate", "--baseline", "hf-gpu", "--baseline-tokens", "8", "--timeline"], 330),
 ]
 DRY_SUITE = [
-    ("tiny", ["--baseline", "hf-accelerate", "--baseline", "hf-gpu", "--timeline"]),
-    ("tiny", ["--layers", "2"]),
+    ("tiny", ["--baseline", "hf-accelerate", "--baseline", "hf-gpu", "--timeline"], 300),
+    ("tiny", ["--layers", "2"], 300),
 ]
 COMMON = ["--policy", "on-demand,prefetch-all,pregated", "--expert-memory", BUDGETS,
           "--prompt-len", "32", "--new-tokens", "24"]
@@ -40,7 +40,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", required=True, help="folder for the JSON, logs and plot")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
-    ap.add_argument("--timeout", type=int, default=330, help="seconds allowed per model (default 330)")
     ap.add_argument("--readme", default=os.path.join("benchmarks", "README.md"),
                     help="README whose results section is rewritten ('' = none)")
     args = ap.parse_args(argv)
@@ -48,15 +47,15 @@ def main(argv=None) -> int:
     suite = DRY_SUITE if args.dry_run else SUITE
     device = ["--device", "cpu"] if args.dry_run else []
     results, commands = [], []
-    for k, (model, extra) in enumerate(suite):
+    for k, (model, extra, timeout) in enumerate(suite):
         out = os.path.join(args.results, f"bench-{k}-{model}.json")
         cmd = ["pregated", "bench", "--synthetic", model, *COMMON, *extra, *device, "--out", out]
         commands.append(shlex.join(cmd))
         print(f"\n$ {commands[-1]}", flush=True)
         try:
-            code = subprocess.run(cmd, text=True, timeout=args.timeout).returncode
+            code = subprocess.run(cmd, text=True, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
-            code = f"timeout after {args.timeout} s"
+            code = f"timeout after {timeout} s"
         if code != 0 or not os.path.isfile(out):
             print(f"suite: {model} failed ({code})", file=sys.stderr)
             results.append({"model": model, "error": f"pregated bench: {code}", "command": commands[-1]})
