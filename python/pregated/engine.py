@@ -53,11 +53,22 @@ def _resolve_dtype(dtype, cfg: ModelConfig) -> torch.dtype:
 
 
 class KVCache:
+    """Keys and values of every layer: [B, G, S, D] with S rounded up to a multiple of 256.
+
+    Attention always spans the whole cache (unused slots are masked out), so every decode step,
+    and every generation of a similar length, has the same shapes: the first run after loading
+    is then no slower than the next (new shapes cost allocator and kernel-selection work)."""
+
+    ROUND = 256
+
     def __init__(self, cfg: ModelConfig, batch: int, length: int, device, dtype):
+        length = -(-length // self.ROUND) * self.ROUND
         shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        # zeros, not empty: a masked slot still multiplies its value by a zero weight
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)  # real tokens
+        self.length = length
 
 
 class Engine:
@@ -186,14 +197,13 @@ class Engine:
     # --- the forward pass --------------------------------------------------------------
 
     def _mask(self, cache: KVCache, start: int, L: int, window: int | None) -> torch.Tensor:
-        """[B, 1, L, start + L] bool: causal, real keys only, within the sliding window."""
-        S = start + L
-        q = torch.arange(start, S, device=cache.valid.device)[:, None]
-        k = torch.arange(S, device=cache.valid.device)[None, :]
+        """[B, 1, L, S] bool over the whole cache: causal, real keys only, within the window."""
+        q = torch.arange(start, start + L, device=cache.valid.device)[:, None]
+        k = torch.arange(cache.length, device=cache.valid.device)[None, :]
         allowed = (k <= q)
         if window:
             allowed = allowed & (k > q - window)
-        mask = allowed[None] & cache.valid[:, None, :S]
+        mask = allowed[None] & cache.valid[:, None, :]
         # A padding query sees itself only: finite garbage that no real token ever reads.
         mask = mask | (k == q)[None]
         return mask[:, None]
@@ -250,10 +260,10 @@ class Engine:
         self._check_open()
         prompt = self._check_ids(list(token_ids), 0)
         cache = KVCache(self.cfg, 1, len(prompt), self.device, self.dtype)
-        cache.valid[0, :] = True
+        cache.valid[0, :len(prompt)] = True
         tokens = torch.tensor([prompt], dtype=torch.long, device=self.device)
         positions = torch.arange(len(prompt), device=self.device)[None]
-        hidden = self._forward(tokens, positions, cache, 0, cache.valid)
+        hidden = self._forward(tokens, positions, cache, 0, cache.valid[:, :len(prompt)])
         return self._logits(hidden[0])
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -317,7 +327,7 @@ class Engine:
             self.last_prefill_stats = self.runtime.stats()  # lets a benchmark split prefill from decode
             trackers = [TextTracker(self.tokenizer, params.stop) for _ in range(B)]
             finish = [None] * B
-            start = cache.valid.shape[1] - params.max_new_tokens
+            start = max(len(p) for p in prompts)
             t_decode = time.perf_counter()
             for step in range(params.max_new_tokens):
                 nxt = sample(logits, params, gen)

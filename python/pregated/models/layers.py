@@ -55,8 +55,8 @@ class Attention(nn.Module):
         self.clip_qkv = cfg.clip_qkv
 
     def forward(self, x, cos, sin, cache_k, cache_v, start: int, mask):
-        """x: [B, L, H]; cache_k/v: [B, G, S_max, D] written at [start, start + L);
-        mask: [B, 1, L, start + L] bool (True = attend)."""
+        """x: [B, L, H]; cache_k/v: [B, G, S, D] written at [start, start + L);
+        mask: [B, 1, L, S] bool (True = attend) over the whole cache."""
         B, L, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -73,7 +73,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         cache_k[:, :, start:start + L] = k
         cache_v[:, :, start:start + L] = v
-        keys, values = cache_k[:, :, :start + L], cache_v[:, :, :start + L]
+        keys, values = cache_k, cache_v
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             keys = keys.repeat_interleave(rep, dim=1)
