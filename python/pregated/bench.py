@@ -146,11 +146,13 @@ def _peak(engine) -> int:
 
 def run_engine(engine, prompts, new_tokens: int) -> dict:
     """One timed generation after a warm-up; decode figures exclude the prefill."""
-    engine.generate(prompts[0][:8], max_new_tokens=2)  # warm-up: kernels, handles, first loads
+    batch_or_one = prompts if len(prompts) > 1 else prompts[0]
+    # Warm-up with the timed run's shapes: kernels, allocator blocks, cuBLAS heuristics, loads.
+    engine.generate(batch_or_one, max_new_tokens=2)
     engine.reset_stats()
     if engine.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(engine.device)
-    engine.generate(prompts if len(prompts) > 1 else prompts[0], max_new_tokens=new_tokens)
+    engine.generate(batch_or_one, max_new_tokens=new_tokens)
     s = engine.stats()
     pre = engine.last_prefill_stats
     batch = len(prompts)
