@@ -132,6 +132,7 @@ class Engine:
             self.runtime.close()
             raise
         self.moe = MoEExecutor(self.runtime, self.model, cfg, self.policy, self.pregate, routing)
+        self._make_resident()
         self._counters = {"tokens": 0, "decode_seconds": 0.0, "prefill_tokens": 0, "prefill_seconds": 0.0}
         self.eos_ids = set(cfg.eos_token_ids)
         eos_text = self.tokenizer.token_id(self.tokenizer.eos_token)
@@ -146,6 +147,15 @@ class Engine:
         if isinstance(pregate, (str, os.PathLike)):
             return load_pregate(str(pregate), self.model, self.cfg, self.device)
         raise ValueError(f"pregate must be 'speculative' or a folder from `pregated calibrate`, got {pregate!r}")
+
+    def _make_resident(self) -> None:
+        """gpu-only means every expert on the device: load and pin them all now."""
+        if self.policy != "gpu-only":
+            return
+        for m in range(self.cfg.num_moe_layers):
+            for e in range(self.cfg.num_experts):
+                self.runtime.pin(m, e)
+        self.runtime.wait_idle()
 
     def set_routing(self, routing: str, pregate=None) -> None:
         """Switch the routing mode (exact / pregate) and, optionally, the pre-gate."""
@@ -170,6 +180,7 @@ class Engine:
         self.runtime.resize(budget, eviction)
         self.policy, self.expert_memory, self.eviction = policy, budget, eviction
         self.moe.policy = policy
+        self._make_resident()
         self.reset_stats()
 
     # --- lifetime ----------------------------------------------------------------------

@@ -108,23 +108,25 @@ class MoEExecutor:
         ids, weights = route_logits(router_logits, cfg)
         if self.recorder is not None:
             self.recorder(m, h, router_logits, ids)
+        predict = m + 1 < n and (self.routing == "pregate" or self.policy == "pregated")
+        pred = self.pregate.predict(m, h) if predict else None
+        # One device -> host transfer (one synchronisation) for everything the host needs.
+        ids, weights, pred = _to_host(ids, weights, pred)
         self._score(m, ids)  # the pre-gate is scored against the block's own router
         if self.routing == "pregate" and self.pending[m] is not None:
             ids, weights = self.pending[m]
         self.pending[m] = None
         nxt = None
-        if m + 1 < n:
-            if self.routing == "pregate" or self.policy == "pregated":
-                p_ids, p_weights = self.pregate.predict(m, h)
-                unique = torch.unique(p_ids).tolist()
-                self.predicted[m + 1] = set(unique)
-                if self.routing == "pregate":
-                    self.pending[m + 1] = (p_ids, p_weights)
-                if self.policy == "pregated":
-                    nxt = unique
-            if self.policy == "prefetch-all":
-                nxt = list(range(cfg.num_experts))
-        out = self.runtime.forward(m, x.contiguous(), ids.cpu(), weights,
+        if pred is not None:
+            unique = torch.unique(pred[0]).tolist()
+            self.predicted[m + 1] = set(unique)
+            if self.routing == "pregate":
+                self.pending[m + 1] = pred
+            if self.policy == "pregated":
+                nxt = unique
+        if m + 1 < n and self.policy == "prefetch-all":
+            nxt = list(range(cfg.num_experts))
+        out = self.runtime.forward(m, x.contiguous(), ids, weights,
                                    next_layer=m + 1 if nxt else -1, next_experts=nxt)
         shared = block.shared(x)
         return out if shared is None else out + shared
@@ -147,3 +149,16 @@ class MoEExecutor:
                 "prefetch_recall": self.pred_hits[m] / self.routed_count[m] if scored else None,
             })
         return out
+
+
+def _to_host(ids: torch.Tensor, weights: torch.Tensor, pred):
+    """(ids [T, K], weights [T, K], optional (ids, weights) prediction) -> the same on the CPU,
+    moved as one float32 block (expert ids are exact in float32)."""
+    parts = [ids.float(), weights.float()] + ([pred[0].float(), pred[1].float()] if pred is not None else [])
+    host = torch.cat(parts, dim=1).cpu()
+    K = ids.shape[1]
+    out_ids, out_w = host[:, :K].long(), host[:, K:2 * K]
+    out_pred = None
+    if pred is not None:
+        out_pred = (host[:, 2 * K:3 * K].long(), host[:, 3 * K:])
+    return out_ids, out_w, out_pred
