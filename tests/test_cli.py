@@ -11,8 +11,17 @@ import torch
 from pregated.cli import main
 
 
+def pregated_command():
+    """The installed console script (next to this Python's executables)."""
+    import sysconfig
+
+    path = os.path.join(sysconfig.get_path("scripts"), "pregated")
+    assert os.path.isfile(path), f"the pregated command is not installed at {path}"
+    return path
+
+
 def test_help_is_useful(capsys):
-    out = subprocess.run(["pregated", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([pregated_command(), "--help"], capture_output=True, text=True, check=True).stdout
     for cmd in ("demo", "generate", "info"):
         assert cmd in out
     for cmd, needles in (("generate", ["--model", "--prompt", "--chat", "--max-new-tokens", "--temperature",
@@ -60,7 +69,7 @@ def test_generate_chat(mixtral_folder, capsys):
 
 def test_demo_runs_offline(tmp_path):
     env = dict(os.environ, PREGATED_CACHE=str(tmp_path), HF_HUB_OFFLINE="1")
-    run = subprocess.run(["pregated", "demo", "--device", "cpu", "--max-new-tokens", "8"],
+    run = subprocess.run([pregated_command(), "demo", "--device", "cpu", "--max-new-tokens", "8"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "policy pregated" in run.stderr and "moved" in run.stderr and "6 of 32 experts fit" in run.stderr

@@ -202,6 +202,7 @@ def cmd_info(args) -> int:
     from .checkpoint import Checkpoint
     from .config import DTYPES, read_config
     from .models import expert_layout
+    from .models.loader import checkpoint_parameters
 
     cfg = read_config(args.model)
     if args.dtype:
@@ -211,12 +212,7 @@ def cmd_info(args) -> int:
         expert_layout(ckpt, layer)
     one = cfg.expert_bytes()
     n_experts = cfg.num_experts * cfg.num_moe_layers
-    total_params = 0
-    for name in ckpt.keys():
-        n = 1
-        for s in ckpt.shape(name):
-            n *= s
-        total_params += n
+    total_params = checkpoint_parameters(ckpt)
     elem = one // (3 * cfg.hidden_size * cfg.moe_intermediate_size)
     dense = total_params * elem - one * n_experts
     fb = _core.format_bytes

@@ -49,8 +49,9 @@ def main(argv=None) -> int:
     results, commands = [], []
     for k, (model, extra, timeout) in enumerate(suite):
         out = os.path.join(args.results, f"bench-{k}-{model}.json")
-        cmd = ["pregated", "bench", "--synthetic", model, *COMMON, *extra, *device, "--out", out]
-        commands.append(shlex.join(cmd))
+        args_ = ["bench", "--synthetic", model, *COMMON, *extra, *device, "--out", out]
+        cmd = [sys.executable, "-m", "pregated", *args_]
+        commands.append(shlex.join(["pregated", *args_]))
         print(f"\n$ {commands[-1]}", flush=True)
         try:
             code = subprocess.run(cmd, text=True, timeout=timeout).returncode

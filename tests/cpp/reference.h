@@ -97,6 +97,21 @@ inline std::vector<float> reference_forward(const toy_model& m, int32_t layer,
   return out;
 }
 
+// The runtime's arguments for one block over host vectors (CPU backend).
+inline pregated::moe_args block_args(int32_t layer, const std::vector<float>& x, std::vector<float>& out,
+                                     const std::vector<int32_t>& ids, const std::vector<float>& w,
+                                     int64_t T, int64_t K) {
+  pregated::moe_args a;
+  a.layer = layer;
+  a.tokens = T;
+  a.top_k = K;
+  a.x = x.data();
+  a.out = out.data();
+  a.ids = ids.data();
+  a.weights = w.data();
+  return a;
+}
+
 inline float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
   float d = 0;
   for (size_t i = 0; i < a.size(); ++i) d = std::fmax(d, std::fabs(a[i] - b[i]));

@@ -48,15 +48,7 @@ batch random_batch(std::mt19937& rng, int64_t T, int64_t K, int64_t H, int32_t e
 
 status run(runtime& rt, int32_t layer, const batch& b, int64_t T, int64_t K, std::vector<float>* out) {
   out->assign(b.x.size(), -1.0f);
-  moe_args a;
-  a.layer = layer;
-  a.tokens = T;
-  a.top_k = K;
-  a.x = b.x.data();
-  a.out = out->data();
-  a.ids = b.ids.data();
-  a.weights = b.w.data();
-  return rt.moe_forward(a);
+  return rt.moe_forward(pgref::block_args(layer, b.x, *out, b.ids, b.w, T, K));
 }
 
 }  // namespace

@@ -50,14 +50,7 @@ TEST(stress_random_operations_from_several_threads) {
               w.push_back(0.3f + 0.1f * static_cast<float>(k));
             }
           }
-          moe_args a;
-          a.layer = l;
-          a.tokens = T;
-          a.top_k = K;
-          a.x = x.data();
-          a.out = out.data();
-          a.ids = ids.data();
-          a.weights = w.data();
+          moe_args a = pgref::block_args(l, x, out, ids, w, T, K);
           int32_t next[2] = {expert(rng), expert(rng)};
           if (o < 15 && l < 2) {
             a.next_layer = l + 1;

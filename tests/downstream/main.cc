@@ -33,15 +33,7 @@ int main() {
     w.push_back(0.7f);
     w.push_back(0.3f);
   }
-  moe_args a;
-  a.layer = 1;
-  a.tokens = T;
-  a.top_k = K;
-  a.x = x.data();
-  a.out = out.data();
-  a.ids = ids.data();
-  a.weights = w.data();
-  st = rt->moe_forward(a);
+  st = rt->moe_forward(pgref::block_args(1, x, out, ids, w, T, K));
   if (!st) { std::fprintf(stderr, "moe_forward: %s\n", st.message().c_str()); return 1; }
   const float diff = pgref::max_abs_diff(out, pgref::reference_forward(m, 1, x, ids, w, T, K));
   std::string report;
