@@ -136,7 +136,7 @@ status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t
 }
 
 const char* blas_name() {
-  return "OpenBLAS (scipy-openblas32) sgemm; float16/bfloat16 widened to float32 per tile";
+  return "OpenBLAS (scipy-openblas32) sgemm; float16/bfloat16 widened to float32 (fused kernel for <= 8 rows, tiles + sgemm above)";
 }
 
 }  // namespace pregated::cpu
