@@ -73,6 +73,5 @@ tensor_info to_host(const tensor_info& t, const char* name, const char* dtype) {
   return inspect(host, name);
 }
 
-std::string torch_dtype_name(dtype dt) { return dtype_name(dt); }
 
 }  // namespace pregated::bindings

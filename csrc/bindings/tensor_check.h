@@ -41,6 +41,4 @@ void expect_contiguous(const tensor_info& t, const char* name);
 // Copy to a contiguous host tensor of the given torch dtype name ("int32", "float32").
 tensor_info to_host(const tensor_info& t, const char* name, const char* dtype);
 
-std::string torch_dtype_name(dtype dt);
-
 }  // namespace pregated::bindings

@@ -140,6 +140,9 @@ class Engine:
             self.eos_ids.add(eos_text)
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         self._closed = False
+        self._trace_step: int | None = None  # decode step whose timeline trace_decode_step records
+        self._last_trace: list[dict] = []
+        self._last_results: list[GenerationResult] = []
 
     def _load_pregate(self, pregate):
         if pregate is None or pregate == "speculative":
@@ -288,7 +291,7 @@ class Engine:
         (one prompt) a TextStream yielding text pieces, whose .result is set at the end."""
         self._check_open()
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, seed=seed, stop=list(stop or []) if not isinstance(stop, str) else [stop])
+                                top_k=top_k, seed=seed, stop=stop or [])
         prompts, single = self._prompts(prompt, params.max_new_tokens)
         if stream:
             if not single:
@@ -320,9 +323,6 @@ class Engine:
         finally:
             self._trace_step = None
         return self._last_trace
-
-    _trace_step = None
-    _last_trace: list = []
 
     def _run(self, prompts: list[list[int]], params: SamplingParams):
         """The generation loop; yields (row, text piece) as text becomes showable."""
