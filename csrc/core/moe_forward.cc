@@ -119,9 +119,8 @@ status runtime::impl::forward(const moe_args& a) {
           s.key.layer != a.layer) {
         continue;
       }
-      bool routed = false;
-      for (int32_t e : plan.experts) routed = routed || e == s.key.expert;
-      if (!routed) {
+      // plan.experts is sorted
+      if (!std::binary_search(plan.experts.begin(), plan.experts.end(), s.key.expert)) {
         ++ls->prefetch_dropped;
         cache.clear(i);
       }

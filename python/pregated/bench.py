@@ -138,10 +138,9 @@ def _prompts(cfg, batch: int, length: int, seed: int = 0) -> list[list[int]]:
 
 
 def _peak(engine) -> int:
-    dense = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     if engine.device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(engine.device) + engine.expert_memory
-    return dense + engine.expert_memory  # the CPU backend's "device" is host memory: an estimate
+    return engine.dense_bytes + engine.expert_memory  # the CPU backend's "device" is host memory: an estimate
 
 
 def run_engine(engine, prompts, new_tokens: int) -> dict:
@@ -192,7 +191,7 @@ def run_hf(folder: str, baseline: str, device: str, dtype, budget_bytes, prompts
     else:
         kw = {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw).eval()
-    ids = torch.tensor(prompts, device=model.device if baseline == "hf-gpu" or not device.startswith("cuda") else device)
+    ids = torch.tensor(prompts, device=device)  # accelerate moves offloaded weights, not inputs
 
     def timed(n):
         if device.startswith("cuda"):
@@ -307,10 +306,9 @@ def run_bench(args, log=print) -> dict:
                         source.save(saved, dtype=engine.dtype)
                 if policy == "hf-gpu" and not _fits_on_device(engine, total):
                     raise RuntimeError("the model does not fit on the device")
-                dense = sum(p.numel() * p.element_size() for p in engine.model.parameters())
                 n = args.baseline_tokens or args.new_tokens
                 base["new_tokens"] = n
-                base.update(run_hf(saved, policy, device, engine.dtype, dense + budget, prompts, n))
+                base.update(run_hf(saved, policy, device, engine.dtype, engine.dense_bytes + budget, prompts, n))
             else:
                 base["policy"] = policy
                 if policy == "gpu-only" and not _fits_on_device(engine, total):

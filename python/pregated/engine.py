@@ -126,6 +126,7 @@ class Engine:
             self.runtime.close()
             raise
         self.model.eval()
+        self.dense_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         try:
             self.pregate = self._load_pregate(pregate)
         except BaseException:
@@ -231,6 +232,7 @@ class Engine:
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
         masks = {}
         rows = active.reshape(-1).nonzero().squeeze(-1)
+        all_active = rows.numel() == B * L
         m = 0
         for i, layer in enumerate(layers):
             window = layer.sliding_window
@@ -241,8 +243,11 @@ class Engine:
             x = layer.post_attention_layernorm(h)
             if layer.is_moe:
                 flat_x, flat_h = x.reshape(B * L, -1), h.reshape(B * L, -1)
-                out = torch.zeros_like(flat_x)
-                out[rows] = self.moe(m, flat_x[rows], flat_h[rows])
+                if all_active:  # the usual decode step: no gather, no scatter
+                    out = self.moe(m, flat_x, flat_h)
+                else:
+                    out = torch.zeros_like(flat_x)
+                    out[rows] = self.moe(m, flat_x[rows], flat_h[rows])
                 h = h + out.view(B, L, -1)
                 m += 1
             else:
