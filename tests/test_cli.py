@@ -1,12 +1,10 @@
 """The pregated command line."""
 
 import os
-import resource
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from pregated.cli import main
 

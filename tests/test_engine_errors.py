@@ -5,7 +5,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from pregated.engine import Engine
 

@@ -9,7 +9,6 @@ from pregated.generation import SamplingParams, filter_logits, sample
 
 @pytest.fixture(scope="module")
 def engine(mixtral_folder):
-    one = None
     with Engine(mixtral_folder, device="cpu", progress=False, policy="gpu-only") as eng:
         yield eng
 

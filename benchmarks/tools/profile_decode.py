@@ -20,7 +20,7 @@ args = ap.parse_args()
 
 eng = Engine(SyntheticModel(args.model, layers=args.layers), progress=False)
 cfg = eng.cfg
-total = cfg.expert_bytes() * cfg.num_experts * cfg.num_moe_layers
+total = cfg.all_expert_bytes()
 prompt = torch.randint(3, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
 
 

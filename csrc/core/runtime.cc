@@ -72,17 +72,20 @@ status runtime::impl::make_slab(int64_t expert_memory, eviction_policy eviction)
                            format_bytes(static_cast<int64_t>(slot_bytes)) + ": " + st.message() +
                            "; lower expert_memory"};
   }
-  slab = static_cast<uint8_t*>(p);
-  PREGATED_RETURN_IF_ERROR(cache.init(static_cast<int32_t>(slots), cfg.num_layers, cfg.num_experts, eviction));
-  copy_done.clear();
-  last_use.clear();
-  for (int64_t i = 0; i < slots; ++i) {
-    std::unique_ptr<backend_event> a, b;
-    PREGATED_RETURN_IF_ERROR(be->create_event(false, &a));
-    PREGATED_RETURN_IF_ERROR(be->create_event(false, &b));
-    copy_done.push_back(std::move(a));
-    last_use.push_back(std::move(b));
+  // Events first: until the slab and the cache are replaced, nothing changes.
+  std::vector<std::unique_ptr<backend_event>> done(static_cast<size_t>(slots)), used(static_cast<size_t>(slots));
+  for (int64_t i = 0; i < slots && st.is_ok(); ++i) {
+    st = be->create_event(false, &done[static_cast<size_t>(i)]);
+    if (st.is_ok()) st = be->create_event(false, &used[static_cast<size_t>(i)]);
   }
+  if (st.is_ok()) st = cache.init(static_cast<int32_t>(slots), cfg.num_layers, cfg.num_experts, eviction);
+  if (!st) {
+    be->free_device(p);
+    return st;
+  }
+  slab = static_cast<uint8_t*>(p);
+  copy_done = std::move(done);
+  last_use = std::move(used);
   stats = runtime_stats{};
   stats.layers.assign(static_cast<size_t>(cfg.num_layers), layer_stats{});
   return {};
@@ -105,10 +108,23 @@ status runtime::resize(int64_t expert_memory, eviction_policy eviction) {
     m.tracing = false;
   }
   PREGATED_RETURN_IF_ERROR(m.be->synchronize(nullptr));
-  m.be->free_device(m.slab);
+  m.be->free_device(m.slab);  // before the new one: device memory may not hold both
   m.slab = nullptr;
   std::lock_guard<std::mutex> lk(m.mu);
-  return m.make_slab(expert_memory, eviction);
+  const int64_t old_memory = m.cfg.expert_memory;
+  const eviction_policy old_eviction = m.cfg.eviction;
+  status st = m.make_slab(expert_memory, eviction);
+  if (st.is_ok()) return st;
+  // No slot may point into the freed slab: take back the budget that was allocated a moment ago.
+  status back = m.make_slab(old_memory, old_eviction);
+  if (back.is_ok()) {
+    return {st.code(), st.message() + "; the previous budget of " + std::to_string(m.cache.num_slots()) +
+                           " slots was kept (the slots start empty)"};
+  }
+  for (int32_t i = 0; i < m.cache.num_slots(); ++i) m.cache.clear(i);
+  m.failure = {back.code(), "resize: no expert slab could be allocated, not even the previous one (" +
+                                back.message() + "); create a new runtime"};
+  return st;
 }
 
 status runtime::close() {

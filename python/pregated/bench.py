@@ -250,7 +250,7 @@ def run_bench(args, log=print) -> dict:
     from tqdm.auto import tqdm
 
     from .engine import Engine, _resolve_device
-    from .moe import POLICIES
+    from .moe import POLICIES, min_expert_memory
     from .synthetic import SyntheticModel
 
     device = _resolve_device(args.device)
@@ -274,11 +274,10 @@ def run_bench(args, log=print) -> dict:
     if args.dtype:
         cfg0.dtype = DTYPES[args.dtype]
     engine = Engine(source, device=device, dtype=args.dtype, policy="on-demand",
-                    expert_memory=cfg0.top_k * cfg0.expert_bytes(), eviction=args.eviction,
+                    expert_memory=min_expert_memory("on-demand", cfg0), eviction=args.eviction,
                     progress=sys.stderr.isatty())
     cfg = engine.cfg
-    one = cfg.expert_bytes()
-    total = one * cfg.num_experts * cfg.num_moe_layers
+    one, total = cfg.expert_bytes(), cfg.all_expert_bytes()
     log(f"model: {name}, {cfg.num_layers} layers, {cfg.num_experts} experts x {_core.format_bytes(one)} = "
         f"{_core.format_bytes(total)} of experts (ready in {time.perf_counter() - t0:.1f} s)")
     prompts = _prompts(cfg, args.batch, args.prompt_len)
@@ -314,7 +313,7 @@ def run_bench(args, log=print) -> dict:
                 if policy == "gpu-only" and not _fits_on_device(engine, total):
                     raise RuntimeError("the experts do not fit on the device")
                 ev = "lru" if policy == "gpu-only" and args.eviction == "none" else args.eviction
-                minimum = (cfg.top_k if policy == "on-demand" else 2 * cfg.top_k) * one
+                minimum = min_expert_memory(policy, cfg)
                 if policy != "gpu-only" and budget < minimum:
                     base["expert_memory_requested"] = budget
                     budget = base["expert_memory_bytes"] = minimum

@@ -12,6 +12,7 @@ import os
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 class CheckpointError(ValueError):
@@ -107,3 +108,33 @@ class Checkpoint:
             return sl[index]
         except Exception as e:
             raise CheckpointError(f"cannot read '{name}'[{index}] from {path} ({e}); the file may be corrupt") from e
+
+
+class ShardWriter:
+    """Writes a sharded safetensors checkpoint one shard at a time (only one shard's tensors in
+    memory): model-0000k-of-0000N.safetensors plus model.safetensors.index.json."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.shards: list[str] = []
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        fname = f"model-{len(self.shards) + 1:05d}.safetensors"  # renamed once N is known
+        save_file({n: t.contiguous() for n, t in tensors.items()}, os.path.join(self.folder, fname),
+                  metadata={"format": "pt"})
+        self.shards.append(fname)
+        for n, t in tensors.items():
+            self.weight_map[n] = fname
+            self.total += t.numel() * t.element_size()
+
+    def finish(self) -> None:
+        final = {}
+        for k, fname in enumerate(self.shards):
+            final[fname] = f"model-{k + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            os.replace(os.path.join(self.folder, fname), os.path.join(self.folder, final[fname]))
+        index = {"metadata": {"total_size": self.total},
+                 "weight_map": {n: final[f] for n, f in self.weight_map.items()}}
+        with open(os.path.join(self.folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=1)

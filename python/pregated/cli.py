@@ -187,11 +187,11 @@ def cmd_demo(args) -> int:
     print(f"demo model: {folder} (ready in {time.perf_counter() - t:.1f} s)", file=sys.stderr)
     print(f"  Mixtral-style, random weights: {cfg.num_layers} layers x {cfg.num_experts} experts "
           f"(top-{cfg.top_k}), {_core.format_bytes(one)} per expert, "
-          f"{_core.format_bytes(one * cfg.num_experts * cfg.num_moe_layers)} of experts in host memory", file=sys.stderr)
+          f"{_core.format_bytes(cfg.all_expert_bytes())} of experts in host memory", file=sys.stderr)
     with _open_engine(args, folder) as engine:
         print(f"  device {engine.device}, {engine.dtype}, policy {engine.policy}, expert memory "
               f"{_core.format_bytes(engine.expert_memory)} ({engine.expert_memory // one} of "
-              f"{cfg.num_experts * cfg.num_moe_layers} experts fit)\n", file=sys.stderr)
+              f"{cfg.num_routed_experts} experts fit)\n", file=sys.stderr)
         print(args.prompt, end="", flush=True)
         result, seconds = _stream(engine, args.prompt, args)
         _report(engine, result, seconds, args)
@@ -203,6 +203,7 @@ def cmd_info(args) -> int:
     from .config import DTYPES, read_config
     from .models import expert_layout
     from .models.loader import checkpoint_parameters
+    from .moe import min_expert_memory
 
     cfg = read_config(args.model)
     if args.dtype:
@@ -211,10 +212,8 @@ def cmd_info(args) -> int:
     for layer in cfg.moe_layers:
         expert_layout(ckpt, layer)
     one = cfg.expert_bytes()
-    n_experts = cfg.num_experts * cfg.num_moe_layers
-    total_params = checkpoint_parameters(ckpt)
-    elem = one // (3 * cfg.hidden_size * cfg.moe_intermediate_size)
-    dense = total_params * elem - one * n_experts
+    n_experts = cfg.num_routed_experts
+    dense = checkpoint_parameters(ckpt) * cfg.dtype.itemsize - cfg.all_expert_bytes()
     fb = _core.format_bytes
     print(f"model        {args.model} ({cfg.model_type}, {cfg.dtype})")
     print(f"layers       {cfg.num_layers} decoder layers, {cfg.num_moe_layers} with MoE")
@@ -222,9 +221,10 @@ def cmd_info(args) -> int:
     print(f"experts      {cfg.num_experts} per MoE layer, {cfg.top_k} per token, hidden {cfg.hidden_size}, "
           f"intermediate {cfg.moe_intermediate_size}"
           + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.shared_expert_intermediate_size else ""))
-    print(f"bytes        {fb(one)} per expert, {fb(one * n_experts)} all experts, {fb(dense)} dense (on the device)")
-    print(f"minimum      on-demand {fb(cfg.top_k * one)}, pregated / prefetch-all {fb(2 * cfg.top_k * one)}, "
-          f"gpu-only {fb(one * n_experts)} of expert memory")
+    print(f"bytes        {fb(one)} per expert, {fb(cfg.all_expert_bytes())} all experts, {fb(dense)} dense (on the device)")
+    minimum = {p: fb(min_expert_memory(p, cfg)) for p in ("on-demand", "pregated", "gpu-only")}
+    print(f"minimum      on-demand {minimum['on-demand']}, pregated / prefetch-all {minimum['pregated']}, "
+          f"gpu-only {minimum['gpu-only']} of expert memory")
     if args.expert_memory:
         budget = _core.parse_bytes(args.expert_memory)
         fit = min(budget // one, n_experts)

@@ -21,6 +21,15 @@ DTYPES = {
 }
 
 
+def dtype_from_name(name) -> torch.dtype | None:
+    """'bfloat16', 'torch.bfloat16', 'bf16', ... -> the torch dtype; None when not supported."""
+    return DTYPES.get(str(name).replace("torch.", ""))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 class ConfigError(ValueError):
     """config.json is missing, unreadable, or describes something we cannot run."""
 
@@ -80,8 +89,16 @@ class ModelConfig:
     def num_moe_layers(self) -> int:
         return len(self.moe_layers)
 
+    @property
+    def num_routed_experts(self) -> int:
+        """Routed experts of the whole model (every MoE block's)."""
+        return self.num_experts * self.num_moe_layers
+
     def expert_bytes(self) -> int:
-        return 3 * self.hidden_size * self.moe_intermediate_size * torch.empty((), dtype=self.dtype).element_size()
+        return 3 * self.hidden_size * self.moe_intermediate_size * self.dtype.itemsize
+
+    def all_expert_bytes(self) -> int:
+        return self.expert_bytes() * self.num_routed_experts
 
 
 def _get(raw: dict, *names, default=None, required=True):
@@ -106,9 +123,10 @@ def _rope_theta(raw: dict) -> float:
 
 def _dtype(raw: dict) -> torch.dtype:
     name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    if str(name).replace("torch.", "") not in DTYPES:
+    dtype = dtype_from_name(name)
+    if dtype is None:
         raise ConfigError(f"config.json: dtype '{name}' is not supported (float32, float16, bfloat16)")
-    return DTYPES[str(name).replace("torch.", "")]
+    return dtype
 
 
 def _eos(value) -> list[int]:

@@ -12,7 +12,8 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
+
+from .checkpoint import ShardWriter
 
 DEMO_VERSION = 2
 
@@ -128,16 +129,11 @@ def build_demo(folder: str | None = None, seed: int = 0, force: bool = False) ->
     shards: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in _weights(cfg, seed):
         key = name.split(".")[2] if name.startswith("model.layers.") else "other"
-        shards.setdefault(key, {})[name] = t.contiguous()
-    weight_map, total = {}, 0
-    for n, (key, tensors) in enumerate(sorted(shards.items())):
-        fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
-        for name, t in tensors.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        shards.setdefault(key, {})[name] = t
+    writer = ShardWriter(tmp)
+    for _, tensors in sorted(shards.items()):
+        writer.add(tensors)
+    writer.finish()
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder

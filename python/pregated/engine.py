@@ -11,12 +11,12 @@ import time
 import torch
 
 from . import _core
-from .config import DTYPES, ModelConfig
+from .config import DTYPES, ModelConfig, dtype_from_name, dtype_name
 from .generation import GenerationResult, SamplingParams, TextStream, TextTracker, sample
 from .models import CausalLM
 from .models.layers import rope_cos_sin
 from .models.loader import CheckpointSource, progress_bar
-from .moe import ROUTING_MODES, MoEExecutor, resolve_policy
+from .moe import MoEExecutor, check_eviction, check_routing, resolve_policy
 from .pregate import SpeculativePregate, load_pregate
 from .synthetic import SyntheticModel
 
@@ -47,8 +47,8 @@ def _resolve_dtype(dtype, cfg: ModelConfig) -> torch.dtype:
         return cfg.dtype
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
-        return DTYPES[dtype.replace("torch.", "")]
+    if isinstance(dtype, str) and (named := dtype_from_name(dtype)) is not None:
+        return named
     raise ValueError(f"dtype {dtype!r} is not supported: use float32, float16 or bfloat16")
 
 
@@ -107,31 +107,24 @@ class Engine:
         self.dtype = _resolve_dtype(dtype, cfg)
         cfg.dtype = self.dtype  # expert sizes follow the dtype we run in
         self.policy, self.expert_memory = resolve_policy(policy, expert_memory, cfg)
-        if eviction == "none" and self.policy == "gpu-only":
-            raise ValueError("eviction 'none' drops experts after each block, which contradicts policy "
-                             "'gpu-only'; use lru or lfu, or an offloading policy")
-        if routing not in ROUTING_MODES:
-            raise ValueError(f"unknown routing mode '{routing}': choose exact or pregate")
+        check_eviction(self.policy, eviction)
+        check_routing(routing)
         self.eviction = eviction
         self.runtime = _core.Runtime(
             cfg.num_moe_layers, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
-            ffn="gated_silu", dtype=str(self.dtype).replace("torch.", ""), device=self.device,
+            ffn="gated_silu", dtype=dtype_name(self.dtype), device=self.device,
             expert_memory=self.expert_memory, eviction=eviction)
         try:
             with torch.device("meta"):
                 self.model = CausalLM(cfg)
             with progress_bar(source.parameters(), progress) as bar:
                 source.load(self.model, self.runtime, self.device, self.dtype, bar)
-        except BaseException:
-            self.runtime.close()
-            raise
-        self.model.eval()
-        self.dense_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        try:
+            self.model.eval()
             self.pregate = self._load_pregate(pregate)
         except BaseException:
             self.runtime.close()
             raise
+        self.dense_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.moe = MoEExecutor(self.runtime, self.model, cfg, self.policy, self.pregate, routing)
         self._make_resident()
         self._counters = {"tokens": 0, "decode_seconds": 0.0, "prefill_tokens": 0, "prefill_seconds": 0.0}
@@ -179,8 +172,7 @@ class Engine:
         self._check_open()
         eviction = eviction or self.eviction
         policy, budget = resolve_policy(policy, expert_memory, self.cfg)
-        if eviction == "none" and policy == "gpu-only":
-            raise ValueError("eviction 'none' contradicts policy 'gpu-only'")
+        check_eviction(policy, eviction)
         self.runtime.resize(budget, eviction)
         self.policy, self.expert_memory, self.eviction = policy, budget, eviction
         self.moe.policy = policy
@@ -225,14 +217,15 @@ class Engine:
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
                  active: torch.Tensor) -> torch.Tensor:
-        """tokens, positions: [B, L]; active: [B, L] rows that go through the experts -> [B, L, H]."""
+        """tokens, positions: [B, L]; active: [B, L] bool on the host, rows that go through the
+        experts (known on the host, so choosing them costs no device synchronisation) -> [B, L, H]."""
         cfg, layers = self.cfg, self.model.model.layers
         B, L = tokens.shape
         h = self.model.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
         masks = {}
-        rows = active.reshape(-1).nonzero().squeeze(-1)
-        all_active = rows.numel() == B * L
+        all_active = bool(active.all())
+        rows = None if all_active else active.reshape(-1).nonzero().squeeze(-1).to(h.device)
         m = 0
         for i, layer in enumerate(layers):
             window = layer.sliding_window
@@ -260,11 +253,12 @@ class Engine:
         B, L = len(prompts), max(len(p) for p in prompts)
         cache = KVCache(self.cfg, B, L + extra, self.device, self.dtype)
         tokens = torch.full((B, L), self.pad_id, dtype=torch.long)
+        valid = torch.zeros(B, L, dtype=torch.bool)
         for b, p in enumerate(prompts):
             tokens[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
-            cache.valid[b, L - len(p):L] = True
-        valid = cache.valid[:, :L]
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            valid[b, L - len(p):] = True
+        cache.valid[:, :L] = valid.to(self.device)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0).to(self.device)
         hidden = self._forward(tokens.to(self.device), positions, cache, 0, valid)
         return cache, positions[:, -1], hidden[:, -1]
 
@@ -282,7 +276,7 @@ class Engine:
         cache.valid[0, :len(prompt)] = True
         tokens = torch.tensor([prompt], dtype=torch.long, device=self.device)
         positions = torch.arange(len(prompt), device=self.device)[None]
-        hidden = self._forward(tokens, positions, cache, 0, cache.valid[:, :len(prompt)])
+        hidden = self._forward(tokens, positions, cache, 0, torch.ones(1, len(prompt), dtype=torch.bool))
         return self._logits(hidden[0])
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -359,7 +353,7 @@ class Engine:
                         finish[b] = "stop"
                 if all(f is not None for f in finish) or step == params.max_new_tokens - 1:
                     break
-                active = torch.tensor([f is None for f in finish], device=self.device)[:, None]
+                active = torch.tensor([f is None for f in finish])[:, None]
                 cache.valid[:, start + step] = True
                 last_pos = last_pos + 1
                 tracing = self._trace_step is not None and step + 1 == self._trace_step
@@ -436,11 +430,7 @@ class Engine:
         layers = []
         for m, (rt_layer, p) in enumerate(zip(s["layers"], pred)):
             layers.append({"layer": self.cfg.moe_layers[m], **rt_layer, **p})
-        hits = sum(self.moe.pred_hits)
-        count = sum(self.moe.pred_count)
-        routed = sum(self.moe.routed_count)
-        out["prefetch_precision"] = hits / count if count else None
-        out["prefetch_recall"] = hits / routed if count else None
+        out.update(self.moe.prediction_totals())
         out["policy"] = self.policy
         out["routing"] = self.moe.routing
         out["pregate"] = self.pregate.kind

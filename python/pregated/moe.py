@@ -35,10 +35,23 @@ def route_logits(logits: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]
     return ids, weights.float()
 
 
+def min_expert_slots(policy: str, cfg) -> int:
+    """Experts that must fit at once: one token's experts for one block; the prefetching
+    policies also hold the next block's."""
+    return cfg.top_k if policy == "on-demand" else 2 * cfg.top_k
+
+
+def min_expert_memory(policy: str, cfg) -> int:
+    """The smallest expert budget (bytes) a policy runs with; all experts for gpu-only."""
+    total = cfg.all_expert_bytes()
+    if policy == "gpu-only":
+        return total
+    return min(total, min_expert_slots(policy, cfg) * cfg.expert_bytes())
+
+
 def resolve_policy(policy: str | None, expert_memory, cfg) -> tuple[str, int]:
     """Checks the policy and the budget; returns (policy, expert memory in bytes)."""
-    one = cfg.expert_bytes()
-    total = one * cfg.num_experts * cfg.num_moe_layers
+    total = cfg.all_expert_bytes()
     if expert_memory is None:
         budget = total
     elif isinstance(expert_memory, str):
@@ -51,25 +64,35 @@ def resolve_policy(policy: str | None, expert_memory, cfg) -> tuple[str, int]:
         policy = "gpu-only" if budget >= total else "pregated"
     if policy not in POLICIES:
         raise ValueError(f"unknown policy '{policy}': choose one of {', '.join(POLICIES)}")
+    minimum = min_expert_memory(policy, cfg)
     if policy == "gpu-only":
         if budget < total:
             raise ValueError(
-                f"policy 'gpu-only' keeps all {cfg.num_experts * cfg.num_moe_layers} experts on the "
+                f"policy 'gpu-only' keeps all {cfg.num_routed_experts} experts on the "
                 f"device: it needs expert_memory >= {total} bytes ({_core.format_bytes(total)}), got "
                 f"{budget} bytes; lower the policy to 'pregated' or 'on-demand'")
         return policy, total
-    # One token's experts for one block; the prefetching policies also hold the next block's.
-    slots = cfg.top_k if policy == "on-demand" else 2 * cfg.top_k
-    minimum = min(total, slots * one)
     if budget < minimum:
         raise ValueError(
             f"expert_memory of {budget} bytes ({_core.format_bytes(budget)}) is below the minimum "
             f"for policy '{policy}': {minimum} bytes ({_core.format_bytes(minimum)}), room for "
-            f"{slots} experts of {one} bytes (experts per token = {cfg.top_k})")
+            f"{min_expert_slots(policy, cfg)} experts of {cfg.expert_bytes()} bytes "
+            f"(experts per token = {cfg.top_k})")
     return policy, min(budget, total)
 
 
+def check_eviction(policy: str, eviction: str) -> None:
+    if eviction == "none" and policy == "gpu-only":
+        raise ValueError("eviction 'none' drops experts after each block, which contradicts policy "
+                         "'gpu-only'; use lru or lfu, or an offloading policy")
+
+
 ROUTING_MODES = ("exact", "pregate")
+
+
+def check_routing(routing: str) -> None:
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"unknown routing mode '{routing}': choose exact or pregate")
 
 
 class MoEExecutor:
@@ -91,8 +114,7 @@ class MoEExecutor:
         self.reset()
 
     def set_routing(self, routing: str) -> None:
-        if routing not in ROUTING_MODES:
-            raise ValueError(f"unknown routing mode '{routing}': choose exact or pregate")
+        check_routing(routing)
         self.routing = routing
 
     def reset(self) -> None:
@@ -141,14 +163,19 @@ class MoEExecutor:
             self.predicted[m] = None
 
     def prediction_stats(self) -> list[dict]:
-        out = []
-        for m in range(self.cfg.num_moe_layers):
-            scored = self.pred_count[m] > 0
-            out.append({
-                "prefetch_precision": self.pred_hits[m] / self.pred_count[m] if scored else None,
-                "prefetch_recall": self.pred_hits[m] / self.routed_count[m] if scored else None,
-            })
-        return out
+        """Per block: precision and recall of the pre-gate's predictions."""
+        return [_precision_recall(self.pred_hits[m], self.pred_count[m], self.routed_count[m])
+                for m in range(self.cfg.num_moe_layers)]
+
+    def prediction_totals(self) -> dict:
+        """Precision and recall over every block."""
+        return _precision_recall(sum(self.pred_hits), sum(self.pred_count), sum(self.routed_count))
+
+
+def _precision_recall(hits: int, predicted: int, routed: int) -> dict:
+    scored = predicted > 0  # None where no prediction was made
+    return {"prefetch_precision": hits / predicted if scored else None,
+            "prefetch_recall": hits / routed if scored else None}
 
 
 def _to_host(ids: torch.Tensor, weights: torch.Tensor, pred):

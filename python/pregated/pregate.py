@@ -133,9 +133,14 @@ class Recorder:
         b.probs.append(torch.softmax(router_logits.float(), -1).cpu())
         b.ids.append(ids.cpu())
 
-    def tensors(self, m: int):
-        b = self.blocks[m]
-        return torch.cat(b.h), torch.cat(b.probs), torch.cat(b.ids)
+    def h(self, m: int) -> torch.Tensor:
+        return torch.cat(self.blocks[m].h)
+
+    def probs(self, m: int) -> torch.Tensor:
+        return torch.cat(self.blocks[m].probs)
+
+    def ids(self, m: int) -> torch.Tensor:
+        return torch.cat(self.blocks[m].ids)
 
 
 def overlap(pred_ids: torch.Tensor, true_ids: torch.Tensor) -> tuple[float, float]:
@@ -150,7 +155,7 @@ def fit_block(h, probs_next, norm_w, weight, eps, steps: int, lr: float, seed: i
     training tokens picks between the fitted and the starting parameters."""
     n = h.shape[0]
     n_val = max(1, n // 10)
-    train, val = slice(0, n - n_val), slice(n - n_val, n)
+    val = slice(n - n_val, n)  # training draws from [0, n - n_val)
     params = [norm_w.detach().float().clone().requires_grad_(True),
               weight.detach().float().clone().requires_grad_(True),
               torch.zeros(weight.shape[0], requires_grad=True)]
@@ -164,9 +169,7 @@ def fit_block(h, probs_next, norm_w, weight, eps, steps: int, lr: float, seed: i
         return -(probs_next[sl] * logq).sum(-1).mean()
 
     for _ in range(steps):
-        idx = torch.randint(0, n - n_val, (batch,), generator=g)
-        logq = torch.log_softmax(predictor_logits(h[idx], *params, eps), -1)
-        loss = -(probs_next[idx] * logq).sum(-1).mean()
+        loss = loss_on(torch.randint(0, n - n_val, (batch,), generator=g), params)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -215,15 +218,13 @@ def calibrate(model: str, text: str, out: str, *, device=None, dtype=None, exper
         spec = SpeculativePregate(eng.model, cfg)
         tensors, blocks = {}, []
         for m in range(cfg.num_moe_layers - 1):
-            h, _, _ = recorders["train"].tensors(m)
-            _, probs_next, _ = recorders["train"].tensors(m + 1)
+            h, probs_next = recorders["train"].h(m), recorders["train"].probs(m + 1)
             norm_w = spec.norms[m + 1].weight
             weight = spec.routers[m + 1].weight
             fitted = fit_block(h, probs_next, norm_w, weight, cfg.rms_norm_eps, steps, lr, seed=m)
             for name, t in zip(("norm", "weight", "bias"), fitted):
                 tensors[f"block.{m}.{name}"] = t.contiguous()
-            hv, _, _ = recorders["held_out"].tensors(m)
-            _, _, true_next = recorders["held_out"].tensors(m + 1)
+            hv, true_next = recorders["held_out"].h(m), recorders["held_out"].ids(m + 1)
             with torch.no_grad():
                 spec_ids, _ = route_logits(predictor_logits(hv, norm_w.detach().float().cpu(),
                                                             weight.detach().float().cpu(), None, cfg.rms_norm_eps), cfg)

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .config import config_from_dict
+from .config import config_from_dict, dtype_name
 
 _COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "max_position_embeddings": 32768,
            "bos_token_id": 1, "eos_token_id": 2}
@@ -125,14 +125,15 @@ class SyntheticModel:
             model = CausalLM(self.config)
         dense = sum(p.numel() for p in model.parameters())
         cfg = self.config
-        return dense + cfg.num_moe_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        return dense + cfg.num_routed_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
 
     # --- as files -------------------------------------------------------------------------
 
     def save(self, folder: str, dtype=torch.bfloat16, progress: bool = False) -> str:
         """Writes the model as a Hugging Face checkpoint (sharded, per-expert tensor names)."""
-        from safetensors.torch import save_file
         from tqdm.auto import tqdm
+
+        from .checkpoint import ShardWriter
 
         from .demo import _train_tokenizer
         from .models import CausalLM
@@ -145,41 +146,25 @@ class SyntheticModel:
         block = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
         names = ("w1", "w3", "w2") if cfg.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         pool = self.expert_pool(dtype)
-        weight_map, total, shards = {}, 0, []
-
-        def flush(tensors):
-            nonlocal total
-            fname = f"model-{len(shards) + 1:05d}.safetensors"
-            save_file(tensors, os.path.join(folder, fname), metadata={"format": "pt"})
-            shards.append(fname)
-            for n, t in tensors.items():
-                weight_map[n] = fname
-                total += t.numel() * t.element_size()
+        writer = ShardWriter(folder)
 
         def moe_name(n):  # router / shared expert under the checkpoint's MoE prefix
             parts = n.split(".")
             return ".".join(parts[:3] + [block] + parts[4:]) if parts[3] == "mlp" and int(parts[2]) in cfg.moe_layers else n
 
-        flush({n: t.contiguous() for n, t in dense.items() if not n.startswith("model.layers.")})
+        writer.add({n: t for n, t in dense.items() if not n.startswith("model.layers.")})
         for i in tqdm(range(cfg.num_layers), desc="saving", disable=not progress):
-            tensors = {moe_name(n): t.contiguous() for n, t in dense.items() if n.startswith(f"model.layers.{i}.")}
+            tensors = {moe_name(n): t for n, t in dense.items() if n.startswith(f"model.layers.{i}.")}
             if i in cfg.moe_layers:
                 m = cfg.moe_layers.index(i)
                 for e in range(cfg.num_experts):
                     parts = pool[(m * 7 + e) % len(pool)]
                     for ours, theirs in zip(("gate", "up", "down"), names):
                         tensors[f"model.layers.{i}.{block}.experts.{e}.{theirs}.weight"] = parts[ours].clone()
-            flush(tensors)
-        # Shard names follow the usual "-of-N" pattern once N is known.
-        final = {}
-        for k, fname in enumerate(shards):
-            new = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            os.replace(os.path.join(folder, fname), os.path.join(folder, new))
-            final[fname] = new
-        with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": {n: final[f] for n, f in weight_map.items()}}, f)
+            writer.add(tensors)
+        writer.finish()
         raw = dict(self.raw)
-        raw["dtype"] = str(dtype).replace("torch.", "")
+        raw["dtype"] = dtype_name(dtype)
         raw["architectures"] = [{"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                                  "olmoe": "OlmoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[cfg.model_type]]
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:

@@ -1,5 +1,6 @@
 // The runtime on the CPU backend against the plain-loop reference, and its error paths.
 #include <algorithm>
+#include <memory>
 #include <random>
 
 #include "harness.h"
@@ -150,4 +151,101 @@ TEST(prefetch_then_forward_uses_the_prefetched_experts) {
   CHECK(s2.layers[0].prefetch_used == 0);
   CHECK(s2.layers[0].prefetch_issued + s2.layers[0].prefetch_dropped == 1);
   CHECK_OK(rt->check(nullptr));
+}
+
+namespace {
+
+// The CPU backend, except that slabs larger than `limit` bytes are refused (an exhausted device).
+class slab_limit_backend final : public backend {
+ public:
+  explicit slab_limit_backend(std::shared_ptr<size_t> limit) : inner_(make_cpu_backend()), limit_(limit) {}
+  const char* name() const override { return "cpu-with-slab-limit"; }
+  backend_caps caps() const override { return inner_->caps(); }
+  status alloc_device(size_t bytes, void** ptr) override {
+    if (bytes > *limit_) return {status_code::status_code_out_of_memory, "test: device memory exhausted"};
+    return inner_->alloc_device(bytes, ptr);
+  }
+  void free_device(void* p) override { inner_->free_device(p); }
+  status alloc_host(size_t b, void** p) override { return inner_->alloc_host(b, p); }
+  void free_host(void* p) override { inner_->free_host(p); }
+  status alloc_workspace(size_t b, void* s, void** p) override { return inner_->alloc_workspace(b, s, p); }
+  void free_workspace(void* p, void* s) override { inner_->free_workspace(p, s); }
+  status create_event(bool t, std::unique_ptr<backend_event>* out) override { return inner_->create_event(t, out); }
+  status copy_wait(backend_event* ev) override { return inner_->copy_wait(ev); }
+  status copy_to_device(void* d, const void* s, size_t b, backend_event* done) override {
+    return inner_->copy_to_device(d, s, b, done);
+  }
+  status record_copy(backend_event* ev) override { return inner_->record_copy(ev); }
+  status wait_host(backend_event* ev) override { return inner_->wait_host(ev); }
+  status record(backend_event* ev, void* s) override { return inner_->record(ev, s); }
+  status stream_wait(backend_event* ev, void* s) override { return inner_->stream_wait(ev, s); }
+  status elapsed_seconds(backend_event* a, backend_event* b, double* out) override {
+    return inner_->elapsed_seconds(a, b, out);
+  }
+  bool query(backend_event* ev) override { return inner_->query(ev); }
+  status upload(void* d, const void* s, size_t b, void* st) override { return inner_->upload(d, s, b, st); }
+  status download_sync(void* d, const void* s, size_t b) override { return inner_->download_sync(d, s, b); }
+  status synchronize(void* s) override { return inner_->synchronize(s); }
+  status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b,
+                 int64_t ldb, void* c, int64_t ldc, void* s) override {
+    return inner_->gemm_nt(dt, m, n, k, a, lda, b, ldb, c, ldc, s);
+  }
+  status gather_rows(dtype dt, void* d, const void* s, const int32_t* rows, int64_t n, int64_t w,
+                     void* st) override {
+    return inner_->gather_rows(dt, d, s, rows, n, w, st);
+  }
+  status activate(ffn_kind kind, dtype dt, void* data, int64_t rows, int64_t w, int64_t ld, void* s) override {
+    return inner_->activate(kind, dt, data, rows, w, ld, s);
+  }
+  status combine(dtype dt, void* out, const void* y, const int32_t* row_of, const float* w, int64_t t,
+                 int64_t k, int64_t width, void* s) override {
+    return inner_->combine(dt, out, y, row_of, w, t, k, width, s);
+  }
+
+ private:
+  std::unique_ptr<backend> inner_;
+  std::shared_ptr<size_t> limit_;
+};
+
+}  // namespace
+
+TEST(resize_that_cannot_allocate_keeps_a_usable_runtime) {
+  const pgref::toy_model m = pgref::make_model(2, 6, 16, 12, ffn_kind::ffn_kind_gated_silu, 9);
+  const size_t one = m.spec.bytes();
+  auto limit = std::make_shared<size_t>(3 * one);
+  runtime_config cfg;
+  cfg.num_layers = m.layers;
+  cfg.num_experts = m.experts;
+  cfg.spec = m.spec;
+  cfg.expert_memory = static_cast<int64_t>(2 * one);
+  std::unique_ptr<runtime> rt;
+  CHECK_OK(runtime::create(std::make_unique<slab_limit_backend>(limit), cfg, &rt));
+  if (!rt) return;
+  CHECK_OK(pgref::fill_store(*rt, m));
+  std::mt19937 rng(3);
+  std::vector<float> out;
+  batch b = random_batch(rng, 4, 2, 16, 6);
+  CHECK_OK(run(*rt, 0, b, 4, 2, &out));
+
+  // Too large for the device: the old budget comes back, empty, and the runtime still computes.
+  CHECK_ERR(rt->resize(static_cast<int64_t>(5 * one), eviction_policy::eviction_policy_lru),
+            "the previous budget of 2 slots was kept");
+  CHECK(rt->num_slots() == 2);
+  for (int32_t layer = 0; layer < 2; ++layer) {
+    b = random_batch(rng, 4, 2, 16, 6);
+    CHECK_OK(run(*rt, layer, b, 4, 2, &out));
+    CHECK(pgref::max_abs_diff(out, pgref::reference_forward(m, layer, b.x, b.ids, b.w, 4, 2)) < 1e-4f);
+  }
+  CHECK_OK(rt->check(nullptr));
+  CHECK_OK(rt->resize(static_cast<int64_t>(3 * one), eviction_policy::eviction_policy_lfu));
+  CHECK(rt->num_slots() == 3);
+
+  // Not even the old budget fits any more: every later call says so, none touches a slot.
+  *limit = 0;
+  CHECK_ERR(rt->resize(static_cast<int64_t>(2 * one), eviction_policy::eviction_policy_lru),
+            "device memory exhausted");
+  CHECK_ERR(run(*rt, 0, b, 4, 2, &out), "create a new runtime");
+  CHECK_ERR(rt->pin({0, 1}), "create a new runtime");
+  CHECK_ERR(rt->check(nullptr), "create a new runtime");
+  CHECK_OK(rt->close());
 }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import Checkpoint, CheckpointError
