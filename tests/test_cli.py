@@ -48,7 +48,7 @@ def test_generate_streams_and_reports(mixtral_folder, capsys):
     assert rc == 2  # below the minimum: a clear error, not a crash
     assert "below the minimum for policy 'pregated'" in capsys.readouterr().err
     from pregated.engine import Engine
-    with Engine(mixtral_folder, device="cpu", progress=False) as eng:
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
         budget = 5 * eng.cfg.expert_bytes()
         expected = eng.generate("Experts live in", max_new_tokens=6).text
     rc = main(["generate", "--model", mixtral_folder, "--prompt", "Experts live in", "--max-new-tokens", "6",
@@ -87,7 +87,7 @@ import resource, torch, pregated
 from pregated.engine import Engine
 torch.ones(1)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-eng = Engine({folder!r}, device="cpu", policy="pregated", expert_memory=4 * 3 * 256 * 1024 * 4, progress=False)
+eng = Engine({folder!r}, device="cpu", policy="pregated", expert_memory=4 * 3 * 256 * 1024 * 4, quiet=True)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print((after - before) * 1024)
 """

@@ -30,10 +30,10 @@ def test_missing_folder_and_files(mixtral_folder, tmp_path):
     d = copy_of(mixtral_folder, tmp_path)
     os.remove(os.path.join(d, "tokenizer.json"))
     with pytest.raises(ValueError, match=r"tokenizer.json does not exist"):
-        Engine(d, device="cpu", progress=False)
+        Engine(d, device="cpu", quiet=True)
     os.remove(os.path.join(d, "config.json"))
     with pytest.raises(ValueError, match=r"config.json does not exist"):
-        Engine(d, device="cpu", progress=False)
+        Engine(d, device="cpu", quiet=True)
 
 
 def test_missing_shard(mixtral_folder, tmp_path):
@@ -41,7 +41,7 @@ def test_missing_shard(mixtral_folder, tmp_path):
     shard = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))[1]
     os.remove(os.path.join(d, shard))
     with pytest.raises(ValueError, match=rf"{shard} is listed in .*index.json but does not exist"):
-        Engine(d, device="cpu", progress=False)
+        Engine(d, device="cpu", quiet=True)
 
 
 def test_truncated_and_corrupt_safetensors(mixtral_folder, tmp_path):
@@ -51,30 +51,30 @@ def test_truncated_and_corrupt_safetensors(mixtral_folder, tmp_path):
     with open(shard, "r+b") as f:
         f.truncate(size - 100)
     with pytest.raises(ValueError, match="not a valid safetensors file .*truncated or corrupt"):
-        Engine(d, device="cpu", progress=False)
+        Engine(d, device="cpu", quiet=True)
     with open(shard, "wb") as f:
         f.write(b"\x00garbage")
     with pytest.raises(ValueError, match="not a valid safetensors file"):
-        Engine(d, device="cpu", progress=False)
+        Engine(d, device="cpu", quiet=True)
 
 
 def test_tensor_with_wrong_shape(mixtral_folder, tmp_path):
     d = copy_of(mixtral_folder, tmp_path)
     edit_config(d, intermediate_size=50)
     with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\..*' in .* has shape \[.*\], expected \[.*\]: the checkpoint does not match its config.json"):
-        Engine(d, device="cpu", progress=False)
+        Engine(d, device="cpu", quiet=True)
 
 
 def test_unsupported_model_type(mixtral_folder, tmp_path):
     d = copy_of(mixtral_folder, tmp_path)
     edit_config(d, model_type="llama")
     with pytest.raises(ValueError, match="model_type 'llama' is not supported; supported: mixtral, qwen2_moe, qwen3_moe, olmoe"):
-        Engine(d, device="cpu", progress=False)
+        Engine(d, device="cpu", quiet=True)
 
 
 @pytest.fixture(scope="module")
 def engine(mixtral_folder):
-    with Engine(mixtral_folder, device="cpu", progress=False) as eng:
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
         yield eng
 
 
@@ -109,22 +109,22 @@ def test_bad_prompts(engine):
 
 
 def test_expert_memory_below_minimum(mixtral_folder):
-    with Engine(mixtral_folder, device="cpu", progress=False) as eng:
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
         one = eng.cfg.expert_bytes()
     with pytest.raises(ValueError, match=rf"below the minimum for policy 'pregated': {4 * one} bytes"):
-        Engine(mixtral_folder, device="cpu", expert_memory=3 * one, progress=False)
+        Engine(mixtral_folder, device="cpu", expert_memory=3 * one, quiet=True)
     with pytest.raises(ValueError, match=rf"below the minimum for policy 'on-demand': {2 * one} bytes"):
-        Engine(mixtral_folder, device="cpu", policy="on-demand", expert_memory=one, progress=False)
+        Engine(mixtral_folder, device="cpu", policy="on-demand", expert_memory=one, quiet=True)
     with pytest.raises(ValueError, match="policy 'gpu-only' keeps all 24 experts on the device"):
-        Engine(mixtral_folder, device="cpu", policy="gpu-only", expert_memory="1KB", progress=False)
+        Engine(mixtral_folder, device="cpu", policy="gpu-only", expert_memory="1KB", quiet=True)
     with pytest.raises(ValueError, match="unknown policy 'fastest': choose one of gpu-only, on-demand, prefetch-all, pregated"):
-        Engine(mixtral_folder, device="cpu", policy="fastest", progress=False)
+        Engine(mixtral_folder, device="cpu", policy="fastest", quiet=True)
     with pytest.raises(ValueError, match="cannot read a byte count"):
-        Engine(mixtral_folder, device="cpu", expert_memory="lots", progress=False)
+        Engine(mixtral_folder, device="cpu", expert_memory="lots", quiet=True)
 
 
 def test_use_after_close(mixtral_folder):
-    eng = Engine(mixtral_folder, device="cpu", progress=False)
+    eng = Engine(mixtral_folder, device="cpu", quiet=True)
     eng.close()
     with pytest.raises(RuntimeError, match="closed"):
         eng.generate("hello")

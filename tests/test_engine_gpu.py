@@ -16,7 +16,7 @@ def test_decode_step_copies_overlap_compute():
 
     model = SyntheticModel("olmoe-1b-7b", layers=6)
     with Engine(model, device="cuda", policy="pregated", expert_memory=None,
-                progress=False) as eng:
+                quiet=True) as eng:
         one = eng.cfg.expert_bytes()
         total = one * eng.cfg.num_experts * eng.cfg.num_moe_layers
         eng.reconfigure(policy="pregated", expert_memory=total // 4, eviction="lru")

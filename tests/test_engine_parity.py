@@ -61,7 +61,7 @@ def test_parity_with_transformers(family, fused, dtype, device, checkpoint_facto
     for policy, budget in (("gpu-only", None), ("pregated", "minimum")):
         if budget == "minimum":  # two blocks' worth of one token's experts: constant eviction
             budget = 4 * expert_bytes
-        with Engine(folder, device=device, policy=policy, expert_memory=budget, progress=False) as eng:
+        with Engine(folder, device=device, policy=policy, expert_memory=budget, quiet=True) as eng:
             expert_bytes = eng.cfg.expert_bytes()
             logits = eng.logits(PROMPT).cpu()
             out = eng.generate(PROMPT[:6], max_new_tokens=32)

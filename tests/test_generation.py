@@ -9,7 +9,7 @@ from pregated.generation import SamplingParams, filter_logits, sample
 
 @pytest.fixture(scope="module")
 def engine(mixtral_folder):
-    with Engine(mixtral_folder, device="cpu", progress=False, policy="gpu-only") as eng:
+    with Engine(mixtral_folder, device="cpu", quiet=True, policy="gpu-only") as eng:
         yield eng
 
 

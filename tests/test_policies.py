@@ -21,7 +21,7 @@ def generate(eng, n=12):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_policy_equals_gpu_only_in_exact_mode(family, device, checkpoint_factory):
     folder = checkpoint_factory(family)
-    with Engine(folder, device=device, policy="gpu-only", progress=False) as eng:
+    with Engine(folder, device=device, policy="gpu-only", quiet=True) as eng:
         want = generate(eng)
         one = eng.cfg.expert_bytes()
         total = one * eng.cfg.num_experts * eng.cfg.num_moe_layers
@@ -40,7 +40,7 @@ def test_every_policy_equals_gpu_only_in_exact_mode(family, device, checkpoint_f
 
 @pytest.fixture(scope="module")
 def eng(mixtral_folder):
-    with Engine(mixtral_folder, device="cpu", policy="pregated", progress=False) as e:
+    with Engine(mixtral_folder, device="cpu", policy="pregated", quiet=True) as e:
         yield e
 
 
@@ -156,10 +156,10 @@ def test_calibrate_and_use_a_trained_pregate(mixtral_folder, tmp_path, capsys):
             assert 0 <= b[kind]["recall"] <= 1 and 0 <= b[kind]["precision"] <= 1
     assert os.path.isfile(out / "pregate.safetensors")
     # Exact routing ignores the pre-gate's quality: same tokens as gpu-only.
-    with Engine(mixtral_folder, device="cpu", policy="gpu-only", progress=False) as ref:
+    with Engine(mixtral_folder, device="cpu", policy="gpu-only", quiet=True) as ref:
         want = generate(ref)
     with Engine(mixtral_folder, device="cpu", pregate=str(out), expert_memory=6 * ref.cfg.expert_bytes(),
-                progress=False) as e:
+                quiet=True) as e:
         assert e.pregate.kind == "trained"
         assert generate(e) == want
         assert e.stats()["prefetch_recall"] is not None
@@ -176,14 +176,31 @@ def test_pregate_folder_that_does_not_match(mixtral_folder, checkpoint_factory, 
     from pregated.pregate import calibrate
 
     out = tmp_path / "pg"
-    calibrate(mixtral_folder, TEXT, str(out), device="cpu", steps=5, window=64, progress=False, log=lambda *_: None)
+    calibrate(mixtral_folder, TEXT, str(out), device="cpu", steps=5, window=64, quiet=True, log=lambda *_: None)
     other = checkpoint_factory("mixtral", seed=1)  # same shapes, different weights
     with pytest.raises(ValueError, match="does not match this model: it was calibrated for router weights"):
-        Engine(other, device="cpu", pregate=str(out), progress=False)
+        Engine(other, device="cpu", pregate=str(out), quiet=True)
     olmoe = checkpoint_factory("olmoe")
     with pytest.raises(ValueError, match="calibrated for model_type mixtral, this model has olmoe"):
-        Engine(olmoe, device="cpu", pregate=str(out), progress=False)
+        Engine(olmoe, device="cpu", pregate=str(out), quiet=True)
     with pytest.raises(ValueError, match="is not a pre-gate folder"):
-        Engine(mixtral_folder, device="cpu", pregate=str(tmp_path), progress=False)
+        Engine(mixtral_folder, device="cpu", pregate=str(tmp_path), quiet=True)
     with pytest.raises(ValueError, match="unknown routing mode 'fast'"):
-        Engine(mixtral_folder, device="cpu", routing="fast", progress=False)
+        Engine(mixtral_folder, device="cpu", routing="fast", quiet=True)
+
+
+@pytest.mark.parametrize("routing", ["exact", "pregate"])
+def test_prefetch_counters_obey_their_definitions(eng, routing):
+    """prefetch_used counts prefetch copies that a forward then used: never more than were
+    issued, in every block, also when block i+1 computes with the experts chosen at block i."""
+    eng.reconfigure(policy="pregated", expert_memory=budget(eng, 5))
+    eng.set_routing(routing)
+    try:
+        for prompt in PROMPTS + [list(range(3, 60))]:
+            eng.generate(prompt, max_new_tokens=16)
+        s = eng.stats()
+        for b in s["layers"]:
+            assert b["prefetch_used"] <= b["prefetch_issued"], b
+        assert s["prefetch_issued"] > 0
+    finally:
+        eng.set_routing("exact")

@@ -7,7 +7,7 @@ import torch
 from pregated.engine import Engine
 from pregated.synthetic import SyntheticModel
 
-eng = Engine(SyntheticModel("mixtral-8x7b", layers=4), progress=False)
+eng = Engine(SyntheticModel("mixtral-8x7b", layers=4), quiet=True)
 cfg = eng.cfg
 prompt = torch.randint(3, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
 orig, moe_call = eng._forward, eng.moe.__class__.__call__

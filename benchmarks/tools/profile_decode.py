@@ -18,7 +18,7 @@ ap.add_argument("--layers", type=int, default=4)
 ap.add_argument("--tokens", type=int, default=24)
 args = ap.parse_args()
 
-eng = Engine(SyntheticModel(args.model, layers=args.layers), progress=False)
+eng = Engine(SyntheticModel(args.model, layers=args.layers), quiet=True)
 cfg = eng.cfg
 total = cfg.all_expert_bytes()
 prompt = torch.randint(3, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()

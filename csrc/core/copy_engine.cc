@@ -29,6 +29,11 @@ void runtime::impl::copy_loop() {
       }
       const expert_key key = s.key;
       const bool prefetch = !s.demanded;
+      // Counted when the copy starts, so prefetch_used (uses of copies counted here) can
+      // never exceed prefetch_issued: a queued prefetch that a forward needs first becomes a
+      // demand load and counts as neither.
+      s.copied_as_prefetch = prefetch;
+      if (prefetch) ++stats.layers[static_cast<size_t>(key.layer)].prefetch_issued;
       std::unique_ptr<backend_event> t0, t1;
       trace_timers(&t0, &t1);
       worker_busy = true;
@@ -51,7 +56,6 @@ void runtime::impl::copy_loop() {
       } else {
         layer_stats& ls = stats.layers[static_cast<size_t>(key.layer)];
         ls.bytes_h2d += static_cast<int64_t>(slot_bytes);
-        if (prefetch) ++ls.prefetch_issued;
         slot_info& now = cache.slot(r.slot);
         if (now.generation == r.generation) {
           now.state = caps.async_copy ? slot_state::slot_state_issued : slot_state::slot_state_ready;

@@ -143,7 +143,7 @@ status runtime::impl::forward(const moe_args& a) {
           slot_info& s = cache.slot(slot);
           ++ls->expert_hits;
           if (s.prefetched) {
-            ++ls->prefetch_used;
+            if (s.copied_as_prefetch) ++ls->prefetch_used;
             s.prefetched = false;
           }
           if (s.state == slot_state::slot_state_queued && !s.demanded) enqueue(slot, true);

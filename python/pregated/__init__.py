@@ -13,15 +13,47 @@ from ._core import Runtime, expert_bytes, format_bytes, parse_bytes
 
 __version__ = _core.build_info()["version"]
 
+# The Python front, imported on first use so that `import pregated` (and the CLI's --help)
+# stays light: `from pregated import Engine` works as usual.
+_LAZY = {
+    "Engine": "engine",
+    "GenerationResult": "generation",
+    "SamplingParams": "generation",
+    "TextStream": "generation",
+    "SyntheticModel": "synthetic",
+    "demo_model": "demo",
+}
+
 __all__ = [
+    "Engine",
+    "GenerationResult",
     "Runtime",
+    "SamplingParams",
+    "SyntheticModel",
+    "TextStream",
     "build_info",
+    "demo_model",
     "expert_bytes",
     "format_bytes",
     "get_cmake_dir",
     "get_include_dir",
     "parse_bytes",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pregated' has no attribute '{name}'")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def build_info() -> dict:
@@ -36,7 +68,7 @@ def build_info() -> dict:
 
 def get_cmake_dir() -> str:
     """Folder of ``pregatedConfig.cmake``: ``cmake -Dpregated_DIR=$(python -c ...)``."""
-    path = os.path.join(os.path.dirname(__file__), "lib", "cmake", "pregated")
+    path = os.path.join(_install_dir(), "lib", "cmake", "pregated")
     if not os.path.isfile(os.path.join(path, "pregatedConfig.cmake")):
         raise FileNotFoundError(
             f"no pregatedConfig.cmake in {path}: this pregated was not installed with its C++ "
@@ -47,4 +79,10 @@ def get_cmake_dir() -> str:
 
 def get_include_dir() -> str:
     """Folder holding ``pregated/pregated.h``."""
-    return os.path.join(os.path.dirname(__file__), "include")
+    return os.path.join(_install_dir(), "include")
+
+
+def _install_dir() -> str:
+    # Next to the compiled module: the same folder as this file in a regular install, the
+    # build's install folder in an editable one.
+    return os.path.dirname(_core.__file__)

@@ -21,7 +21,7 @@ import time
 import torch
 
 from . import _core
-from .config import DTYPES
+from .config import DTYPES, dtype_name
 
 FIELDS = ("model", "layers", "policy", "baseline", "expert_memory_bytes", "expert_bytes_total", "batch",
           "prompt_len", "new_tokens", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s",
@@ -62,6 +62,7 @@ def add_bench_command(sub) -> None:
     p.add_argument("--plot", default=None, help="PNG plot file (default: --out with .png)")
     p.add_argument("--timeline", action="store_true",
                    help="also record a timeline of one pregated decode step at the smallest budget")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -122,13 +123,21 @@ def machine_info(device: str) -> dict:
 # --- one configuration --------------------------------------------------------------------
 
 def parse_budgets(text: str, total: int) -> list[int]:
+    from .moe import parse_expert_memory
+
     out = []
     for item in text.split(","):
         item = item.strip()
         if item.endswith("%"):
-            out.append(int(total * float(item[:-1]) / 100))
+            try:
+                pct = float(item[:-1])
+            except ValueError:
+                pct = -1.0
+            if not 0 < pct <= 100:
+                raise ValueError(f"--expert-memory: {item!r} is not a percentage in (0, 100]")
+            out.append(int(total * pct / 100))
         elif item:
-            out.append(_core.parse_bytes(item))
+            out.append(parse_expert_memory(item))
     return out
 
 
@@ -239,9 +248,57 @@ def efficiency(run: dict, gpu_only_tps: float | None, h2d_gbps: float) -> tuple[
 
 # --- the whole run ------------------------------------------------------------------------
 
+def _check_baseline_packages(baselines: list[str], device: str) -> None:
+    """The HF baselines run transformers (and accelerate, for device_map='auto' on a GPU)."""
+    need = ["transformers"] if baselines else []
+    if "hf-accelerate" in baselines and device.startswith("cuda"):
+        need.append("accelerate")
+    missing = []
+    for module in need:
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise RuntimeError(f"--baseline {' and '.join(sorted(set(baselines)))} needs {' and '.join(missing)}, "
+                           f"which is not installed: pip install {' '.join(missing)}")
+
+
+def _check_footprint(args, cfg, device: str, budgets: list[int]) -> None:
+    """Refuses, before anything is allocated, a run whose memory the machine does not have.
+    gpu-only is left out: it runs only when it fits once the rest is loaded (_fits_on_device)."""
+    from .footprint import bench_footprint, check_fits
+    from .synthetic import SHAPES, SyntheticModel
+
+    def footprint(c):
+        slab = min(max(budgets, default=0), c.all_expert_bytes())
+        return bench_footprint(c, device, slab, args.baseline)
+
+    advice = "use a smaller model, fewer baselines or smaller --expert-memory budgets"
+    if args.synthetic:
+        names = ", ".join(n for n in SHAPES if n != args.synthetic)
+        fitting = [n for n in range(cfg.num_layers - 1, 0, -1)
+                   if _fits(footprint(SyntheticModel(args.synthetic, layers=n, dtype=dtype_name(cfg.dtype)).config), device)]
+        advice = (f"pass --layers {fitting[0]} or fewer" if fitting else "no number of layers fits") + \
+            f", or a smaller model ({names})"
+    check_fits(footprint(cfg), device, advice)
+
+
+def _fits(fp, device: str) -> bool:
+    from .footprint import check_fits
+
+    try:
+        check_fits(fp, device, "")
+        return True
+    except MemoryError:
+        return False
+
+
 def _fits_on_device(engine, total: int) -> bool:
     if not engine.device.startswith("cuda"):
-        return total < 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        from .footprint import SLACK, available_host_bytes
+
+        return total * SLACK < available_host_bytes()  # the expert store is already allocated
     free, _ = torch.cuda.mem_get_info(engine.device)
     return total + engine.expert_memory < 0.85 * free  # the current slab is given back first
 
@@ -260,6 +317,7 @@ def run_bench(args, log=print) -> dict:
             raise ValueError(f"unknown policy '{p}' in --policy: choose from {', '.join(POLICIES)}")
     if args.batch < 1 or args.prompt_len < 1 or args.new_tokens < 2:
         raise ValueError("--batch and --prompt-len must be >= 1 and --new-tokens >= 2")
+    _check_baseline_packages(args.baseline, device)
     t0 = time.perf_counter()
     source = SyntheticModel(args.synthetic, layers=args.layers, dtype=args.dtype or "bfloat16") if args.synthetic else args.model
     name = args.synthetic or os.path.basename(os.path.normpath(args.model))
@@ -273,15 +331,16 @@ def run_bench(args, log=print) -> dict:
         cfg0 = read_config(args.model)
     if args.dtype:
         cfg0.dtype = DTYPES[args.dtype]
+    budgets = parse_budgets(args.expert_memory, cfg0.all_expert_bytes())
+    _check_footprint(args, cfg0, device, budgets)
     engine = Engine(source, device=device, dtype=args.dtype, policy="on-demand",
                     expert_memory=min_expert_memory("on-demand", cfg0), eviction=args.eviction,
-                    progress=sys.stderr.isatty())
+                    quiet=args.quiet)
     cfg = engine.cfg
     one, total = cfg.expert_bytes(), cfg.all_expert_bytes()
     log(f"model: {name}, {cfg.num_layers} layers, {cfg.num_experts} experts x {_core.format_bytes(one)} = "
         f"{_core.format_bytes(total)} of experts (ready in {time.perf_counter() - t0:.1f} s)")
     prompts = _prompts(cfg, args.batch, args.prompt_len)
-    budgets = parse_budgets(args.expert_memory, total)
     plan = []
     if not args.no_gpu_only:
         plan.append(("gpu-only", total))
@@ -289,49 +348,51 @@ def run_bench(args, log=print) -> dict:
     plan += [(bl, b) for bl in args.baseline for b in (budgets if bl == "hf-accelerate" else [total])]
     runs, gpu_only_tps, timeline = [], None, None
     saved = None
-    for policy, budget in tqdm(plan, desc="bench", disable=not sys.stderr.isatty(), leave=False):
-        base = {"model": name, "layers": cfg.num_layers, "policy": None, "baseline": None,
-                "expert_memory_bytes": budget, "expert_bytes_total": total, "expert_memory_fraction": budget / total,
-                "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                "eviction": args.eviction, "efficiency": None}
-        try:
-            if policy.startswith("hf-"):
-                base["baseline"] = policy
-                base["policy"] = None
-                if saved is None:
-                    saved = args.save or args.model or tempfile.mkdtemp(prefix="pregated-bench-")
-                    if args.synthetic and not os.path.isfile(os.path.join(saved, "config.json")):
-                        log(f"writing the synthetic checkpoint to {saved} for the HF baselines")
-                        source.save(saved, dtype=engine.dtype)
-                if policy == "hf-gpu" and not _fits_on_device(engine, total):
-                    raise RuntimeError("the model does not fit on the device")
-                n = args.baseline_tokens or args.new_tokens
-                base["new_tokens"] = n
-                base.update(run_hf(saved, policy, device, engine.dtype, engine.dense_bytes + budget, prompts, n))
-            else:
-                base["policy"] = policy
-                if policy == "gpu-only" and not _fits_on_device(engine, total):
-                    raise RuntimeError("the experts do not fit on the device")
-                ev = "lru" if policy == "gpu-only" and args.eviction == "none" else args.eviction
-                minimum = min_expert_memory(policy, cfg)
-                if policy != "gpu-only" and budget < minimum:
-                    base["expert_memory_requested"] = budget
-                    budget = base["expert_memory_bytes"] = minimum
-                engine.reconfigure(policy=policy, expert_memory=budget, eviction=ev)
-                base.update(run_engine(engine, prompts, args.new_tokens))
-                if policy == "gpu-only":
-                    gpu_only_tps = base["decode_tokens_per_s"]
-                if args.timeline and policy == "pregated" and timeline is None:
-                    timeline = {"model": name, "policy": policy, "expert_memory_bytes": budget,
-                                "events": engine.trace_decode_step(prompts[0], warmup_tokens=3)}
-                    timeline["summary"] = timeline_summary(timeline["events"], cfg.num_moe_layers)
-        except (RuntimeError, ValueError, MemoryError) as e:
-            base["error"] = str(e)
-            log(f"{policy} at {_core.format_bytes(budget)}: skipped: {e}")
-        runs.append(base)
-    engine.close()
-    if saved and not args.save and not args.model:
-        shutil.rmtree(saved, ignore_errors=True)
+    try:
+        for policy, budget in tqdm(plan, desc="bench", disable=args.quiet or not sys.stderr.isatty(), leave=False):
+            base = {"model": name, "layers": cfg.num_layers, "policy": None, "baseline": None,
+                    "expert_memory_bytes": budget, "expert_bytes_total": total,
+                    "expert_memory_fraction": budget / total, "batch": args.batch, "prompt_len": args.prompt_len,
+                    "new_tokens": args.new_tokens, "eviction": args.eviction, "efficiency": None}
+            try:
+                if policy.startswith("hf-"):
+                    base["baseline"] = policy
+                    if saved is None:
+                        saved = args.save or args.model or tempfile.mkdtemp(prefix="pregated-bench-")
+                        if args.synthetic and not os.path.isfile(os.path.join(saved, "config.json")):
+                            log(f"writing the synthetic checkpoint to {saved} for the HF baselines")
+                            source.save(saved, dtype=engine.dtype)
+                    if policy == "hf-gpu" and not _fits_on_device(engine, total):
+                        raise RuntimeError("the model does not fit on the device")
+                    n = args.baseline_tokens or args.new_tokens
+                    base["new_tokens"] = n
+                    base.update(run_hf(saved, policy, device, engine.dtype, engine.dense_bytes + budget, prompts, n))
+                else:
+                    base["policy"] = policy
+                    if policy == "gpu-only" and not _fits_on_device(engine, total):
+                        raise RuntimeError("the experts do not fit on the device")
+                    ev = "lru" if policy == "gpu-only" and args.eviction == "none" else args.eviction
+                    minimum = min_expert_memory(policy, cfg)
+                    if policy != "gpu-only" and budget < minimum:  # the table marks the row
+                        base["expert_memory_requested"] = budget
+                        budget = base["expert_memory_bytes"] = minimum
+                        base["expert_memory_fraction"] = budget / total
+                    engine.reconfigure(policy=policy, expert_memory=budget, eviction=ev)
+                    base.update(run_engine(engine, prompts, args.new_tokens))
+                    if policy == "gpu-only":
+                        gpu_only_tps = base["decode_tokens_per_s"]
+                    if args.timeline and policy == "pregated" and timeline is None:
+                        timeline = {"model": name, "policy": policy, "expert_memory_bytes": budget,
+                                    "events": engine.trace_decode_step(prompts[0], warmup_tokens=3)}
+                        timeline["summary"] = timeline_summary(timeline["events"], cfg.num_moe_layers)
+            except (RuntimeError, ValueError, MemoryError) as e:
+                base["error"] = str(e)
+                log(f"{policy} at {_core.format_bytes(budget)}: skipped: {e}")
+            runs.append(base)
+    finally:  # also on Ctrl-C and unexpected errors: no device memory held, no checkpoint left behind
+        engine.close()
+        if saved and not args.save and not args.model:
+            shutil.rmtree(saved, ignore_errors=True)
     for r in runs:
         if r.get("policy") and not r.get("error"):
             r["efficiency"], r["limit_tokens_per_s"] = efficiency(r, gpu_only_tps, machine["h2d_gbps"])
@@ -365,13 +426,14 @@ def _fmt(v, spec, scale=1.0):
 
 
 def format_table(result: dict) -> str:
-    rows = [f"{'model':<16} {'policy':<14} {'budget':>10} {'%':>4} {'decode t/s':>10} {'prefill t/s':>11} "
+    rows = [f"{'model':<16} {'policy':<14} {'budget':>10} {'%':>5} {'decode t/s':>10} {'prefill t/s':>11} "
             f"{'TTFT ms':>8} {'MiB/tok':>8} {'hit':>5} {'prec':>5} {'recall':>6} {'stall ms/t':>10} "
             f"{'eff':>5} {'peak GiB':>8}"]
     for r in result["runs"]:
         label = r["baseline"] or r["policy"]
+        raised = "expert_memory_requested" in r
         head = (f"{r['model'][:16]:<16} {label:<14} {_core.format_bytes(r['expert_memory_bytes']):>10} "
-                f"{100 * r['expert_memory_fraction']:>4.0f} ")
+                f"{100 * r['expert_memory_fraction']:>4.0f}{'*' if raised else ' '} ")
         if r.get("error"):
             rows.append(head + f"skipped: {r['error']}")
             continue
@@ -380,6 +442,11 @@ def format_table(result: dict) -> str:
                     f"{_fmt(r['hit_rate'], '.2f'):>5} {_fmt(r['prefetch_precision'], '.2f'):>5} "
                     f"{_fmt(r['prefetch_recall'], '.2f'):>6} {_fmt(r['stall_s_per_token'], '.2f', 1e3):>10} "
                     f"{_fmt(r['efficiency'], '.2f'):>5} {_fmt(r['peak_device_bytes'], '.2f', 2**-30):>8}")
+    raised = [r for r in result["runs"] if "expert_memory_requested" in r]
+    if raised:
+        asked = sorted({f"{100 * r['expert_memory_requested'] / r['expert_bytes_total']:.0f}%" for r in raised})
+        rows.append(f"* budget raised to the policy's minimum (asked: {', '.join(asked)} of the expert bytes); "
+                    "budget and % are what the run used")
     m = result["machine"]
     rows.append(f"machine: {m['gpu'] or m['cpu']}; torch {m['torch']}, CUDA {m['cuda']}, driver {m['driver']}; "
                 f"pinned h2d {m['h2d_gbps']:.1f} GB/s")

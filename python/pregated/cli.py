@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
@@ -29,6 +30,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="exact: each block routes with its own router (default); pregate: block i+1 "
                         "uses the experts the pre-gate chose at block i (the paper's algorithm)")
     p.add_argument("--per-block", action="store_true", help="print statistics per MoE block")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -84,9 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """argparse takes '-5GiB' after an option for another option and stops with "expected one
+    argument"; '--expert-memory=-5GiB' reaches the option's own check and its clear message."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"-\.?\d", a):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     if args.command is None:
         parser.print_help()
         return 0
@@ -106,7 +120,7 @@ def _open_engine(args, folder: str):
 
     return Engine(folder, device=args.device, dtype=args.dtype, policy=args.policy,
                   expert_memory=args.expert_memory, eviction=args.eviction, pregate=args.pregate,
-                  routing=args.routing, progress=sys.stderr.isatty())
+                  routing=args.routing, quiet=args.quiet)
 
 
 def _stream(engine, prompt, args) -> tuple[object, float]:
@@ -203,7 +217,7 @@ def cmd_info(args) -> int:
     from .config import DTYPES, read_config
     from .models import expert_layout
     from .models.loader import checkpoint_parameters
-    from .moe import min_expert_memory
+    from .moe import min_expert_memory, parse_expert_memory
 
     cfg = read_config(args.model)
     if args.dtype:
@@ -226,7 +240,7 @@ def cmd_info(args) -> int:
     print(f"minimum      on-demand {minimum['on-demand']}, pregated / prefetch-all {minimum['pregated']}, "
           f"gpu-only {minimum['gpu-only']} of expert memory")
     if args.expert_memory:
-        budget = _core.parse_bytes(args.expert_memory)
+        budget = parse_expert_memory(args.expert_memory)
         fit = min(budget // one, n_experts)
         print(f"fits         {fit} of {n_experts} experts ({100 * fit / n_experts:.0f}%) in {fb(budget)}")
     return 0

@@ -9,12 +9,17 @@ import sys
 
 
 def _read_text(path: str) -> str:
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path} does not exist (a UTF-8 text file)")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    if os.path.isdir(path):
+        raise ValueError(f"data file {path} is a folder: give a UTF-8 text file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data file {path} is not UTF-8 text ({e})") from None
     if not text.strip():
-        raise ValueError(f"data file {path} is empty")
+        raise ValueError(f"data file {path} holds no text: give a UTF-8 text file with some text in it")
     return text
 
 
@@ -29,11 +34,13 @@ def add_tool_commands(sub, add_engine_args) -> None:
     p.add_argument("--data", required=True, help="calibration text file (UTF-8)")
     p.add_argument("--out", required=True, help="folder to write the pre-gate into")
     p.add_argument("--held-out", type=float, default=0.2, help="fraction of tokens held out (default 0.2)")
-    p.add_argument("--window", type=int, default=256, help="tokens per forward pass (default 256)")
+    p.add_argument("--window", type=int, default=None,
+                   help="tokens per forward pass (default: 256, or the model's context when shorter)")
     p.add_argument("--steps", type=int, default=300, help="optimiser steps per block (default 300)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--expert-memory", default=None, metavar="BYTES", help="device memory for expert slots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("eval", help="perplexity with exact routing and with routing by pre-gate",
@@ -43,12 +50,14 @@ def add_tool_commands(sub, add_engine_args) -> None:
     p.add_argument("--model", required=True, help="model folder in Hugging Face layout")
     p.add_argument("--data", required=True, help="evaluation text file (UTF-8)")
     p.add_argument("--pregate", default=None, metavar="DIR", help="trained pre-gate folder to evaluate too")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--window", type=int, default=None,
+                   help="tokens per window (default: 512, or the model's context when shorter)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--expert-memory", default=None, metavar="BYTES", help="device memory for expert slots")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
     p.set_defaults(func=cmd_eval)
 
     from .bench import add_bench_command
@@ -60,17 +69,18 @@ def cmd_calibrate(args) -> int:
 
     text = _read_text(args.data)
     calibrate(args.model, text, args.out, device=args.device, dtype=args.dtype, expert_memory=args.expert_memory,
-              window=args.window, held_out=args.held_out, steps=args.steps, progress=sys.stderr.isatty())
+              window=args.window, held_out=args.held_out, steps=args.steps, quiet=args.quiet)
     return 0
 
 
-def evaluate(model: str, text: str, *, pregate=None, window=512, max_tokens=None, device=None, dtype=None,
-             expert_memory=None, progress=False) -> dict:
+def evaluate(model: str, text: str, *, pregate=None, window=None, max_tokens=None, device=None, dtype=None,
+             expert_memory=None, quiet=True) -> dict:
     """Perplexity under exact routing and under routing by (speculative / trained) pre-gate."""
     from .engine import Engine
-    from .pregate import perplexity
+    from .pregate import fit_window, perplexity
 
-    with Engine(model, device=device, dtype=dtype, expert_memory=expert_memory, progress=progress) as eng:
+    with Engine(model, device=device, dtype=dtype, expert_memory=expert_memory, quiet=quiet) as eng:
+        window = fit_window(window, 512, eng.cfg.max_position_embeddings)
         ids = eng.tokenizer.encode(text)[:max_tokens]
         rows = []
         configs = [("exact", "speculative"), ("pregate", "speculative")]
@@ -82,21 +92,30 @@ def evaluate(model: str, text: str, *, pregate=None, window=512, max_tokens=None
             ppl = perplexity(eng, ids, window)
             s = eng.stats()
             rows.append({"routing": routing, "pregate": eng.pregate.kind, "perplexity": ppl,
-                         "prefetch_precision": s["prefetch_precision"], "prefetch_recall": s["prefetch_recall"]})
+                         **{k: s[k] for k in ("pregate_precision", "pregate_recall",
+                                              "prefetch_precision", "prefetch_recall")}})
         return {"model": model, "tokens": len(ids), "window": window, "results": rows}
 
 
 def cmd_eval(args) -> int:
     res = evaluate(args.model, _read_text(args.data), pregate=args.pregate, window=args.window,
                    max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
-                   expert_memory=args.expert_memory, progress=sys.stderr.isatty())
+                   expert_memory=args.expert_memory, quiet=args.quiet)
     exact = res["results"][0]["perplexity"]
     print(f"{res['tokens']} tokens, windows of {res['window']}")
-    print(f"{'routing':<8} {'pre-gate':<12} {'perplexity':>10} {'vs exact':>9} {'precision':>9} {'recall':>7}")
+    print("per token: each token's predicted experts against its own routed experts (as `pregated "
+          "calibrate` reports);\nper block: the experts predicted for a whole forward pass against those "
+          "it routed (what a prefetch gets right)")
+    print(f"{'routing':<8} {'pre-gate':<12} {'perplexity':>10} {'vs exact':>9} | {'per token':^17} | "
+          f"{'per block':^17}\n{'':<42}| {'precision':>8} {'recall':>7} | {'precision':>8} {'recall':>7}")
+
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
     for r in res["results"]:
-        p, rc = r["prefetch_precision"], r["prefetch_recall"]
-        print(f"{r['routing']:<8} {r['pregate']:<12} {r['perplexity']:>10.3f} {r['perplexity'] / exact - 1:>+9.2%} "
-              f"{'-' if p is None else f'{p:.3f}':>9} {'-' if rc is None else f'{rc:.3f}':>7}")
+        print(f"{r['routing']:<8} {r['pregate']:<12} {r['perplexity']:>10.3f} {r['perplexity'] / exact - 1:>+9.2%} | "
+              f"{f(r['pregate_precision']):>9} {f(r['pregate_recall']):>7} | "
+              f"{f(r['prefetch_precision']):>9} {f(r['prefetch_recall']):>7}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)

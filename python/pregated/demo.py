@@ -111,6 +111,12 @@ def _weights(cfg: dict, seed: int):
     yield "lm_head.weight", rand(V, H, std=0.2)
 
 
+def demo_model() -> str:
+    """The folder of the embedded demo checkpoint (built on first use, then reused): a model
+    folder in Hugging Face layout to try every API on, offline."""
+    return build_demo()
+
+
 def build_demo(folder: str | None = None, seed: int = 0, force: bool = False) -> str:
     """Builds the demo checkpoint once; returns its folder."""
     folder = folder or demo_folder()

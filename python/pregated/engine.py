@@ -18,6 +18,7 @@ from .models.layers import rope_cos_sin
 from .models.loader import CheckpointSource, progress_bar
 from .moe import MoEExecutor, check_eviction, check_routing, resolve_policy
 from .pregate import SpeculativePregate, load_pregate
+from .prompts import as_token_ids, check_chat_messages, check_token_ids, encode_prompt, split_batch
 from .synthetic import SyntheticModel
 
 
@@ -30,7 +31,10 @@ def default_device() -> str:
 def _resolve_device(device) -> str:
     if device is None:
         return default_device()
-    d = torch.device(device)
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not supported: use 'cpu', 'cuda' or 'cuda:N'") from None
     if d.type == "cuda":
         if not _core.build_info()["cuda"]:
             raise RuntimeError("this build of pregated has no CUDA backend; use device='cpu' or rebuild with CUDA")
@@ -38,7 +42,7 @@ def _resolve_device(device) -> str:
             raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device; use device='cpu'")
         return f"cuda:{d.index or 0}"
     if d.type != "cpu":
-        raise ValueError(f"device '{device}' is not supported: use 'cpu' or 'cuda[:N]'")
+        raise ValueError(f"device {device!r} is not supported: use 'cpu', 'cuda' or 'cuda:N'")
     return "cpu"
 
 
@@ -87,12 +91,12 @@ class Engine:
         `pregated calibrate` (a trained pre-gate).
     routing : "exact" (default: every block routes with its own router; the pre-gate only
         prefetches) or "pregate" (block i+1 computes with the experts the pre-gate chose).
-    progress : show a progress bar while loading.
+    quiet : no progress bar while loading (it is shown only when stderr is a terminal anyway).
     """
 
     def __init__(self, model: str, *, device=None, dtype=None, policy: str | None = None,
                  expert_memory=None, eviction: str = "lru", pregate=None, routing: str = "exact",
-                 progress: bool = True):
+                 quiet: bool = False):
         if isinstance(model, SyntheticModel):
             source = model
             self.folder = None
@@ -117,7 +121,7 @@ class Engine:
         try:
             with torch.device("meta"):
                 self.model = CausalLM(cfg)
-            with progress_bar(source.parameters(), progress) as bar:
+            with progress_bar(source.parameters(), not quiet) as bar:
                 source.load(self.model, self.runtime, self.device, self.dtype, bar)
             self.model.eval()
             self.pregate = self._load_pregate(pregate)
@@ -269,9 +273,10 @@ class Engine:
 
     @torch.inference_mode()
     def logits(self, token_ids) -> torch.Tensor:
-        """float32 [len(token_ids), vocab_size] through the same offloading path."""
+        """token_ids: a list of ints, or a 1-D integer tensor or array ->
+        float32 [len(token_ids), vocab_size] through the same offloading path."""
         self._check_open()
-        prompt = self._check_ids(list(token_ids), 0)
+        prompt = self._check_ids(as_token_ids(token_ids), 0)
         cache = KVCache(self.cfg, 1, len(prompt), self.device, self.dtype)
         cache.valid[0, :len(prompt)] = True
         tokens = torch.tensor([prompt], dtype=torch.long, device=self.device)
@@ -280,7 +285,8 @@ class Engine:
         return self._logits(hidden[0])
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(check_chat_messages(messages),
+                                                  add_generation_prompt=add_generation_prompt)
 
     def generate(self, prompt, *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None,
@@ -290,7 +296,7 @@ class Engine:
         (one prompt) a TextStream yielding text pieces, whose .result is set at the end."""
         self._check_open()
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, seed=seed, stop=stop or [])
+                                top_k=top_k, seed=seed, stop=[] if stop is None else stop)
         prompts, single = self._prompts(prompt, params.max_new_tokens)
         if stream:
             if not single:
@@ -383,42 +389,13 @@ class Engine:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
 
-    def _check_ids(self, ids: list, extra: int) -> list[int]:
-        if not ids:
-            raise ValueError("prompt is empty: give at least one token")
-        V = self.cfg.vocab_size
-        for t in ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V:
-                raise ValueError(f"token id {t!r} is not in the vocabulary (0..{V - 1})")
-        limit = self.cfg.max_position_embeddings
-        if len(ids) + extra > limit:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens plus max_new_tokens={extra} exceeds the model's "
-                f"context of {limit} tokens; shorten the prompt or lower max_new_tokens")
-        return ids
-
-    def _encode_one(self, p, extra: int) -> list[int]:
-        if isinstance(p, str):
-            if not p:
-                raise ValueError("prompt is empty: give some text")
-            return self._check_ids(self.tokenizer.encode(p), extra)
-        if isinstance(p, (list, tuple)) and p and all(isinstance(m, dict) for m in p):
-            text = self.apply_chat_template(list(p))
-            return self._check_ids(self.tokenizer.encode(text, add_special_tokens=False), extra)
-        if isinstance(p, (list, tuple)) or torch.is_tensor(p):
-            ids = p.tolist() if torch.is_tensor(p) else list(p)
-            return self._check_ids(ids, extra)
-        raise TypeError(f"a prompt is text, a list of token ids or a list of chat messages, got {type(p).__name__}")
-
     def _prompts(self, prompt, extra: int) -> tuple[list[list[int]], bool]:
         """-> (token id lists, whether a single prompt was given)."""
-        if isinstance(prompt, (list, tuple)):
-            if not prompt:
-                raise ValueError("prompt is empty: give text, token ids or chat messages")
-            one = all(isinstance(p, int) for p in prompt) or all(isinstance(p, dict) for p in prompt)
-            if not one:
-                return [self._encode_one(p, extra) for p in prompt], False
-        return [self._encode_one(prompt, extra)], True
+        prompts, single = split_batch(prompt)
+        return [self._check_ids(encode_prompt(p, self.tokenizer), extra) for p in prompts], single
+
+    def _check_ids(self, ids: list[int], extra: int) -> list[int]:
+        return check_token_ids(ids, self.cfg.vocab_size, self.cfg.max_position_embeddings, extra)
 
     def stats(self) -> dict:
         """Offloading statistics since load (or reset_stats)."""

@@ -49,17 +49,26 @@ def min_expert_memory(policy: str, cfg) -> int:
     return min(total, min_expert_slots(policy, cfg) * cfg.expert_bytes())
 
 
+def parse_expert_memory(value) -> int:
+    """Bytes as an int, or a string like '8GiB' / '512MB' -> bytes (>= 0)."""
+    what = ("expert_memory must be a byte count >= 0: an int, or a string like '8GiB' or '512MB'; "
+            f"got {value!r}")
+    if isinstance(value, str):
+        if value.strip().startswith("-"):
+            raise ValueError(what)
+        try:
+            return _core.parse_bytes(value)
+        except ValueError as e:
+            raise ValueError(f"{what} ({e})") from None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(what)
+
+
 def resolve_policy(policy: str | None, expert_memory, cfg) -> tuple[str, int]:
     """Checks the policy and the budget; returns (policy, expert memory in bytes)."""
     total = cfg.all_expert_bytes()
-    if expert_memory is None:
-        budget = total
-    elif isinstance(expert_memory, str):
-        budget = _core.parse_bytes(expert_memory)
-    elif isinstance(expert_memory, int) and not isinstance(expert_memory, bool) and expert_memory >= 0:
-        budget = expert_memory
-    else:
-        raise ValueError(f"expert_memory must be bytes (int) or a string like '8GiB', got {expert_memory!r}")
+    budget = total if expert_memory is None else parse_expert_memory(expert_memory)
     if policy is None:  # the fastest correct choice for the budget
         policy = "gpu-only" if budget >= total else "pregated"
     if policy not in POLICIES:
@@ -119,9 +128,12 @@ class MoEExecutor:
 
     def reset(self) -> None:
         n = self.cfg.num_moe_layers
-        self.predicted: list[set[int] | None] = [None] * n
+        self.predicted: list[torch.Tensor | None] = [None] * n  # [T, K'] predicted for block m
         self.pending: list[tuple | None] = [None] * n  # pregate routing chosen for block m
+        # per block call: the set of predicted experts against the set routed (what prefetching sees)
         self.pred_hits, self.pred_count, self.routed_count = [0] * n, [0] * n, [0] * n
+        # per token: its predicted experts against its routed ones (what routing by pre-gate sees)
+        self.token_hits, self.token_pred, self.token_routed = [0] * n, [0] * n, [0] * n
 
     def __call__(self, m: int, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """x: [T, H] normed input of block m; h: [T, H] residual stream -> [T, H]."""
@@ -141,7 +153,7 @@ class MoEExecutor:
         nxt = None
         if pred is not None:
             unique = torch.unique(pred[0]).tolist()
-            self.predicted[m + 1] = set(unique)
+            self.predicted[m + 1] = pred[0]
             if self.routing == "pregate":
                 self.pending[m + 1] = pred
             if self.policy == "pregated":
@@ -156,26 +168,40 @@ class MoEExecutor:
     def _score(self, m: int, ids: torch.Tensor) -> None:
         pred = self.predicted[m]
         if pred is not None:  # scored only where a prediction was made
-            routed = set(ids.flatten().tolist())
+            predicted, routed = set(pred.flatten().tolist()), set(ids.flatten().tolist())
             self.routed_count[m] += len(routed)
-            self.pred_hits[m] += len(pred & routed)
-            self.pred_count[m] += len(pred)
+            self.pred_hits[m] += len(predicted & routed)
+            self.pred_count[m] += len(predicted)
+            self.token_hits[m] += int(token_hits(pred, ids).sum())
+            self.token_pred[m] += pred.numel()
+            self.token_routed[m] += ids.numel()
             self.predicted[m] = None
 
     def prediction_stats(self) -> list[dict]:
         """Per block: precision and recall of the pre-gate's predictions."""
-        return [_precision_recall(self.pred_hits[m], self.pred_count[m], self.routed_count[m])
-                for m in range(self.cfg.num_moe_layers)]
+        return [self._precision_recall(slice(m, m + 1)) for m in range(self.cfg.num_moe_layers)]
 
     def prediction_totals(self) -> dict:
         """Precision and recall over every block."""
-        return _precision_recall(sum(self.pred_hits), sum(self.pred_count), sum(self.routed_count))
+        return self._precision_recall(slice(None))
+
+    def _precision_recall(self, blocks: slice) -> dict:
+        """prefetch_*: the set of experts predicted for a block call against the set it routed
+        (what a prefetch gets right). pregate_*: each token's predicted experts against its own
+        routed experts, averaged over tokens (what routing by pre-gate gets right; the measure
+        of `pregated calibrate`). None where no prediction was made."""
+        def ratio(a, b):
+            return sum(a[blocks]) / sum(b[blocks]) if sum(self.pred_count[blocks]) else None
+
+        return {"prefetch_precision": ratio(self.pred_hits, self.pred_count),
+                "prefetch_recall": ratio(self.pred_hits, self.routed_count),
+                "pregate_precision": ratio(self.token_hits, self.token_pred),
+                "pregate_recall": ratio(self.token_hits, self.token_routed)}
 
 
-def _precision_recall(hits: int, predicted: int, routed: int) -> dict:
-    scored = predicted > 0  # None where no prediction was made
-    return {"prefetch_precision": hits / predicted if scored else None,
-            "prefetch_recall": hits / routed if scored else None}
+def token_hits(pred_ids: torch.Tensor, true_ids: torch.Tensor) -> torch.Tensor:
+    """[N, K'] predicted and [N, K] routed experts -> [N] experts of each token predicted right."""
+    return (pred_ids[:, :, None] == true_ids[:, None, :]).any(-1).sum(-1)
 
 
 def _to_host(ids: torch.Tensor, weights: torch.Tensor, pred):

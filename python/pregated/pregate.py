@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .moe import route, route_logits
+from .moe import route, route_logits, token_hits
 
 FORMAT_VERSION = 1
 FILE = "pregate.safetensors"
@@ -145,7 +145,7 @@ class Recorder:
 
 def overlap(pred_ids: torch.Tensor, true_ids: torch.Tensor) -> tuple[float, float]:
     """Per-token precision and recall of predicted expert sets, averaged: [N, K'] vs [N, K]."""
-    hit = (pred_ids[:, :, None] == true_ids[:, None, :]).any(-1).sum(-1).float()  # [N]
+    hit = token_hits(pred_ids, true_ids).float()  # [N]
     return float((hit / pred_ids.shape[1]).mean()), float((hit / true_ids.shape[1]).mean())
 
 
@@ -181,8 +181,8 @@ def fit_block(h, probs_next, norm_w, weight, eps, steps: int, lr: float, seed: i
 
 
 def calibrate(model: str, text: str, out: str, *, device=None, dtype=None, expert_memory=None,
-              window: int = 256, held_out: float = 0.2, steps: int = 300, lr: float = 3e-3,
-              progress: bool = True, log=print) -> dict:
+              window: int | None = None, held_out: float = 0.2, steps: int = 300, lr: float = 3e-3,
+              quiet: bool = False, log=print) -> dict:
     """Fits a trained pre-gate for every MoE block on `text` and writes it to `out`.
 
     The last `held_out` fraction of the text's tokens is not trained on; the report gives, per
@@ -193,8 +193,9 @@ def calibrate(model: str, text: str, out: str, *, device=None, dtype=None, exper
 
     if not 0 < held_out < 1:
         raise ValueError(f"held_out must be in (0, 1), got {held_out}")
-    with Engine(model, device=device, dtype=dtype, expert_memory=expert_memory, progress=progress) as eng:
+    with Engine(model, device=device, dtype=dtype, expert_memory=expert_memory, quiet=quiet) as eng:
         cfg = eng.cfg
+        window = fit_window(window, 256, cfg.max_position_embeddings)
         if cfg.num_moe_layers < 2:
             raise ValueError("the model has one MoE block: there is no next block to predict")
         ids = eng.tokenizer.encode(text)
@@ -217,6 +218,8 @@ def calibrate(model: str, text: str, out: str, *, device=None, dtype=None, exper
         fp = model_fingerprint(eng.model, cfg)
         spec = SpeculativePregate(eng.model, cfg)
         tensors, blocks = {}, []
+        log("held-out tokens: each token's predicted experts against its own routed experts "
+            "(per-token precision and recall, as in the 'per token' columns of `pregated eval`)")
         for m in range(cfg.num_moe_layers - 1):
             h, probs_next = recorders["train"].h(m), recorders["train"].probs(m + 1)
             norm_w = spec.norms[m + 1].weight
@@ -258,6 +261,18 @@ def calibrate(model: str, text: str, out: str, *, device=None, dtype=None, exper
         f"trained precision {o['trained']['precision']:.3f} recall {o['trained']['recall']:.3f}")
     log(f"wrote {out}")
     return report
+
+
+def fit_window(window: int | None, default: int, context: int) -> int:
+    """Tokens per forward pass: `window`, or the smaller of `default` and the model's context."""
+    if window is None:
+        return min(default, context)
+    if not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an integer >= 2, got {window!r}")
+    if window > context:
+        raise ValueError(f"window {window} (--window) is longer than the model's context of {context} "
+                         f"tokens; use {context} or less")
+    return window
 
 
 def perplexity(engine, ids: list[int], window: int = 512) -> float:

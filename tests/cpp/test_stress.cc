@@ -93,6 +93,7 @@ TEST(stress_random_operations_from_several_threads) {
   CHECK(s.forwards == forwards.load());
   CHECK(s.total.expert_hits + s.total.expert_misses == expert_uses.load());
   CHECK(s.total.prefetch_used <= s.total.prefetch_issued);
+  for (const layer_stats& l : s.layers) CHECK(l.prefetch_used <= l.prefetch_issued);
   int32_t occupied = 0;
   for (const slot_snapshot& sl : rt->slots()) {
     CHECK(sl.refs == 0);

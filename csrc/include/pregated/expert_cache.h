@@ -25,6 +25,7 @@ struct slot_info {
   int32_t refs = 0;           // MoE forwards using the slot right now
   bool pinned = false;        // never evicted
   bool prefetched = false;    // loaded by a prefetch that its layer has not consumed yet
+  bool copied_as_prefetch = false;  // its copy started as a prefetch (counted in prefetch_issued)
   bool demanded = false;      // a forward waits for this load: it goes ahead of prefetches
   uint64_t generation = 0;    // bumped whenever the slot is bound to a new load
   uint64_t last_use = 0;      // LRU clock

@@ -52,7 +52,7 @@ struct layer_stats {
   int64_t expert_hits = 0;       // experts a forward needed that were in a slot (or on the way)
   int64_t expert_misses = 0;     // experts a forward had to load on demand
   int64_t prefetch_issued = 0;   // prefetch copies started
-  int64_t prefetch_used = 0;     // prefetched experts that a forward then used
+  int64_t prefetch_used = 0;     // prefetch copies that a forward then used (<= prefetch_issued)
   int64_t prefetch_dropped = 0;  // queued prefetches cancelled before their copy started
   double stall_seconds = 0;      // compute time spent waiting for copies
 };

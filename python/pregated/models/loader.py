@@ -6,6 +6,7 @@ from the memory-mapped files and copied straight into the runtime's expert store
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
@@ -96,8 +97,9 @@ def checkpoint_parameters(ckpt: Checkpoint) -> int:
 
 
 def progress_bar(total: int, enabled: bool):
-    return tqdm(total=total, unit=" params", unit_scale=True, desc="loading", disable=not enabled,
-                leave=False)
+    """A loading progress bar on stderr, only when stderr is a terminal: logs stay clean."""
+    return tqdm(total=total, unit=" params", unit_scale=True, desc="loading",
+                disable=not (enabled and sys.stderr.isatty()), leave=False)
 
 
 class CheckpointSource:
