@@ -264,14 +264,14 @@ def _check_baseline_packages(baselines: list[str], device: str) -> None:
                            f"which is not installed: pip install {' '.join(missing)}")
 
 
-def _check_footprint(args, cfg, device: str, budgets: list[int]) -> None:
+def _check_footprint(args, cfg, device: str) -> None:
     """Refuses, before anything is allocated, a run whose memory the machine does not have.
     gpu-only is left out: it runs only when it fits once the rest is loaded (_fits_on_device)."""
     from .footprint import bench_footprint, check_fits
     from .synthetic import SHAPES, SyntheticModel
 
-    def footprint(c):
-        slab = min(max(budgets, default=0), c.all_expert_bytes())
+    def footprint(c):  # percentages of each candidate's own expert bytes
+        slab = min(max(parse_budgets(args.expert_memory, c.all_expert_bytes()), default=0), c.all_expert_bytes())
         return bench_footprint(c, device, slab, args.baseline)
 
     advice = "use a smaller model, fewer baselines or smaller --expert-memory budgets"
@@ -321,9 +321,6 @@ def run_bench(args, log=print) -> dict:
     t0 = time.perf_counter()
     source = SyntheticModel(args.synthetic, layers=args.layers, dtype=args.dtype or "bfloat16") if args.synthetic else args.model
     name = args.synthetic or os.path.basename(os.path.normpath(args.model))
-    machine = machine_info(device)
-    log(f"machine: {machine['gpu'] or machine['cpu']}, h2d {machine['h2d_gbps']:.1f} GB/s")
-    # Open with the smallest slab; it is resized for each configuration.
     if args.synthetic:
         cfg0 = source.config
     else:
@@ -332,7 +329,10 @@ def run_bench(args, log=print) -> dict:
     if args.dtype:
         cfg0.dtype = DTYPES[args.dtype]
     budgets = parse_budgets(args.expert_memory, cfg0.all_expert_bytes())
-    _check_footprint(args, cfg0, device, budgets)
+    _check_footprint(args, cfg0, device)
+    machine = machine_info(device)
+    log(f"machine: {machine['gpu'] or machine['cpu']}, h2d {machine['h2d_gbps']:.1f} GB/s")
+    # Open with the smallest slab; it is resized for each configuration.
     engine = Engine(source, device=device, dtype=args.dtype, policy="on-demand",
                     expert_memory=min_expert_memory("on-demand", cfg0), eviction=args.eviction,
                     quiet=args.quiet)

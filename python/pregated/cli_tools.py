@@ -86,6 +86,7 @@ def evaluate(model: str, text: str, *, pregate=None, window=None, max_tokens=Non
         configs = [("exact", "speculative"), ("pregate", "speculative")]
         if pregate:
             configs.append(("pregate", pregate))
+        eng.moe.score_pregate = True
         for routing, pg in configs:
             eng.set_routing(routing, pregate=pg)
             eng.reset_stats()

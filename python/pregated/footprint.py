@@ -40,10 +40,10 @@ def dense_bytes(cfg) -> int:
 class Footprint:
     host: int       # bytes of host memory
     device: int     # bytes of device memory (0 on the CPU, where the device is the host)
-    parts: dict     # what each figure is made of, for the message
+    parts: dict     # (where, what) -> bytes: what each figure is made of, for the message
 
     def describe(self, where: str) -> str:
-        return ", ".join(f"{k} {_core.format_bytes(v)}" for k, v in self.parts.items() if v and where in k)
+        return ", ".join(f"{what} {_core.format_bytes(v)}" for (w, what), v in self.parts.items() if v and w == where)
 
 
 def bench_footprint(cfg, device: str, largest_slab: int, hf_baselines: list[str]) -> Footprint:
@@ -52,16 +52,15 @@ def bench_footprint(cfg, device: str, largest_slab: int, hf_baselines: list[str]
     second whole model loaded by transformers while the engine stays open."""
     experts = cfg.all_expert_bytes()
     dense = dense_bytes(cfg)
-    on_cpu = not device.startswith("cuda")
-    parts = {"host: expert store": experts,
-             ("host" if on_cpu else "device") + ": dense weights": dense,
-             ("host" if on_cpu else "device") + ": expert slots": largest_slab}
+    dev = "device" if device.startswith("cuda") else "host"  # the CPU backend's device is the host
+    parts = {("host", "expert store"): experts, (dev, "dense weights"): dense,
+             (dev, "expert slots"): largest_slab}
     if hf_baselines:
         # transformers holds the whole model: in host memory on the CPU, and accelerate keeps
         # offloaded weights in host memory on a GPU.
-        parts["host: transformers' copy of the model"] = dense + experts
-    host = sum(v for k, v in parts.items() if k.startswith("host"))
-    device_bytes = sum(v for k, v in parts.items() if k.startswith("device"))
+        parts[("host", "transformers' copy of the model")] = dense + experts
+    host = sum(v for (w, _), v in parts.items() if w == "host")
+    device_bytes = sum(v for (w, _), v in parts.items() if w == "device")
     return Footprint(host=int(host * SLACK) + HOST_OVERHEAD, device=int(device_bytes * SLACK), parts=parts)
 
 

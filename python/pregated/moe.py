@@ -120,6 +120,9 @@ class MoEExecutor:
         self.set_routing(routing)
         self.blocks = [model.model.layers[i].mlp for i in cfg.moe_layers]
         self.recorder = None  # calibration hook: recorder(m, h, router_logits, ids)
+        # Predict and score in every block, also where neither the policy nor the routing mode
+        # uses the prediction (`pregated eval` measures the pre-gate under exact routing).
+        self.score_pregate = False
         self.reset()
 
     def set_routing(self, routing: str) -> None:
@@ -142,7 +145,7 @@ class MoEExecutor:
         ids, weights = route_logits(router_logits, cfg)
         if self.recorder is not None:
             self.recorder(m, h, router_logits, ids)
-        predict = m + 1 < n and (self.routing == "pregate" or self.policy == "pregated")
+        predict = m + 1 < n and (self.routing == "pregate" or self.policy == "pregated" or self.score_pregate)
         pred = self.pregate.predict(m, h) if predict else None
         # One device -> host transfer (one synchronisation) for everything the host needs.
         ids, weights, pred = _to_host(ids, weights, pred)
@@ -152,12 +155,11 @@ class MoEExecutor:
         self.pending[m] = None
         nxt = None
         if pred is not None:
-            unique = torch.unique(pred[0]).tolist()
             self.predicted[m + 1] = pred[0]
             if self.routing == "pregate":
                 self.pending[m + 1] = pred
             if self.policy == "pregated":
-                nxt = unique
+                nxt = torch.unique(pred[0]).tolist()
         if m + 1 < n and self.policy == "prefetch-all":
             nxt = list(range(cfg.num_experts))
         out = self.runtime.forward(m, x.contiguous(), ids, weights,
