@@ -82,12 +82,16 @@ class py_runtime {
  public:
   py_runtime(int32_t num_layers, int32_t num_experts, int64_t hidden, int64_t intermediate,
              const std::string& ffn, const std::string& dtype_name, const std::string& device,
-             const py::object& expert_memory, const std::string& eviction, int32_t copy_depth) {
+             const py::object& expert_memory, const std::string& eviction, int32_t copy_depth,
+             bool has_bias, float alpha, float limit) {
     runtime_config cfg;
     cfg.num_layers = num_layers;
     cfg.num_experts = num_experts;
     cfg.spec.hidden = hidden;
     cfg.spec.intermediate = intermediate;
+    cfg.spec.has_bias = has_bias;
+    cfg.spec.alpha = alpha;
+    cfg.spec.limit = limit;
     throw_if_error(parse_ffn_kind(ffn, &cfg.spec.kind));
     throw_if_error(parse_dtype(dtype_name, &cfg.spec.dt));
     throw_if_error(parse_eviction_policy(eviction, &cfg.eviction));
@@ -149,9 +153,13 @@ class py_runtime {
     sp.part_shape(p, &rows, &cols);
     expect_device(t, name.c_str(), "cpu");
     expect_dtype(t, name.c_str(), dtype_name(sp.dt));
-    expect_dims(t, name.c_str(), {rows, cols}, p == sp.num_parts() - 1 ? "hidden, intermediate" : "intermediate, hidden");
+    if (cols == 0) {
+      expect_dims(t, name.c_str(), {rows}, p == sp.num_parts() - 1 ? "hidden" : "intermediate");
+    } else {
+      expect_dims(t, name.c_str(), {rows, cols}, p == sp.down_part() ? "hidden, intermediate" : "intermediate, hidden");
+    }
     expect_contiguous(t, name.c_str());
-    const size_t bytes = static_cast<size_t>(rows * cols) * dtype_size(sp.dt);
+    const size_t bytes = sp.part_elements(p) * dtype_size(sp.dt);
     py::gil_scoped_release nogil;
     throw_if_error(r.store().set_part({layer, expert}, p, reinterpret_cast<const void*>(t.data), bytes));
   }
@@ -330,16 +338,18 @@ PYBIND11_MODULE(_core, m) {
   m.def("format_bytes", &format_bytes, py::arg("bytes"));
 
   m.def("expert_bytes", [](int64_t hidden, int64_t intermediate, const std::string& ffn,
-                           const std::string& dt) {
+                           const std::string& dt, bool has_bias) {
     expert_spec sp;
     sp.hidden = hidden;
     sp.intermediate = intermediate;
+    sp.has_bias = has_bias;
     throw_if_error(parse_ffn_kind(ffn, &sp.kind));
     throw_if_error(parse_dtype(dt, &sp.dt));
     throw_if_error(sp.validate());
     return static_cast<int64_t>(sp.bytes());
   }, py::arg("hidden"), py::arg("intermediate"), py::arg("ffn") = "gated_silu",
-     py::arg("dtype") = "bfloat16", "Bytes of one expert in the store and in a slot.");
+     py::arg("dtype") = "bfloat16", py::arg("has_bias") = false,
+     "Bytes of one expert in the store and in a slot (padded to 256 bytes).");
 
   py::class_<py_runtime>(m, "Runtime", R"doc(
 The expert runtime of one model.
@@ -348,20 +358,26 @@ Parameters
 ----------
 num_layers, num_experts : MoE layers, experts per layer.
 hidden, intermediate : H and I of one expert.
-ffn : "gated_silu" (Mixtral, Qwen-MoE, OLMoE), "gated_gelu", "relu" (SwitchTransformers), "gelu".
+ffn : "gated_silu" (Mixtral, Qwen-MoE, OLMoE, DeepSeek), "gated_gelu", "gated_gelu_tanh",
+    "gated_relu", "gated_swiglu_oai" (GPT-OSS), or non-gated "relu" (SwitchTransformers), "gelu",
+    "gelu_tanh", "silu", "relu2" (Nemotron-H).
 dtype : "float32", "float16" or "bfloat16".
 device : "cpu" or "cuda[:N]".
 expert_memory : bytes of device memory for expert slots (int or "8GiB"); None = every expert.
 eviction : "lru" or "lfu".
 copy_depth : copies handed to the copy engine at once.
+has_bias : experts carry biases (parts gate_bias, up_bias, down_bias / in_bias, out_bias).
+alpha, limit : the clamped SwiGLU of gated_swiglu_oai.
 )doc")
       .def(py::init<int32_t, int32_t, int64_t, int64_t, const std::string&, const std::string&,
-                    const std::string&, const py::object&, const std::string&, int32_t>(),
+                    const std::string&, const py::object&, const std::string&, int32_t, bool, float,
+                    float>(),
            py::arg("num_layers"), py::arg("num_experts"), py::arg("hidden"),
            py::arg("intermediate"), py::kw_only(), py::arg("ffn") = "gated_silu",
            py::arg("dtype") = "bfloat16", py::arg("device") = "cpu",
            py::arg("expert_memory") = py::none(), py::arg("eviction") = "lru",
-           py::arg("copy_depth") = 2)
+           py::arg("copy_depth") = 2, py::arg("has_bias") = false, py::arg("alpha") = 1.702f,
+           py::arg("limit") = 7.0f)
       .def_property_readonly("device", &py_runtime::device)
       .def_property_readonly("num_slots", [](py_runtime& self) { return self.rt().num_slots(); })
       .def_property_readonly("expert_bytes", [](py_runtime& self) {
@@ -370,7 +386,8 @@ copy_depth : copies handed to the copy engine at once.
       .def_property_readonly("closed", [](py_runtime& self) { return self.rt_closed(); })
       .def("set_expert", &py_runtime::set_expert, py::arg("layer"), py::arg("expert"),
            py::arg("part"), py::arg("weight"),
-           "Copy one weight of one expert into the expert store. gate/up/in: [I, H], down/out: [H, I].")
+           "Copy one weight of one expert into the expert store. gate/up/in: [I, H], down/out: [H, I],\n"
+           "gate_bias/up_bias/in_bias: [I], down_bias/out_bias: [H].")
       .def("host_expert", &py_runtime::host_expert, py::arg("layer"), py::arg("expert"),
            "The bytes of one expert in the expert store.")
       .def("forward", &py_runtime::forward, py::arg("layer"), py::arg("x"), py::arg("ids"),

@@ -219,12 +219,19 @@ status runtime::impl::forward(const moe_args& a) {
       const int64_t r0 = plan.offsets[h.plan_index];
       const int64_t n = plan.offsets[h.plan_index + 1] - r0;
       uint8_t* a_rows = act + static_cast<size_t>(r0 * U) * esz;
+      uint8_t* y_rows = y + static_cast<size_t>(r0 * H) * esz;
       result = be->gemm_nt(dt, n, U, H, xp + static_cast<size_t>(r0 * H) * esz, H, w, H, a_rows,
                            U, a.stream);
-      if (result.is_ok()) result = be->activate(sp.kind, dt, a_rows, n, I, U, a.stream);
+      if (result.is_ok() && sp.has_bias) {  // gate and up biases are adjacent, like their rows
+        result = be->add_bias(dt, a_rows, n, U, U, w + sp.part_offset(sp.first_bias_part()), a.stream);
+      }
+      if (result.is_ok()) result = be->activate(sp, a_rows, n, U, a.stream);
       if (result.is_ok()) {
-        result = be->gemm_nt(dt, n, H, I, a_rows, U, w + sp.part_offset(sp.num_parts() - 1), I,
-                             y + static_cast<size_t>(r0 * H) * esz, H, a.stream);
+        result = be->gemm_nt(dt, n, H, I, a_rows, U, w + sp.part_offset(sp.down_part()), I, y_rows,
+                             H, a.stream);
+      }
+      if (result.is_ok() && sp.has_bias) {
+        result = be->add_bias(dt, y_rows, n, H, H, w + sp.part_offset(sp.num_parts() - 1), a.stream);
       }
       if (result.is_ok() && c1) result = be->record(c1.get(), a.stream);
       if (c0 && c1) {

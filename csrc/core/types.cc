@@ -28,8 +28,29 @@ status parse_dtype(const std::string& name, dtype* out) {
   return invalid_argument("unknown dtype '" + name + "': use float32, float16 or bfloat16");
 }
 
+namespace {
+
+constexpr ffn_kind all_ffn_kinds[] = {
+    ffn_kind::ffn_kind_gated_silu,      ffn_kind::ffn_kind_gated_gelu,
+    ffn_kind::ffn_kind_relu,            ffn_kind::ffn_kind_gelu,
+    ffn_kind::ffn_kind_gated_gelu_tanh, ffn_kind::ffn_kind_gated_relu,
+    ffn_kind::ffn_kind_gated_swiglu_oai, ffn_kind::ffn_kind_silu,
+    ffn_kind::ffn_kind_gelu_tanh,       ffn_kind::ffn_kind_relu2,
+};
+
+}  // namespace
+
 bool ffn_is_gated(ffn_kind kind) {
-  return kind == ffn_kind::ffn_kind_gated_silu || kind == ffn_kind::ffn_kind_gated_gelu;
+  switch (kind) {
+    case ffn_kind::ffn_kind_gated_silu:
+    case ffn_kind::ffn_kind_gated_gelu:
+    case ffn_kind::ffn_kind_gated_gelu_tanh:
+    case ffn_kind::ffn_kind_gated_relu:
+    case ffn_kind::ffn_kind_gated_swiglu_oai:
+      return true;
+    default:
+      return false;
+  }
 }
 
 const char* ffn_kind_name(ffn_kind kind) {
@@ -38,17 +59,23 @@ const char* ffn_kind_name(ffn_kind kind) {
     case ffn_kind::ffn_kind_gated_gelu: return "gated_gelu";
     case ffn_kind::ffn_kind_relu: return "relu";
     case ffn_kind::ffn_kind_gelu: return "gelu";
+    case ffn_kind::ffn_kind_gated_gelu_tanh: return "gated_gelu_tanh";
+    case ffn_kind::ffn_kind_gated_relu: return "gated_relu";
+    case ffn_kind::ffn_kind_gated_swiglu_oai: return "gated_swiglu_oai";
+    case ffn_kind::ffn_kind_silu: return "silu";
+    case ffn_kind::ffn_kind_gelu_tanh: return "gelu_tanh";
+    case ffn_kind::ffn_kind_relu2: return "relu2";
   }
   return "?";
 }
 
 status parse_ffn_kind(const std::string& name, ffn_kind* out) {
-  for (ffn_kind k : {ffn_kind::ffn_kind_gated_silu, ffn_kind::ffn_kind_gated_gelu,
-                     ffn_kind::ffn_kind_relu, ffn_kind::ffn_kind_gelu}) {
+  std::string names;
+  for (ffn_kind k : all_ffn_kinds) {
     if (name == ffn_kind_name(k)) { *out = k; return {}; }
+    names += (names.empty() ? "" : ", ") + std::string(ffn_kind_name(k));
   }
-  return invalid_argument("unknown ffn kind '" + name +
-                          "': use gated_silu, gated_gelu, relu or gelu");
+  return invalid_argument("unknown ffn kind '" + name + "': use one of " + names);
 }
 
 status expert_spec::validate() const {
@@ -60,31 +87,43 @@ status expert_spec::validate() const {
   if (hidden > (int64_t{1} << 31) || intermediate > (int64_t{1} << 31)) {
     return invalid_argument("expert shape too large for 32-bit BLAS dimensions");
   }
+  if (!(std::isfinite(alpha) && std::isfinite(limit) && limit > 0)) {
+    return invalid_argument("gated_swiglu_oai needs a finite alpha and a limit > 0");
+  }
   return {};
 }
 
 size_t expert_spec::part_elements(int part) const {
-  (void)part;  // every part is I x H or H x I
-  return static_cast<size_t>(hidden) * static_cast<size_t>(intermediate);
+  const size_t H = static_cast<size_t>(hidden), I = static_cast<size_t>(intermediate);
+  if (part < num_weights()) return H * I;
+  return part == num_parts() - 1 ? H : I;  // the last bias is down's (or out's)
 }
 
 size_t expert_spec::part_offset(int part) const {
-  return static_cast<size_t>(part) * part_elements(0) * dtype_size(dt);
+  size_t elements = 0;
+  for (int p = 0; p < part; ++p) elements += part_elements(p);
+  return elements * dtype_size(dt);
 }
 
 size_t expert_spec::bytes() const {
-  return static_cast<size_t>(num_parts()) * part_elements(0) * dtype_size(dt);
+  const size_t used = part_offset(num_parts());
+  return (used + expert_block_align - 1) / expert_block_align * expert_block_align;
 }
 
 void expert_spec::part_shape(int part, int64_t* rows, int64_t* cols) const {
-  const bool last = part == num_parts() - 1;  // down / out: [H, I]
+  if (part >= num_weights()) {  // a bias vector
+    *rows = static_cast<int64_t>(part_elements(part));
+    *cols = 0;
+    return;
+  }
+  const bool last = part == down_part();  // down / out: [H, I]
   *rows = last ? hidden : intermediate;
   *cols = last ? intermediate : hidden;
 }
 
 const char* expert_spec::part_name(int part) const {
-  static const char* gated[] = {"gate", "up", "down"};
-  static const char* plain[] = {"in", "out"};
+  static const char* gated[] = {"gate", "up", "down", "gate_bias", "up_bias", "down_bias"};
+  static const char* plain[] = {"in", "out", "in_bias", "out_bias"};
   if (part < 0 || part >= num_parts()) return "?";
   return ffn_is_gated(kind) ? gated[part] : plain[part];
 }

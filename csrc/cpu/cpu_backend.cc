@@ -66,12 +66,25 @@ void store(dtype dt, void* p, int64_t i, float v) {
   }
 }
 
+// act(x) of every kind but gated_swiglu_oai, which needs both halves (see activate).
 float activation(ffn_kind kind, float x) {
   switch (kind) {
-    case ffn_kind::ffn_kind_gated_silu: return x / (1.0f + std::exp(-x));
-    case ffn_kind::ffn_kind_relu: return x > 0 ? x : 0.0f;
+    case ffn_kind::ffn_kind_gated_silu:
+    case ffn_kind::ffn_kind_silu:
+      return x / (1.0f + std::exp(-x));
+    case ffn_kind::ffn_kind_relu:
+    case ffn_kind::ffn_kind_gated_relu:
+      return x > 0 ? x : 0.0f;
+    case ffn_kind::ffn_kind_relu2:
+      return x > 0 ? x * x : 0.0f;
     case ffn_kind::ffn_kind_gated_gelu:
-    case ffn_kind::ffn_kind_gelu: return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
+    case ffn_kind::ffn_kind_gelu:
+      return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
+    case ffn_kind::ffn_kind_gated_gelu_tanh:
+    case ffn_kind::ffn_kind_gelu_tanh:
+      return 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    case ffn_kind::ffn_kind_gated_swiglu_oai:
+      break;
   }
   return x;
 }
@@ -163,15 +176,35 @@ class cpu_backend final : public backend {
     return {};
   }
 
-  status activate(ffn_kind kind, dtype dt, void* data, int64_t rows, int64_t width, int64_t ld,
-                  void*) override {
-    const bool gated = ffn_is_gated(kind);
+  status activate(const expert_spec& sp, void* data, int64_t rows, int64_t ld, void*) override {
+    const dtype dt = sp.dt;
+    const int64_t width = sp.intermediate;
+    const bool gated = ffn_is_gated(sp.kind);
+    const bool oai = sp.kind == ffn_kind::ffn_kind_gated_swiglu_oai;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t base = r * ld;
       for (int64_t j = 0; j < width; ++j) {
-        float v = activation(kind, load(dt, data, base + j));
-        if (gated) v *= load(dt, data, base + width + j);
+        const float x = load(dt, data, base + j);
+        float v;
+        if (oai) {
+          const float g = std::fmin(x, sp.limit);
+          const float u = std::fmax(std::fmin(load(dt, data, base + width + j), sp.limit), -sp.limit);
+          v = (u + 1.0f) * g / (1.0f + std::exp(-sp.alpha * g));
+        } else {
+          v = activation(sp.kind, x);
+          if (gated) v *= load(dt, data, base + width + j);
+        }
         store(dt, data, base + j, v);
+      }
+    }
+    return {};
+  }
+
+  status add_bias(dtype dt, void* data, int64_t rows, int64_t width, int64_t ld, const void* bias,
+                  void*) override {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < width; ++j) {
+        store(dt, data, r * ld + j, load(dt, data, r * ld + j) + load(dt, bias, j));
       }
     }
     return {};

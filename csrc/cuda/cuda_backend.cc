@@ -216,10 +216,16 @@ class cuda_backend final : public backend {
     PREGATED_CUDA_CHECK(cuda::launch_gather_rows(dt, dst, src, rows, n_rows, width, as_stream(stream)));
     return {};
   }
-  status activate(ffn_kind kind, dtype dt, void* data, int64_t rows, int64_t width, int64_t ld,
+  status activate(const expert_spec& sp, void* data, int64_t rows, int64_t ld,
                   void* stream) override {
     if (rows == 0) return {};
-    PREGATED_CUDA_CHECK(cuda::launch_activate(kind, dt, data, rows, width, ld, as_stream(stream)));
+    PREGATED_CUDA_CHECK(cuda::launch_activate(sp, data, rows, ld, as_stream(stream)));
+    return {};
+  }
+  status add_bias(dtype dt, void* data, int64_t rows, int64_t width, int64_t ld, const void* bias,
+                  void* stream) override {
+    if (rows == 0) return {};
+    PREGATED_CUDA_CHECK(cuda::launch_add_bias(dt, data, rows, width, ld, bias, as_stream(stream)));
     return {};
   }
   status combine(dtype dt, void* out, const void* y, const int32_t* row_of, const float* weights,

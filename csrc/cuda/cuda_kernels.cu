@@ -33,27 +33,51 @@ __global__ void gather_rows_kernel(uint8_t* dst, const uint8_t* src, const int32
   }
 }
 
+// act(x) of every kind but gated_swiglu_oai (see activate_kernel).
 template <int Kind>
 __device__ __forceinline__ float activation(float x) {
-  if constexpr (Kind == static_cast<int>(ffn_kind::ffn_kind_gated_silu)) {
+  constexpr auto k = static_cast<ffn_kind>(Kind);
+  if constexpr (k == ffn_kind::ffn_kind_gated_silu || k == ffn_kind::ffn_kind_silu) {
     return x / (1.0f + __expf(-x));
-  } else if constexpr (Kind == static_cast<int>(ffn_kind::ffn_kind_relu)) {
+  } else if constexpr (k == ffn_kind::ffn_kind_relu || k == ffn_kind::ffn_kind_gated_relu) {
     return fmaxf(x, 0.0f);
+  } else if constexpr (k == ffn_kind::ffn_kind_relu2) {
+    return x > 0.0f ? x * x : 0.0f;
+  } else if constexpr (k == ffn_kind::ffn_kind_gated_gelu_tanh || k == ffn_kind::ffn_kind_gelu_tanh) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
   } else {
     return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
   }
 }
 
 template <typename T, int Kind, bool Gated>
-__global__ void activate_kernel(T* data, int64_t rows, int64_t width, int64_t ld) {
+__global__ void activate_kernel(T* data, int64_t rows, int64_t width, int64_t ld, float alpha,
+                                float limit) {
   const int64_t total = rows * width;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / width, j = i % width;
     T* row = data + r * ld;
-    float v = activation<Kind>(to_f32(row[j]));
-    if constexpr (Gated) v *= to_f32(row[width + j]);
+    float v;
+    if constexpr (static_cast<ffn_kind>(Kind) == ffn_kind::ffn_kind_gated_swiglu_oai) {
+      const float g = fminf(to_f32(row[j]), limit);
+      const float u = fmaxf(fminf(to_f32(row[width + j]), limit), -limit);
+      v = (u + 1.0f) * g / (1.0f + __expf(-alpha * g));
+    } else {
+      v = activation<Kind>(to_f32(row[j]));
+      if constexpr (Gated) v *= to_f32(row[width + j]);
+    }
     row[j] = from_f32<T>(v);
+  }
+}
+
+template <typename T>
+__global__ void add_bias_kernel(T* data, int64_t rows, int64_t width, int64_t ld, const T* bias) {
+  const int64_t total = rows * width;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / width, j = i % width;
+    data[r * ld + j] = from_f32<T>(to_f32(data[r * ld + j]) + to_f32(bias[j]));
   }
 }
 
@@ -76,25 +100,40 @@ int grid_for(int64_t n, int threads) {
   return static_cast<int>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
 }
 
+template <typename T, int Kind>
+void launch_kind(T* data, int64_t rows, int64_t width, int64_t ld, float alpha, float limit,
+                 cudaStream_t stream) {
+  const int threads = 256;
+  constexpr bool gated = Kind == 0 || Kind == 1 || Kind == 4 || Kind == 5 || Kind == 6;
+  activate_kernel<T, Kind, gated><<<grid_for(rows * width, threads), threads, 0, stream>>>(
+      data, rows, width, ld, alpha, limit);
+}
+
 template <typename T>
-cudaError_t activate_typed(ffn_kind kind, T* data, int64_t rows, int64_t width, int64_t ld,
+cudaError_t activate_typed(const expert_spec& sp, T* data, int64_t rows, int64_t ld,
+                           cudaStream_t stream) {
+  const int64_t w = sp.intermediate;
+  const float a = sp.alpha, l = sp.limit;
+  switch (sp.kind) {
+    case ffn_kind::ffn_kind_gated_silu: launch_kind<T, 0>(data, rows, w, ld, a, l, stream); break;
+    case ffn_kind::ffn_kind_gated_gelu: launch_kind<T, 1>(data, rows, w, ld, a, l, stream); break;
+    case ffn_kind::ffn_kind_relu: launch_kind<T, 2>(data, rows, w, ld, a, l, stream); break;
+    case ffn_kind::ffn_kind_gelu: launch_kind<T, 3>(data, rows, w, ld, a, l, stream); break;
+    case ffn_kind::ffn_kind_gated_gelu_tanh: launch_kind<T, 4>(data, rows, w, ld, a, l, stream); break;
+    case ffn_kind::ffn_kind_gated_relu: launch_kind<T, 5>(data, rows, w, ld, a, l, stream); break;
+    case ffn_kind::ffn_kind_gated_swiglu_oai: launch_kind<T, 6>(data, rows, w, ld, a, l, stream); break;
+    case ffn_kind::ffn_kind_silu: launch_kind<T, 7>(data, rows, w, ld, a, l, stream); break;
+    case ffn_kind::ffn_kind_gelu_tanh: launch_kind<T, 8>(data, rows, w, ld, a, l, stream); break;
+    case ffn_kind::ffn_kind_relu2: launch_kind<T, 9>(data, rows, w, ld, a, l, stream); break;
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t add_bias_typed(T* data, int64_t rows, int64_t width, int64_t ld, const T* bias,
                            cudaStream_t stream) {
   const int threads = 256;
-  const int grid = grid_for(rows * width, threads);
-  switch (kind) {
-    case ffn_kind::ffn_kind_gated_silu:
-      activate_kernel<T, 0, true><<<grid, threads, 0, stream>>>(data, rows, width, ld);
-      break;
-    case ffn_kind::ffn_kind_gated_gelu:
-      activate_kernel<T, 1, true><<<grid, threads, 0, stream>>>(data, rows, width, ld);
-      break;
-    case ffn_kind::ffn_kind_relu:
-      activate_kernel<T, 2, false><<<grid, threads, 0, stream>>>(data, rows, width, ld);
-      break;
-    case ffn_kind::ffn_kind_gelu:
-      activate_kernel<T, 3, false><<<grid, threads, 0, stream>>>(data, rows, width, ld);
-      break;
-  }
+  add_bias_kernel<T><<<grid_for(rows * width, threads), threads, 0, stream>>>(data, rows, width, ld, bias);
   return cudaGetLastError();
 }
 
@@ -126,13 +165,26 @@ cudaError_t launch_gather_rows(dtype dt, void* dst, const void* src, const int32
   return cudaGetLastError();
 }
 
-cudaError_t launch_activate(ffn_kind kind, dtype dt, void* data, int64_t rows, int64_t width,
-                            int64_t ld, cudaStream_t stream) {
+cudaError_t launch_activate(const expert_spec& sp, void* data, int64_t rows, int64_t ld,
+                            cudaStream_t stream) {
+  switch (sp.dt) {
+    case dtype::dtype_f32: return activate_typed(sp, static_cast<float*>(data), rows, ld, stream);
+    case dtype::dtype_f16: return activate_typed(sp, static_cast<__half*>(data), rows, ld, stream);
+    case dtype::dtype_bf16: return activate_typed(sp, static_cast<__nv_bfloat16*>(data), rows, ld, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_add_bias(dtype dt, void* data, int64_t rows, int64_t width, int64_t ld,
+                            const void* bias, cudaStream_t stream) {
   switch (dt) {
-    case dtype::dtype_f32: return activate_typed(kind, static_cast<float*>(data), rows, width, ld, stream);
-    case dtype::dtype_f16: return activate_typed(kind, static_cast<__half*>(data), rows, width, ld, stream);
+    case dtype::dtype_f32:
+      return add_bias_typed(static_cast<float*>(data), rows, width, ld, static_cast<const float*>(bias), stream);
+    case dtype::dtype_f16:
+      return add_bias_typed(static_cast<__half*>(data), rows, width, ld, static_cast<const __half*>(bias), stream);
     case dtype::dtype_bf16:
-      return activate_typed(kind, static_cast<__nv_bfloat16*>(data), rows, width, ld, stream);
+      return add_bias_typed(static_cast<__nv_bfloat16*>(data), rows, width, ld,
+                            static_cast<const __nv_bfloat16*>(bias), stream);
   }
   return cudaErrorInvalidValue;
 }

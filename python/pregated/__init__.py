@@ -7,11 +7,53 @@ the runtime copies them to the GPU while the current block computes.
 from __future__ import annotations
 
 import os
+import sys
 
 from . import _core
 from ._core import Runtime, expert_bytes, format_bytes, parse_bytes
 
 __version__ = _core.build_info()["version"]
+
+
+class _RegisterWhenImported:
+    """Registers "pregated" in transformers' experts interface as soon as transformers'
+    `integrations.moe` is imported (at once if it already is), so that
+    AutoModelForCausalLM.from_config(..., experts_implementation="pregated") finds it after
+    `import pregated` without making every `import pregated` pay for importing transformers."""
+
+    target = "transformers.integrations.moe"
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.target:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module):
+            exec_module(module)
+            sys.meta_path.remove(self)
+            from .experts import register
+
+            register()
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+if _RegisterWhenImported.target in sys.modules:
+    from .experts import register as _register
+
+    _register()
+else:
+    sys.meta_path.insert(0, _RegisterWhenImported())
 
 # The Python front, imported on first use so that `import pregated` (and the CLI's --help)
 # stays light: `from pregated import Engine` works as usual.

@@ -67,6 +67,10 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self._file_of
 
+    def file_of(self, name: str) -> str:
+        """The file holding tensor `name` (for messages)."""
+        return self._file_of.get(name, "?")
+
     def _handle_of(self, name: str):
         path = self._file_of.get(name)
         if path is None:

@@ -1,25 +1,28 @@
-"""Engine: load a Hugging Face MoE checkpoint, own the runtime, generate.
+"""Engine: load a Hugging Face MoE checkpoint into transformers' own model with its routed
+experts in pregated's expert store, own the runtime, generate.
 
-B = batch, L = new tokens this step, S = cache length, H = hidden, V = vocabulary.
+B = batch, L = new tokens this step, S = tokens so far, H = hidden, V = vocabulary.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 
 import torch
 
 from . import _core
-from .config import DTYPES, ModelConfig, dtype_from_name, dtype_name
+from .config import DTYPES, checkpoint_dtype, dtype_from_name, dtype_name
+from .experts import Binding, register_runtime, unregister_runtime
 from .generation import GenerationResult, SamplingParams, TextStream, TextTracker, sample
-from .models import CausalLM
-from .models.layers import rope_cos_sin
-from .models.loader import CheckpointSource, progress_bar
+from .loading import CheckpointSource, progress_bar
+from .modeling import build_model, dense_bytes, describe, drop_expert_parameters
 from .moe import MoEExecutor, check_eviction, check_routing, resolve_policy
 from .pregate import SpeculativePregate, load_pregate
 from .prompts import as_token_ids, check_chat_messages, check_token_ids, encode_prompt, split_batch
 from .synthetic import SyntheticModel
+from .taps import BlockTaps
 
 
 def default_device() -> str:
@@ -46,33 +49,13 @@ def _resolve_device(device) -> str:
     return "cpu"
 
 
-def _resolve_dtype(dtype, cfg: ModelConfig) -> torch.dtype:
+def _resolve_dtype(dtype, hf_config) -> torch.dtype:
     if dtype is None:
-        return cfg.dtype
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and (named := dtype_from_name(dtype)) is not None:
-        return named
-    raise ValueError(f"dtype {dtype!r} is not supported: use float32, float16 or bfloat16")
-
-
-class KVCache:
-    """Keys and values of every layer: [B, G, S, D] with S rounded up to a multiple of 256.
-
-    Attention always spans the whole cache (unused slots are masked out), so every decode step,
-    and every generation of a similar length, has the same shapes: the first run after loading
-    is then no slower than the next (new shapes cost allocator and kernel-selection work)."""
-
-    ROUND = 256
-
-    def __init__(self, cfg: ModelConfig, batch: int, length: int, device, dtype):
-        length = -(-length // self.ROUND) * self.ROUND
-        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-        # zeros, not empty: a masked slot still multiplies its value by a zero weight
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)  # real tokens
-        self.length = length
+        return checkpoint_dtype(hf_config)
+    named = dtype_from_name(dtype)
+    if named is None:
+        raise ValueError(f"dtype {dtype!r} is not supported: use float32, float16 or bfloat16")
+    return named
 
 
 class Engine:
@@ -105,31 +88,39 @@ class Engine:
                 raise FileNotFoundError(f"model folder {model!r} does not exist (a local folder in Hugging Face layout)")
             self.folder = str(model)
             source = CheckpointSource(self.folder)
-        self.cfg = cfg = source.config
+        self.hf_config = source.hf_config
         self.tokenizer = source.tokenizer
         self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, cfg)
-        cfg.dtype = self.dtype  # expert sizes follow the dtype we run in
+        self.dtype = _resolve_dtype(dtype, self.hf_config)
+        self.model = build_model(self.hf_config, self.dtype)
+        self.blocks, self.layout, self.cfg = describe(self.hf_config, self.model, self.dtype)
+        cfg = self.cfg
         self.policy, self.expert_memory = resolve_policy(policy, expert_memory, cfg)
         check_eviction(self.policy, eviction)
         check_routing(routing)
         self.eviction = eviction
+        lay = self.layout
         self.runtime = _core.Runtime(
-            cfg.num_moe_layers, cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
-            ffn="gated_silu", dtype=dtype_name(self.dtype), device=self.device,
-            expert_memory=self.expert_memory, eviction=eviction)
+            cfg.num_moe_layers, lay.num_experts, lay.hidden, lay.intermediate, ffn=lay.ffn,
+            dtype=dtype_name(self.dtype), device=self.device, expert_memory=self.expert_memory,
+            eviction=eviction, has_bias=lay.has_bias, alpha=lay.alpha, limit=lay.limit)
+        self._handle = register_runtime(self.runtime)
         try:
-            with torch.device("meta"):
-                self.model = CausalLM(cfg)
+            meta_state = dict(self.model.state_dict())
+            drop_expert_parameters(self.blocks, lay)
             with progress_bar(source.parameters(), not quiet) as bar:
-                source.load(self.model, self.runtime, self.device, self.dtype, bar)
-            self.model.eval()
+                source.load(self.model, self.blocks, lay, meta_state, self.runtime.set_expert,
+                            self.device, self.dtype, bar)
+            self.taps = BlockTaps(self.blocks)
             self.pregate = self._load_pregate(pregate)
         except BaseException:
-            self.runtime.close()
+            self.close()
             raise
-        self.dense_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.moe = MoEExecutor(self.runtime, self.model, cfg, self.policy, self.pregate, routing)
+        self.dense_bytes = dense_bytes(self.model)
+        self.moe = MoEExecutor(self.runtime, self._handle, cfg, self.policy, self.pregate, self.taps, routing)
+        for m, b in enumerate(self.blocks):
+            b.experts._pregated = Binding(self.moe, m)
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._make_resident()
         self._counters = {"tokens": 0, "decode_seconds": 0.0, "prefill_tokens": 0, "prefill_seconds": 0.0}
         self.eos_ids = set(cfg.eos_token_ids)
@@ -137,16 +128,15 @@ class Engine:
         if eos_text is not None:
             self.eos_ids.add(eos_text)
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-        self._closed = False
         self._trace_step: int | None = None  # decode step whose timeline trace_decode_step records
         self._last_trace: list[dict] = []
         self._last_results: list[GenerationResult] = []
 
     def _load_pregate(self, pregate):
         if pregate is None or pregate == "speculative":
-            return SpeculativePregate(self.model, self.cfg)
+            return SpeculativePregate(self.blocks, self.taps)
         if isinstance(pregate, (str, os.PathLike)):
-            return load_pregate(str(pregate), self.model, self.cfg, self.device)
+            return load_pregate(str(pregate), self.blocks, self.taps, self.cfg, self.device)
         raise ValueError(f"pregate must be 'speculative' or a folder from `pregated calibrate`, got {pregate!r}")
 
     def _make_resident(self) -> None:
@@ -185,13 +175,18 @@ class Engine:
 
     # --- lifetime ----------------------------------------------------------------------
 
+    @property
+    def _closed(self) -> bool:
+        return getattr(self, "model", None) is None
+
     def close(self) -> None:
         """Frees the device memory of the model and the expert slots."""
-        if self._closed:
-            return
-        self.runtime.close()
+        if getattr(self, "taps", None) is not None:
+            self.taps.close()
+        if getattr(self, "runtime", None) is not None:
+            unregister_runtime(self._handle)
+            self.runtime.close()
         self.model = None
-        self._closed = True
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -207,67 +202,33 @@ class Engine:
 
     # --- the forward pass --------------------------------------------------------------
 
-    def _mask(self, cache: KVCache, start: int, L: int, window: int | None) -> torch.Tensor:
-        """[B, 1, L, S] bool over the whole cache: causal, real keys only, within the window."""
-        q = torch.arange(start, start + L, device=cache.valid.device)[:, None]
-        k = torch.arange(cache.length, device=cache.valid.device)[None, :]
-        allowed = (k <= q)
-        if window:
-            allowed = allowed & (k > q - window)
-        mask = allowed[None] & cache.valid[:, None, :]
-        # A padding query sees itself only: finite garbage that no real token ever reads.
-        mask = mask | (k == q)[None]
-        return mask[:, None]
+    def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
+                 active: torch.Tensor, all_logits: bool = False):
+        """tokens, positions: [B, L]; mask: [B, S] (1 = a real token, over every token so far);
+        active: [B, L] bool on the host, rows that go through the experts (known on the host,
+        so choosing them costs no device synchronisation).
+        -> (logits [B, L, V] or of the last position [B, 1, V], the cache)."""
+        self.moe.rows = None if bool(active.all()) else active.reshape(-1).nonzero().squeeze(-1).to(self.device)
+        try:
+            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=0 if all_logits else 1, **{self._cache_arg: cache})
+        finally:
+            self.moe.rows = None
+        return out.logits, getattr(out, self._cache_arg, None)
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
-                 active: torch.Tensor) -> torch.Tensor:
-        """tokens, positions: [B, L]; active: [B, L] bool on the host, rows that go through the
-        experts (known on the host, so choosing them costs no device synchronisation) -> [B, L, H]."""
-        cfg, layers = self.cfg, self.model.model.layers
-        B, L = tokens.shape
-        h = self.model.model.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
-        masks = {}
-        all_active = bool(active.all())
-        rows = None if all_active else active.reshape(-1).nonzero().squeeze(-1).to(h.device)
-        m = 0
-        for i, layer in enumerate(layers):
-            window = layer.sliding_window
-            if window not in masks:
-                masks[window] = self._mask(cache, start, L, window)
-            x = layer.input_layernorm(h)
-            h = h + layer.self_attn(x, cos, sin, cache.k[i], cache.v[i], start, masks[window])
-            x = layer.post_attention_layernorm(h)
-            if layer.is_moe:
-                flat_x, flat_h = x.reshape(B * L, -1), h.reshape(B * L, -1)
-                if all_active:  # the usual decode step: no gather, no scatter
-                    out = self.moe(m, flat_x, flat_h)
-                else:
-                    out = torch.zeros_like(flat_x)
-                    out[rows] = self.moe(m, flat_x[rows], flat_h[rows])
-                h = h + out.view(B, L, -1)
-                m += 1
-            else:
-                h = h + layer.mlp(x)
-        return self.model.model.norm(h)
-
-    def _prefill(self, prompts: list[list[int]], extra: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
-        """Left-pads the prompts into one batch and runs them; returns the cache, the last
-        positions [B] and the hidden state of the last prompt token [B, H]."""
+    def _prefill(self, prompts: list[list[int]]):
+        """Left-pads the prompts into one batch and runs them; returns the cache, the attention
+        mask [B, L], the last positions [B] and the logits of the last prompt token [B, V]."""
         B, L = len(prompts), max(len(p) for p in prompts)
-        cache = KVCache(self.cfg, B, L + extra, self.device, self.dtype)
         tokens = torch.full((B, L), self.pad_id, dtype=torch.long)
         valid = torch.zeros(B, L, dtype=torch.bool)
         for b, p in enumerate(prompts):
             tokens[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
             valid[b, L - len(p):] = True
-        cache.valid[:, :L] = valid.to(self.device)
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0).to(self.device)
-        hidden = self._forward(tokens.to(self.device), positions, cache, 0, valid)
-        return cache, positions[:, -1], hidden[:, -1]
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float()
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        mask = valid.long().to(self.device)
+        logits, cache = self._forward(tokens.to(self.device), mask, positions.to(self.device), None, valid)
+        return cache, mask, positions[:, -1].to(self.device), logits[:, -1].float()
 
     # --- public API --------------------------------------------------------------------
 
@@ -277,12 +238,12 @@ class Engine:
         float32 [len(token_ids), vocab_size] through the same offloading path."""
         self._check_open()
         prompt = self._check_ids(as_token_ids(token_ids), 0)
-        cache = KVCache(self.cfg, 1, len(prompt), self.device, self.dtype)
-        cache.valid[0, :len(prompt)] = True
         tokens = torch.tensor([prompt], dtype=torch.long, device=self.device)
         positions = torch.arange(len(prompt), device=self.device)[None]
-        hidden = self._forward(tokens, positions, cache, 0, torch.ones(1, len(prompt), dtype=torch.bool))
-        return self._logits(hidden[0])
+        mask = torch.ones_like(tokens)
+        logits, _ = self._forward(tokens, mask, positions, None, torch.ones(1, len(prompt), dtype=torch.bool),
+                                  all_logits=True)
+        return logits[0].float()
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(check_chat_messages(messages),
@@ -335,15 +296,13 @@ class Engine:
             gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
             B = len(prompts)
             t0 = time.perf_counter()
-            cache, last_pos, hidden = self._prefill(prompts, params.max_new_tokens)
-            logits = self._logits(hidden)
+            cache, mask, last_pos, logits = self._prefill(prompts)
             self._sync()
             self._counters["prefill_seconds"] += time.perf_counter() - t0
             self._counters["prefill_tokens"] += sum(len(p) for p in prompts)
             self.last_prefill_stats = self.runtime.stats()  # lets a benchmark split prefill from decode
             trackers = [TextTracker(self.tokenizer, params.stop) for _ in range(B)]
             finish = [None] * B
-            start = max(len(p) for p in prompts)
             t_decode = time.perf_counter()
             for step in range(params.max_new_tokens):
                 nxt = sample(logits, params, gen)
@@ -360,15 +319,14 @@ class Engine:
                 if all(f is not None for f in finish) or step == params.max_new_tokens - 1:
                     break
                 active = torch.tensor([f is None for f in finish])[:, None]
-                cache.valid[:, start + step] = True
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
                 last_pos = last_pos + 1
                 tracing = self._trace_step is not None and step + 1 == self._trace_step
                 if tracing:
                     self._sync()
                     self.runtime.set_tracing(True)
-                hidden = self._forward(nxt[:, None].to(self.device), last_pos[:, None], cache,
-                                       start + step, active)
-                logits = self._logits(hidden[:, -1])
+                out, cache = self._forward(nxt[:, None].to(self.device), mask, last_pos[:, None], cache, active)
+                logits = out[:, -1].float()
                 if tracing:
                     self._sync()
                     self._last_trace = self.runtime.trace()

@@ -12,27 +12,10 @@ Policies (how experts reach the compute):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import _core
 
 POLICIES = ("gpu-only", "on-demand", "prefetch-all", "pregated")
-
-
-def route(gate: torch.nn.Linear, x: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [T, H] -> ids [T, K] (int64), weights [T, K] float32, as transformers routes."""
-    return route_logits(F.linear(x, gate.weight), cfg)
-
-
-def route_logits(logits: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] (their dtype is the model's) -> ids [T, K], weights [T, K] float32."""
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-    weights, ids = torch.topk(probs, cfg.top_k, dim=-1)
-    if cfg.norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    if cfg.router_weights_in_dtype:
-        weights = weights.to(logits.dtype)
-    return ids, weights.float()
 
 
 def min_expert_slots(policy: str, cfg) -> int:
@@ -112,17 +95,21 @@ class MoEExecutor:
     block m (the paper's algorithm); the first block routes with its own router.
     """
 
-    def __init__(self, runtime, model, cfg, policy: str, pregate, routing: str = "exact"):
+    def __init__(self, runtime, handle: int, cfg, policy: str, pregate, taps, routing: str = "exact"):
         self.runtime = runtime
+        self.handle = handle  # the runtime's handle for the custom op
         self.cfg = cfg
         self.policy = policy
         self.pregate = pregate
+        self.taps = taps
         self.set_routing(routing)
-        self.blocks = [model.model.layers[i].mlp for i in cfg.moe_layers]
         self.recorder = None  # calibration hook: recorder(m, h, router_logits, ids)
         # Predict and score in every block, also where neither the policy nor the routing mode
         # uses the prediction (`pregated eval` measures the pre-gate under exact routing).
         self.score_pregate = False
+        # Rows of this forward that go through the experts ([N] indices into the flattened
+        # batch, on the device), or None for all: padding and finished sequences load nothing.
+        self.rows: torch.Tensor | None = None
         self.reset()
 
     def set_routing(self, routing: str) -> None:
@@ -138,13 +125,18 @@ class MoEExecutor:
         # per token: its predicted experts against its routed ones (what routing by pre-gate sees)
         self.token_hits, self.token_pred, self.token_routed = [0] * n, [0] * n, [0] * n
 
-    def __call__(self, m: int, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """x: [T, H] normed input of block m; h: [T, H] residual stream -> [T, H]."""
-        cfg, block, n = self.cfg, self.blocks[m], self.cfg.num_moe_layers
-        router_logits = F.linear(x, block.gate.weight)
-        ids, weights = route_logits(router_logits, cfg)
+    def __call__(self, m: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Block m's routed experts, from transformers' experts interface: x [T, H] (the MoE
+        block's input), ids / weights [T, K] from the block's own router -> [T, H]."""
+        n = self.cfg.num_moe_layers
+        h = self.taps.take_residual(m)
+        h = x if h is None else h.reshape(-1, h.shape[-1])
+        rows = self.rows
+        if rows is not None:
+            full, x, ids, weights, h = x, x[rows], ids[rows], weights[rows], h[rows]
         if self.recorder is not None:
-            self.recorder(m, h, router_logits, ids)
+            logits = self.taps.router_logits[m]
+            self.recorder(m, h, logits if rows is None else logits[rows], ids)
         predict = m + 1 < n and (self.routing == "pregate" or self.policy == "pregated" or self.score_pregate)
         pred = self.pregate.predict(m, h) if predict else None
         # One device -> host transfer (one synchronisation) for everything the host needs.
@@ -159,13 +151,14 @@ class MoEExecutor:
             if self.routing == "pregate":
                 self.pending[m + 1] = pred
             if self.policy == "pregated":
-                nxt = torch.unique(pred[0]).tolist()
+                nxt = torch.unique(pred[0]).to(torch.int32)
         if m + 1 < n and self.policy == "prefetch-all":
-            nxt = list(range(cfg.num_experts))
-        out = self.runtime.forward(m, x.contiguous(), ids, weights,
-                                   next_layer=m + 1 if nxt else -1, next_experts=nxt)
-        shared = block.shared(x)
-        return out if shared is None else out + shared
+            nxt = torch.arange(self.cfg.num_experts, dtype=torch.int32)
+        out = torch.ops.pregated.moe_experts(x.contiguous(), ids, weights, self.handle, m,
+                                             m + 1 if nxt is not None else -1, nxt)
+        if rows is not None:
+            out = torch.zeros_like(full).index_copy_(0, rows, out)
+        return out
 
     def _score(self, m: int, ids: torch.Tensor) -> None:
         pred = self.predicted[m]

@@ -1,15 +1,18 @@
-"""Pre-gates: predictors of block m+1's experts from block m's hidden state.
+"""Pre-gates: predictors of block m+1's experts from block m's residual stream.
 
-speculative  block m+1's own norm and router applied to block m's residual stream (needs only
-             the checkpoint; Eliseev & Mazur's speculative loading)
-trained      the same shape (RMSNorm weight, router weight, bias) fitted on calibration text to
-             block m+1's true routing distribution, starting from the speculative one
+speculative  block m+1's own norm and router (transformers' modules, whatever the family's
+             routing: softmax or sigmoid scores, correction biases, group-limited top-k,
+             routed_scaling_factor) applied to block m's residual stream; needs only the
+             checkpoint (Eliseev & Mazur's speculative loading)
+trained      the same modules with their parameters fitted on calibration text to block m+1's
+             router logits, starting from the speculative ones (`pregated calibrate`)
 
 T = tokens, H = hidden, E = experts per layer, K = experts per token, N = calibration tokens.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -19,10 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.func import functional_call
 
-from .moe import route, route_logits, token_hits
+from .moe import token_hits
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FILE = "pregate.safetensors"
 
 
@@ -30,56 +34,73 @@ class PregateError(ValueError):
     """A pre-gate folder is missing, unreadable or does not match the model."""
 
 
+def route_with(norm, router, extra: list, h: torch.Tensor, params: dict | None = None):
+    """router(norm(h), *extra) -> (logits [T, E], ids [T, K], weights [T, K]), with `params`
+    ("norm.<name>", "router.<name>") in place of the modules' own where given."""
+    params = params or {}
+    if norm is not None:
+        own = {k[5:]: v for k, v in params.items() if k.startswith("norm.")}
+        h = functional_call(norm, own, (h,)) if own else norm(h)
+    own = {k[7:]: v for k, v in params.items() if k.startswith("router.")}
+    out = functional_call(router, own, (h, *extra)) if own else router(h, *extra)
+    return out[0].reshape(-1, out[0].shape[-1]), out[2], out[1]
+
+
 class SpeculativePregate:
+    """Block m+1's own norm and router on block m's residual stream."""
     kind = "speculative"
 
-    def __init__(self, model, cfg):
-        layers = model.model.layers
-        self.cfg = cfg
-        self.routers = [layers[i].mlp.gate for i in cfg.moe_layers]
-        self.norms = [layers[i].post_attention_layernorm for i in cfg.moe_layers]
+    def __init__(self, blocks, taps):
+        self.blocks = blocks
+        self.taps = taps
+
+    def modules(self, m: int):
+        """(norm, router, extra router arguments) that predict block m + 1."""
+        b = self.blocks[m + 1]
+        return self.taps.norm(m + 1), b.router, [getattr(b.block, a) for a in b.router_args]
+
+    def params(self, m: int) -> dict | None:
+        return None
 
     def predict(self, m: int, h: torch.Tensor):
-        """h: [T, H] residual stream at block m -> (ids, weights) for block m + 1."""
-        return route(self.routers[m + 1], self.norms[m + 1](h), self.cfg)
+        """h: [T, H] residual stream at block m -> (ids, weights) [T, K] for block m + 1."""
+        _, ids, weights = route_with(*self.modules(m), h, self.params(m))
+        return ids, weights
 
 
-class TrainedPregate:
+class TrainedPregate(SpeculativePregate):
+    """The speculative pre-gate's modules with fitted parameters per block."""
     kind = "trained"
 
-    def __init__(self, cfg, tensors: dict[str, torch.Tensor], device, eps: float):
-        self.cfg = cfg
-        self.eps = eps
-        n = cfg.num_moe_layers - 1
-        self.norm = [tensors[f"block.{m}.norm"].to(device) for m in range(n)]
-        self.weight = [tensors[f"block.{m}.weight"].to(device) for m in range(n)]
-        self.bias = [tensors[f"block.{m}.bias"].to(device) for m in range(n)]
+    def __init__(self, blocks, taps, fitted: list[dict[str, torch.Tensor]]):
+        super().__init__(blocks, taps)
+        self.fitted = fitted
 
-    def logits(self, m: int, h: torch.Tensor) -> torch.Tensor:
-        return predictor_logits(h.float(), self.norm[m], self.weight[m], self.bias[m], self.eps)
-
-    def predict(self, m: int, h: torch.Tensor):
-        return route_logits(self.logits(m, h), self.cfg)
+    def params(self, m: int) -> dict:
+        return self.fitted[m]
 
 
-def predictor_logits(h, norm_w, weight, bias, eps):
-    """The trained pre-gate: router(rmsnorm(h)) with its own norm weight, router weight and bias."""
-    x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_w
-    return F.linear(x, weight, bias)
+def trainable(norm, router) -> dict[str, torch.Tensor]:
+    """The parameters a trained pre-gate fits: "norm.<name>" and "router.<name>"."""
+    out = {f"router.{k}": v for k, v in router.named_parameters()}
+    if norm is not None:
+        out.update({f"norm.{k}": v for k, v in norm.named_parameters()})
+    return out
 
 
 # --- matching a pre-gate to its model ---------------------------------------------------
 
-def model_fingerprint(model, cfg) -> dict:
+def model_fingerprint(blocks, cfg) -> dict:
     """What a pre-gate must agree with: the architecture and the routers' weights."""
     digest = hashlib.sha256()
-    for i in cfg.moe_layers:
-        digest.update(model.model.layers[i].mlp.gate.weight.detach().float().cpu().numpy().tobytes())
+    for b in blocks:
+        for _, p in sorted(b.router.named_parameters()):
+            digest.update(p.detach().float().cpu().numpy().tobytes())
     return {"model_type": cfg.model_type, "num_moe_layers": cfg.num_moe_layers, "num_experts": cfg.num_experts,
             "hidden_size": cfg.hidden_size, "top_k": cfg.top_k, "routers_sha256": digest.hexdigest()}
 
 
-def load_pregate(folder: str, model, cfg, device) -> TrainedPregate:
+def load_pregate(folder: str, blocks, taps, cfg, device) -> TrainedPregate:
     meta_path, path = os.path.join(folder, "pregate.json"), os.path.join(folder, FILE)
     if not os.path.isdir(folder):
         raise PregateError(f"pre-gate folder {folder} does not exist; make one with `pregated calibrate`")
@@ -93,8 +114,9 @@ def load_pregate(folder: str, model, cfg, device) -> TrainedPregate:
     except Exception as e:
         raise PregateError(f"cannot read the pre-gate in {folder} ({e}); calibrate again") from e
     if meta.get("format_version") != FORMAT_VERSION:
-        raise PregateError(f"{meta_path}: format version {meta.get('format_version')} is not {FORMAT_VERSION}; calibrate again")
-    want = model_fingerprint(model, cfg)
+        raise PregateError(f"{meta_path}: format version {meta.get('format_version')} is not {FORMAT_VERSION}; "
+                           "calibrate again")
+    want = model_fingerprint(blocks, cfg)
     for key, value in want.items():
         got = meta.get("model", {}).get(key)
         if got != value:
@@ -103,12 +125,19 @@ def load_pregate(folder: str, model, cfg, device) -> TrainedPregate:
                 f"pre-gate {folder} does not match this model: it was calibrated for {what}"
                 + ("" if key == "routers_sha256" else f", this model has {value}")
                 + " (a different checkpoint); calibrate it for this model")
+    spec = SpeculativePregate(blocks, taps)
+    fitted = []
     for m in range(cfg.num_moe_layers - 1):
-        for name, shape in ((f"block.{m}.norm", (cfg.hidden_size,)), (f"block.{m}.weight", (cfg.num_experts, cfg.hidden_size)),
-                            (f"block.{m}.bias", (cfg.num_experts,))):
-            if name not in tensors or tuple(tensors[name].shape) != shape:
-                raise PregateError(f"{path}: tensor {name} is missing or not of shape {list(shape)}; calibrate again")
-    return TrainedPregate(cfg, tensors, device, cfg.rms_norm_eps)
+        norm, router, _ = spec.modules(m)
+        block = {}
+        for name, p in trainable(norm, router).items():
+            t = tensors.get(f"block.{m}.{name}")
+            if t is None or tuple(t.shape) != tuple(p.shape):
+                raise PregateError(f"{path}: tensor block.{m}.{name} is missing or not of shape "
+                                   f"{list(p.shape)}; calibrate again")
+            block[name] = t.to(device=p.device, dtype=p.dtype)
+        fitted.append(block)
+    return TrainedPregate(blocks, taps, fitted)
 
 
 # --- calibration --------------------------------------------------------------------------
@@ -116,7 +145,7 @@ def load_pregate(folder: str, model, cfg, device) -> TrainedPregate:
 @dataclass
 class BlockData:
     h: list        # [n, H] float32 chunks: block m's residual stream
-    probs: list    # [n, E] float32 chunks: block m's own router distribution
+    logits: list   # [n, E] float32 chunks: block m's own router logits
     ids: list      # [n, K] chunks: block m's routed experts
 
 
@@ -129,15 +158,15 @@ class Recorder:
 
     def __call__(self, m: int, h: torch.Tensor, router_logits: torch.Tensor, ids: torch.Tensor) -> None:
         b = self.blocks[m]
-        b.h.append(h.float().cpu())
-        b.probs.append(torch.softmax(router_logits.float(), -1).cpu())
-        b.ids.append(ids.cpu())
+        b.h.append(h.detach().float().cpu())
+        b.logits.append(router_logits.detach().float().cpu())
+        b.ids.append(ids.detach().cpu())
 
     def h(self, m: int) -> torch.Tensor:
         return torch.cat(self.blocks[m].h)
 
-    def probs(self, m: int) -> torch.Tensor:
-        return torch.cat(self.blocks[m].probs)
+    def logits(self, m: int) -> torch.Tensor:
+        return torch.cat(self.blocks[m].logits)
 
     def ids(self, m: int) -> torch.Tensor:
         return torch.cat(self.blocks[m].ids)
@@ -149,32 +178,43 @@ def overlap(pred_ids: torch.Tensor, true_ids: torch.Tensor) -> tuple[float, floa
     return float((hit / pred_ids.shape[1]).mean()), float((hit / true_ids.shape[1]).mean())
 
 
-def fit_block(h, probs_next, norm_w, weight, eps, steps: int, lr: float, seed: int = 0):
-    """Fits (norm, weight, bias) so that softmax(predictor(h)) matches block m+1's router
-    distribution (KL divergence), starting from the speculative pre-gate. The last tenth of the
-    training tokens picks between the fitted and the starting parameters."""
+def _cpu_float(norm, router, extra):
+    """float32 CPU copies of the modules that predict a block (calibration runs on the CPU)."""
+    copy_of = (lambda mod: None if mod is None else copy.deepcopy(mod).to("cpu", torch.float32))
+    return copy_of(norm), copy_of(router), [a.detach().to("cpu", torch.float32) if torch.is_tensor(a) else a
+                                            for a in extra]
+
+
+def fit_block(modules, h, logits_next, steps: int, lr: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fits the norm's and the router's parameters so that block m+1's router distribution on
+    block m's stream matches the true one (KL divergence of the softmax over router logits,
+    plus the mean logit, which the softmax ignores and sigmoid routers do not), starting from
+    the speculative pre-gate. The last tenth of the training tokens picks between the fitted
+    and the starting parameters."""
+    norm, router, extra = modules
     n = h.shape[0]
     n_val = max(1, n // 10)
     val = slice(n - n_val, n)  # training draws from [0, n - n_val)
-    params = [norm_w.detach().float().clone().requires_grad_(True),
-              weight.detach().float().clone().requires_grad_(True),
-              torch.zeros(weight.shape[0], requires_grad=True)]
-    start = [p.detach().clone() for p in params]
-    opt = torch.optim.Adam(params, lr=lr)
+    start = {k: v.detach().clone() for k, v in trainable(norm, router).items()}
+    params = {k: v.clone().requires_grad_(True) for k, v in start.items()}
+    opt = torch.optim.Adam(list(params.values()), lr=lr)
     g = torch.Generator().manual_seed(seed)
     batch = min(4096, n - n_val)
+    true_probs = torch.softmax(logits_next, -1)
 
     def loss_on(sl, ps):
-        logq = torch.log_softmax(predictor_logits(h[sl], *ps, eps), -1)
-        return -(probs_next[sl] * logq).sum(-1).mean()
+        pred, _, _ = route_with(norm, router, extra, h[sl], ps)
+        kl = -(true_probs[sl] * torch.log_softmax(pred, -1)).sum(-1).mean()
+        return kl + (pred.mean(-1) - logits_next[sl].mean(-1)).pow(2).mean()
 
-    for _ in range(steps):
-        loss = loss_on(torch.randint(0, n - n_val, (batch,), generator=g), params)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = loss_on(torch.randint(0, n - n_val, (batch,), generator=g), params)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     with torch.no_grad():
-        fitted = [p.detach() for p in params]
+        fitted = {k: v.detach() for k, v in params.items()}
         if loss_on(val, fitted) > loss_on(val, start):
             fitted = start
     return fitted
@@ -205,33 +245,35 @@ def calibrate(model: str, text: str, out: str, *, device=None, dtype=None, exper
                 f"the calibration text has {len(ids)} tokens: too few to train on and hold out "
                 f"{held_out:.0%}; give at least {max(64, window)} tokens")
         recorders = {}
-        for part, (a, b) in (("train", (0, split)), ("held_out", (split, len(ids)))):
-            rec = Recorder(cfg)
-            eng.moe.recorder = rec
-            for s in range(a, b, window):
-                chunk = ids[s:min(b, s + window)]
-                if len(chunk) >= 2:
-                    eng.logits(chunk)
+        eng.taps.record_router_logits(True)
+        try:
+            for part, (a, b) in (("train", (0, split)), ("held_out", (split, len(ids)))):
+                rec = Recorder(cfg)
+                eng.moe.recorder = rec
+                for s in range(a, b, window):
+                    chunk = ids[s:min(b, s + window)]
+                    if len(chunk) >= 2:
+                        eng.logits(chunk)
+                eng.moe.recorder = None
+                recorders[part] = rec
+                log(f"{part}: {b - a} tokens")
+        finally:
             eng.moe.recorder = None
-            recorders[part] = rec
-            log(f"{part}: {b - a} tokens")
-        fp = model_fingerprint(eng.model, cfg)
-        spec = SpeculativePregate(eng.model, cfg)
+            eng.taps.record_router_logits(False)
+        fp = model_fingerprint(eng.blocks, cfg)
+        spec = SpeculativePregate(eng.blocks, eng.taps)
         tensors, blocks = {}, []
         log("held-out tokens: each token's predicted experts against its own routed experts "
             "(per-token precision and recall, as in the 'per token' columns of `pregated eval`)")
         for m in range(cfg.num_moe_layers - 1):
-            h, probs_next = recorders["train"].h(m), recorders["train"].probs(m + 1)
-            norm_w = spec.norms[m + 1].weight
-            weight = spec.routers[m + 1].weight
-            fitted = fit_block(h, probs_next, norm_w, weight, cfg.rms_norm_eps, steps, lr, seed=m)
-            for name, t in zip(("norm", "weight", "bias"), fitted):
+            modules = _cpu_float(*spec.modules(m))
+            fitted = fit_block(modules, recorders["train"].h(m), recorders["train"].logits(m + 1), steps, lr, seed=m)
+            for name, t in fitted.items():
                 tensors[f"block.{m}.{name}"] = t.contiguous()
             hv, true_next = recorders["held_out"].h(m), recorders["held_out"].ids(m + 1)
             with torch.no_grad():
-                spec_ids, _ = route_logits(predictor_logits(hv, norm_w.detach().float().cpu(),
-                                                            weight.detach().float().cpu(), None, cfg.rms_norm_eps), cfg)
-                trained_ids, _ = route_logits(predictor_logits(hv, *fitted, cfg.rms_norm_eps), cfg)
+                _, spec_ids, _ = route_with(*modules, hv)
+                _, trained_ids, _ = route_with(*modules, hv, fitted)
             sp, sr = overlap(spec_ids, true_next)
             tp, tr = overlap(trained_ids, true_next)
             blocks.append({"block": m, "predicts": m + 1, "tokens": int(hv.shape[0]),

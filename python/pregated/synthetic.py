@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .config import config_from_dict, dtype_name
+from .config import dtype_name
 
 _COMMON = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "max_position_embeddings": 32768,
            "bos_token_id": 1, "eos_token_id": 2}
@@ -35,7 +35,7 @@ SHAPES = {
                           "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
                           "intermediate_size": 5632, "moe_intermediate_size": 1408,
                           "shared_expert_intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4,
-                          "norm_topk_prob": False, "qkv_bias": True, "rope_theta": 1e6},
+                          "norm_topk_prob": False, "rope_theta": 1e6},
     "tiny": {"model_type": "mixtral", "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 4,
              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96, "num_local_experts": 8,
              "num_experts_per_tok": 2, "rope_theta": 10000.0, "max_position_embeddings": 2048},
@@ -65,6 +65,8 @@ class SyntheticModel:
 
     def __init__(self, name: str, layers: int | None = None, dtype: str = "bfloat16", seed: int = 0,
                  pool: int = 4):
+        from transformers import AutoConfig
+
         if name not in SHAPES:
             raise ValueError(f"unknown synthetic model '{name}': choose one of {', '.join(SHAPES)}")
         raw = {**_COMMON, **SHAPES[name], "dtype": dtype}
@@ -74,99 +76,124 @@ class SyntheticModel:
             raw["num_hidden_layers"] = layers
         self.name = name
         self.raw = raw
-        self.config = config_from_dict(raw)
+        kwargs = {k: v for k, v in raw.items() if k != "model_type"}
+        self.hf_config = AutoConfig.for_model(raw["model_type"], **kwargs)
         self.tokenizer = NullTokenizer()
         self.seed = seed
         self.pool = pool
+        self._config = None
 
     def __repr__(self):
-        return f"SyntheticModel({self.name!r}, layers={self.config.num_layers})"
+        return f"SyntheticModel({self.name!r}, layers={self.raw['num_hidden_layers']})"
+
+    @property
+    def config(self):
+        """pregated's summary of the model (built on the meta device; nothing is allocated)."""
+        if self._config is None:
+            from .config import checkpoint_dtype
+            from .modeling import build_model, describe
+
+            dtype = checkpoint_dtype(self.hf_config)
+            self._config = describe(self.hf_config, build_model(self.hf_config, dtype), dtype)[2]
+        return self._config
 
     # --- weights --------------------------------------------------------------------------
 
-    def dense_tensors(self, model, device, dtype):
-        """name -> random tensor for every dense parameter of `model` (a meta-device CausalLM)."""
+    def dense_tensors(self, meta_state: dict, skip, device, dtype):
+        """name -> random tensor for every tensor of the model but the experts' (`skip`)."""
         g = torch.Generator(device=device).manual_seed(self.seed)
         out = {}
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                out[name] = torch.ones(p.shape, device=device, dtype=dtype)
-            elif name.endswith(".bias"):
-                out[name] = torch.zeros(p.shape, device=device, dtype=dtype)
+        for name, p in meta_state.items():
+            if name in skip:
+                continue
+            if not p.is_floating_point():
+                out[name] = torch.zeros(p.shape, device=device, dtype=p.dtype)
+            elif name.endswith("norm.weight") or "layernorm" in name:
+                out[name] = torch.ones(p.shape, device=device, dtype=p.dtype)
+            elif name.endswith("bias") or p.dim() < 2:
+                out[name] = torch.zeros(p.shape, device=device, dtype=p.dtype)
             else:
                 std = 1.0 if "embed_tokens" in name else p.shape[-1] ** -0.5
-                out[name] = (torch.randn(p.shape, generator=g, device=device) * std).to(dtype)
+                out[name] = (torch.randn(p.shape, generator=g, device=device) * std).to(p.dtype)
         return out
 
-    def expert_pool(self, dtype):
-        """A few random experts ({gate, up, down}) that fill every expert's block."""
-        cfg = self.config
-        H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    def expert_pool(self, layout, dtype):
+        """A few random experts ({parameter: one expert's slice, model layout}) that fill every
+        expert of the model."""
         g = torch.Generator().manual_seed(self.seed + 1)
-        return [{"gate": (torch.randn(I, H, generator=g) * H ** -0.5).to(dtype),
-                 "up": (torch.randn(I, H, generator=g) * H ** -0.5).to(dtype),
-                 "down": (torch.randn(H, I, generator=g) * I ** -0.5).to(dtype)} for _ in range(self.pool)]
+        pool = []
+        for _ in range(self.pool):
+            expert = {}
+            for name in layout.params:
+                shape = layout.param_shape(name)
+                fan_in = shape[0] if layout.is_transposed and len(shape) == 2 else shape[-1]
+                scale = 0.1 if name.endswith("_bias") else fan_in ** -0.5
+                expert[name] = (torch.randn(shape, generator=g) * scale).to(dtype)
+            pool.append(expert)
+        return pool
 
-    def load(self, model, runtime, device, dtype, progress=None) -> None:
-        model.load_state_dict(self.dense_tensors(model, device, dtype), assign=True, strict=True)
-        pool = self.expert_pool(dtype)
-        cfg = self.config
-        for m in range(cfg.num_moe_layers):
-            for e in range(cfg.num_experts):
-                for part, w in pool[(m * 7 + e) % len(pool)].items():
-                    runtime.set_expert(m, e, part, w)
+    def pooled(self, m: int, e: int) -> int:
+        return (m * 7 + e) % self.pool
+
+    def load(self, model, blocks, layout, meta_state, set_expert, device, dtype, progress=None) -> None:
+        from .loading import finish_on_device, set_tensor
+
+        skip = {f"{b.path}.{p}" for b in blocks for p in layout.params}
+        dense = self.dense_tensors(meta_state, skip, device, dtype)
+        for name, t in dense.items():
+            set_tensor(model, name, t)
+        pool = self.expert_pool(layout, dtype)
+        for m in range(len(blocks)):
+            for e in range(layout.num_experts):
+                for name, t in pool[self.pooled(m, e)].items():
+                    for part, w in layout.store_parts(name, t).items():
+                        set_expert(m, e, part, w.contiguous())
                 if progress is not None:
-                    progress.update(3 * cfg.hidden_size * cfg.moe_intermediate_size)
+                    progress.update(sum(t.numel() for t in pool[0].values()))
+        finish_on_device(model, device, set(dense))
 
     def parameters(self) -> int:
-        from .models import CausalLM
+        from .config import checkpoint_dtype
+        from .modeling import build_model
 
-        with torch.device("meta"):
-            model = CausalLM(self.config)
-        dense = sum(p.numel() for p in model.parameters())
-        cfg = self.config
-        return dense + cfg.num_routed_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        model = build_model(self.hf_config, checkpoint_dtype(self.hf_config))
+        return sum(p.numel() for p in model.parameters())
 
     # --- as files -------------------------------------------------------------------------
 
     def save(self, folder: str, dtype=torch.bfloat16, progress: bool = False) -> str:
-        """Writes the model as a Hugging Face checkpoint (sharded, per-expert tensor names)."""
+        """Writes the model as a Hugging Face checkpoint (sharded, the model's fused expert
+        tensors), one decoder layer in memory at a time."""
         from tqdm.auto import tqdm
 
         from .checkpoint import ShardWriter
-
         from .demo import _train_tokenizer
-        from .models import CausalLM
+        from .modeling import build_model, describe
 
         os.makedirs(folder, exist_ok=True)
-        cfg = self.config
-        with torch.device("meta"):
-            model = CausalLM(cfg)
-        dense = self.dense_tensors(model, "cpu", dtype)
-        block = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
-        names = ("w1", "w3", "w2") if cfg.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-        pool = self.expert_pool(dtype)
+        model = build_model(self.hf_config, dtype)
+        blocks, layout, cfg = describe(self.hf_config, model, dtype)
+        meta_state = dict(model.state_dict())
+        experts = {f"{b.path}.{p}": (m, p) for m, b in enumerate(blocks) for p in layout.params}
+        pool = self.expert_pool(layout, dtype)
         writer = ShardWriter(folder)
 
-        def moe_name(n):  # router / shared expert under the checkpoint's MoE prefix
-            parts = n.split(".")
-            return ".".join(parts[:3] + [block] + parts[4:]) if parts[3] == "mlp" and int(parts[2]) in cfg.moe_layers else n
+        def layer_of(name):
+            parts = name.split(".")
+            return int(parts[2]) if parts[:2] == ["model", "layers"] else None
 
-        writer.add({n: t for n, t in dense.items() if not n.startswith("model.layers.")})
+        names = [n for n in meta_state if n not in experts]
+        writer.add(self.dense_tensors({n: meta_state[n] for n in names if layer_of(n) is None}, (), "cpu", dtype))
         for i in tqdm(range(cfg.num_layers), desc="saving", disable=not progress):
-            tensors = {moe_name(n): t for n, t in dense.items() if n.startswith(f"model.layers.{i}.")}
-            if i in cfg.moe_layers:
-                m = cfg.moe_layers.index(i)
-                for e in range(cfg.num_experts):
-                    parts = pool[(m * 7 + e) % len(pool)]
-                    for ours, theirs in zip(("gate", "up", "down"), names):
-                        tensors[f"model.layers.{i}.{block}.experts.{e}.{theirs}.weight"] = parts[ours].clone()
+            tensors = self.dense_tensors({n: meta_state[n] for n in names if layer_of(n) == i}, (), "cpu", dtype)
+            for full, (m, p) in experts.items():
+                if layer_of(full) == i:
+                    tensors[full] = torch.stack([pool[self.pooled(m, e)][p] for e in range(layout.num_experts)])
             writer.add(tensors)
         writer.finish()
-        raw = dict(self.raw)
+        raw = self.hf_config.to_dict()
         raw["dtype"] = dtype_name(dtype)
-        raw["architectures"] = [{"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                                 "olmoe": "OlmoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[cfg.model_type]]
+        raw["architectures"] = [type(model).__name__]
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
             json.dump(raw, f, indent=1)
         _train_tokenizer(folder, vocab_size=min(1024, cfg.vocab_size))

@@ -75,16 +75,22 @@ TEST(forward_matches_reference_for_every_budget) {
   }
 }
 
-TEST(forward_non_gated_relu_and_gelu) {
-  for (ffn_kind kind : {ffn_kind::ffn_kind_relu, ffn_kind::ffn_kind_gelu}) {
-    const pgref::toy_model m = pgref::make_model(1, 4, 17, 9, kind, 3);
-    auto rt = make_runtime(m, 2);
-    if (!rt) return;
-    std::mt19937 rng(5);
-    batch b = random_batch(rng, 10, 2, 17, 4);
-    std::vector<float> out;
-    CHECK_OK(run(*rt, 0, b, 10, 2, &out));
-    CHECK(pgref::max_abs_diff(out, pgref::reference_forward(m, 0, b.x, b.ids, b.w, 10, 2)) < 1e-4f);
+TEST(forward_every_ffn_kind_with_and_without_biases) {
+  for (int k = 0; k <= static_cast<int>(ffn_kind::ffn_kind_relu2); ++k) {
+    for (bool bias : {false, true}) {
+      const ffn_kind kind = static_cast<ffn_kind>(k);
+      pgref::toy_model m = pgref::make_model(1, 4, 17, 9, kind, 3 + static_cast<uint32_t>(k), bias);
+      m.spec.limit = 0.4f;  // small enough that gated_swiglu_oai's clamps bite on these values
+      auto rt = make_runtime(m, 2);
+      if (!rt) return;
+      std::mt19937 rng(5);
+      batch b = random_batch(rng, 10, 2, 17, 4);
+      std::vector<float> out;
+      CHECK_OK(run(*rt, 0, b, 10, 2, &out));
+      const float diff = pgref::max_abs_diff(out, pgref::reference_forward(m, 0, b.x, b.ids, b.w, 10, 2));
+      if (!(diff < 1e-4f)) std::printf("  %s, bias %d: max diff %g\n", ffn_kind_name(kind), bias, diff);
+      CHECK(diff < 1e-4f);
+    }
   }
 }
 
@@ -194,8 +200,12 @@ class slab_limit_backend final : public backend {
                      void* st) override {
     return inner_->gather_rows(dt, d, s, rows, n, w, st);
   }
-  status activate(ffn_kind kind, dtype dt, void* data, int64_t rows, int64_t w, int64_t ld, void* s) override {
-    return inner_->activate(kind, dt, data, rows, w, ld, s);
+  status activate(const expert_spec& sp, void* data, int64_t rows, int64_t ld, void* s) override {
+    return inner_->activate(sp, data, rows, ld, s);
+  }
+  status add_bias(dtype dt, void* data, int64_t rows, int64_t w, int64_t ld, const void* bias,
+                  void* s) override {
+    return inner_->add_bias(dt, data, rows, w, ld, bias, s);
   }
   status combine(dtype dt, void* out, const void* y, const int32_t* row_of, const float* w, int64_t t,
                  int64_t k, int64_t width, void* s) override {

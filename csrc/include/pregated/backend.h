@@ -81,10 +81,14 @@ class backend {
   // dst[r, :] = src[rows[r], :] for r < n_rows; rows is a device int32 array.
   virtual status gather_rows(dtype dt, void* dst, const void* src, const int32_t* rows,
                              int64_t n_rows, int64_t width, void* stream) = 0;
-  // In place on data[rows, ld]: gated kinds read [act_in | up] (2*width columns) and write
-  // act(act_in) * up into the first `width` columns; non-gated kinds apply act to `width`.
-  virtual status activate(ffn_kind kind, dtype dt, void* data, int64_t rows, int64_t width,
-                          int64_t ld, void* stream) = 0;
+  // In place on data[rows, ld] in spec.dt, width = spec.intermediate: gated kinds read
+  // [gate | up] (2*width columns) and write act(gate) * up (see ffn_kind) into the first
+  // `width` columns; non-gated kinds apply act to `width` columns.
+  virtual status activate(const expert_spec& spec, void* data, int64_t rows, int64_t ld,
+                          void* stream) = 0;
+  // In place: data[r, j] += bias[j] for r < rows, j < width (data and bias in dt).
+  virtual status add_bias(dtype dt, void* data, int64_t rows, int64_t width, int64_t ld,
+                          const void* bias, void* stream) = 0;
   // out[t, :] = sum_k weights[t, k] * y[row_of[t, k], :]   (row_of, weights: device arrays)
   virtual status combine(dtype dt, void* out, const void* y, const int32_t* row_of,
                          const float* weights, int64_t tokens, int64_t top_k, int64_t width,

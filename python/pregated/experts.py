@@ -1,0 +1,215 @@
+"""The experts backend: transformers' MoE layers run their routed experts through the runtime.
+
+Importing pregated registers "pregated" in transformers' experts interface
+(`transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`). A model built with
+`experts_implementation="pregated"` calls `experts_forward` for every MoE layer with
+`hidden_states [T, H]`, `top_k_index [T, K]` and `top_k_weights [T, K]`; the layer's experts
+module carries a binding (set when the engine loads the model) to the MoE executor and its
+block index. The runtime's forward is a torch custom op with a fake implementation, so
+torch.compile can trace around it.
+
+Whatever layout a family's experts module declares (`is_concatenated`, `is_transposed`,
+`has_bias`, `has_gate`, its activation) is read once here; the weights are converted into the
+expert store's layout when the checkpoint is loaded, never per call.
+
+T = tokens, K = experts per token, H = hidden, I = expert intermediate size, E = experts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from . import _core
+
+
+class UnsupportedModel(ValueError):
+    """The model's experts (or its MoE block) have a shape pregated cannot run."""
+
+
+# --- the layout of one family's experts -----------------------------------------------------
+
+# transformers' activation modules -> the runtime's activation names
+_ACTIVATIONS = {
+    "SiLUActivation": "silu", "SiLU": "silu",
+    "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "ReLU": "relu",
+    "ReLUSquaredActivation": "relu2",
+}
+# Experts classes whose custom gate is GPT-OSS's clamped SwiGLU (alpha, limit).
+_SWIGLU_OAI = ("GptOssExperts", "OpenAIPrivacyFilterExperts")
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one family stores its experts (transformers' layout flags) and what the runtime runs."""
+    num_experts: int
+    hidden: int          # H
+    intermediate: int    # I
+    ffn: str             # the runtime's ffn kind: gated_silu, gated_swiglu_oai, relu2, ...
+    has_gate: bool
+    has_bias: bool
+    is_transposed: bool      # weights stored [in, out] instead of [out, in]
+    is_concatenated: bool    # gate_up rows [gate; up] (True) or interleaved g0, u0, g1, u1 (False)
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The experts module's parameter names, in the model's own layout."""
+        first = "gate_up_proj" if self.has_gate else "up_proj"
+        names = (first, "down_proj")
+        return names + tuple(f"{n}_bias" for n in names) if self.has_bias else names
+
+    def param_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one expert's slice of a parameter, as the model stores it."""
+        H, I = self.hidden, self.intermediate
+        rows = 2 * I if self.has_gate else I
+        if name.endswith("_bias"):
+            return (H,) if name.startswith("down") else (rows,)
+        if name.startswith("down"):
+            return (I, H) if self.is_transposed else (H, I)
+        return (H, rows) if self.is_transposed else (rows, H)
+
+    def expert_bytes(self, dtype: torch.dtype) -> int:
+        return _core.expert_bytes(self.hidden, self.intermediate, self.ffn, _dtype_name(dtype), self.has_bias)
+
+    def store_parts(self, name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One expert's slice of parameter `name` -> the expert store's parts it fills."""
+        I = self.intermediate
+        if name.endswith("_bias"):
+            if name.startswith("down"):
+                return {"down_bias" if self.has_gate else "out_bias": t}
+            if not self.has_gate:
+                return {"in_bias": t}
+            gate, up = (t[:I], t[I:]) if self.is_concatenated else (t[0::2], t[1::2])
+            return {"gate_bias": gate, "up_bias": up}
+        if self.is_transposed:
+            t = t.t()
+        if name.startswith("down"):
+            return {"down" if self.has_gate else "out": t}
+        if not self.has_gate:
+            return {"in": t}
+        gate, up = (t[:I], t[I:]) if self.is_concatenated else (t[0::2], t[1::2])
+        return {"gate": gate, "up": up}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def is_experts_module(module: torch.nn.Module) -> bool:
+    """An experts class decorated with transformers' `use_experts_implementation`."""
+    return all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "is_concatenated"))
+
+
+def layout_of(module: torch.nn.Module) -> ExpertLayout:
+    """Reads an experts module's layout; raises UnsupportedModel naming what is not supported."""
+    from transformers.integrations import moe as hf_moe
+
+    cls = type(module).__name__
+    if getattr(module, "has_post_expert_norm", False):
+        raise UnsupportedModel(f"{cls} normalises each expert's output (post-expert norm); pregated's "
+                               "runtime has no such step")
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    up, down = getattr(module, first, None), getattr(module, "down_proj", None)
+    if not isinstance(up, torch.Tensor) or not isinstance(down, torch.Tensor) or up.dim() != 3:
+        raise UnsupportedModel(f"{cls} does not hold its experts as 3-D {first} / down_proj tensors")
+    E = up.shape[0]
+    out_dim, in_dim = (up.shape[2], up.shape[1]) if module.is_transposed else (up.shape[1], up.shape[2])
+    I = out_dim // 2 if module.has_gate else out_dim
+    H = in_dim
+    alpha, limit = 1.702, 7.0
+    custom_gate = module.has_gate and type(module)._apply_gate is not hf_moe._default_apply_gate
+    if custom_gate:
+        if cls not in _SWIGLU_OAI:
+            raise UnsupportedModel(f"{cls} combines gate and up with its own function (_apply_gate); "
+                                   f"pregated knows GPT-OSS's clamped SwiGLU ({', '.join(_SWIGLU_OAI)})")
+        ffn = "gated_swiglu_oai"
+        alpha, limit = float(module.alpha), float(module.limit)
+    else:
+        act = getattr(module, "act_fn", None)
+        name = type(act).__name__
+        kind = _ACTIVATIONS.get(name)
+        if name == "GELU" and isinstance(act, torch.nn.GELU):
+            kind = "gelu_tanh" if act.approximate == "tanh" else "gelu"
+        if kind is None:
+            raise UnsupportedModel(f"{cls} uses the activation {name}; pregated's runtime has "
+                                   f"{', '.join(sorted(set(_ACTIVATIONS.values())))}")
+        if module.has_gate:
+            if kind == "relu2":
+                raise UnsupportedModel(f"{cls}: a gated relu2 expert is not supported")
+            kind = f"gated_{kind}"
+        ffn = kind
+    layout = ExpertLayout(num_experts=E, hidden=H, intermediate=I, ffn=ffn, has_gate=bool(module.has_gate),
+                          has_bias=bool(module.has_bias), is_transposed=bool(module.is_transposed),
+                          is_concatenated=bool(module.is_concatenated), alpha=alpha, limit=limit)
+    want = (E,) + layout.param_shape("down_proj")
+    if tuple(down.shape) != want:
+        raise UnsupportedModel(f"{cls}: down_proj has shape {list(down.shape)}, expected {list(want)} "
+                               f"for {E} experts of hidden {H}, intermediate {I}")
+    return layout
+
+
+# --- the forward: a custom op around the runtime ----------------------------------------------
+
+_RUNTIMES: dict[int, object] = {}
+_next_handle = itertools.count(1)
+
+
+def register_runtime(runtime) -> int:
+    """A handle the custom op can carry (ops take tensors and scalars, not Python objects)."""
+    handle = next(_next_handle)
+    _RUNTIMES[handle] = runtime
+    return handle
+
+
+def unregister_runtime(handle: int) -> None:
+    _RUNTIMES.pop(handle, None)
+
+
+@torch.library.custom_op("pregated::moe_experts", mutates_args=())
+def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, runtime: int, layer: int,
+                next_layer: int, next_experts: torch.Tensor | None) -> torch.Tensor:
+    """x [T, H] on the runtime's device; ids, weights [T, K] -> sum_k weights * expert_ids(x) [T, H].
+    next_experts (int, 1-D): block `next_layer`'s experts to prefetch while this block computes."""
+    rt = _RUNTIMES.get(runtime)
+    if rt is None:
+        raise RuntimeError("the pregated runtime of this model was closed; load the model again")
+    nxt = None if next_experts is None else next_experts.tolist()
+    return rt.forward(layer, x, ids, weights, next_layer=next_layer if nxt else -1, next_experts=nxt)
+
+
+@moe_experts.register_fake
+def _(x, ids, weights, runtime, layer, next_layer, next_experts):
+    return torch.empty_like(x)
+
+
+@dataclass
+class Binding:
+    """Set on an experts module when its model is loaded: which executor runs it, as block m."""
+    executor: object
+    block: int
+
+
+def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts function: hidden_states [T, H], top_k_index / top_k_weights [T, K]."""
+    binding = getattr(self, "_pregated", None)
+    if binding is None:
+        raise RuntimeError(
+            f"{type(self).__name__} was built with experts_implementation='pregated' but has no "
+            "expert store: load the model with pregated.from_pretrained(...) or pregated.Engine(...)")
+    return binding.executor(binding.block, hidden_states, top_k_index, top_k_weights)
+
+
+def register() -> None:
+    """Adds "pregated" to transformers' experts interface (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if ALL_EXPERTS_FUNCTIONS.get("pregated") is not experts_forward:
+        ALL_EXPERTS_FUNCTIONS.register("pregated", experts_forward)

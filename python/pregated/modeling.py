@@ -1,0 +1,122 @@
+"""transformers' own model for a checkpoint, built on the meta device, and what pregated needs to
+know of it: which decoder layers hold routed experts, each MoE block's router, and the experts'
+layout. Attention, norms, RoPE, shared experts and the KV cache are transformers' code.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, ModelConfig
+from .experts import ExpertLayout, UnsupportedModel, is_experts_module, layout_of, register
+
+
+@dataclass
+class MoEBlock:
+    """One MoE layer of the model (block m)."""
+    layer: int                  # decoder layer index
+    path: str                   # module path of the experts module
+    experts: torch.nn.Module    # transformers' experts module (its weights live in the expert store)
+    block: torch.nn.Module      # the MoE block that routes and calls the experts
+    decoder: torch.nn.Module    # the decoder layer
+    router: torch.nn.Module     # block.gate / block.router: hidden -> (logits, weights, ids)
+    router_args: tuple[str, ...]  # further arguments the block passes its router, read off the block
+
+
+def build_model(hf_config, dtype: torch.dtype):
+    """The CausalLM of `hf_config` on the meta device, its experts through pregated."""
+    from transformers import AutoModelForCausalLM
+
+    register()
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, experts_implementation="pregated", dtype=dtype)
+    except ValueError as e:
+        raise ConfigError(f"config.json: transformers cannot build a causal LM for model_type "
+                          f"'{hf_config.model_type}' ({e})") from e
+    return model.eval()
+
+
+def _router_of(block: torch.nn.Module, experts: torch.nn.Module) -> tuple[torch.nn.Module, tuple[str, ...]]:
+    for name in ("gate", "router"):
+        router = getattr(block, name, None)
+        if isinstance(router, torch.nn.Module) and router is not experts:
+            params = list(inspect.signature(router.forward).parameters.values())[1:]
+            extra = tuple(p.name for p in params if p.default is inspect.Parameter.empty
+                          and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+            missing = [a for a in extra if not hasattr(block, a)]
+            if missing:
+                raise UnsupportedModel(f"{type(block).__name__} passes its router {', '.join(missing)}, "
+                                       "which the pre-gate cannot supply")
+            return router, extra
+    raise UnsupportedModel(f"{type(block).__name__} has no router named gate or router")
+
+
+def moe_blocks(model) -> list[MoEBlock]:
+    """Every MoE block of the model, in layer order."""
+    layers = model.model.layers if hasattr(model, "model") and hasattr(model.model, "layers") else None
+    if layers is None:
+        raise UnsupportedModel(f"{type(model).__name__} has no model.layers (decoder layers)")
+    blocks = []
+    for i, decoder in enumerate(layers):
+        found = [(n, m) for n, m in decoder.named_modules() if is_experts_module(m)]
+        if not found:
+            continue
+        if len(found) > 1:
+            raise UnsupportedModel(f"decoder layer {i} holds {len(found)} experts modules; pregated "
+                                   "runs one per layer")
+        name, experts = found[0]
+        parent = decoder.get_submodule(name.rsplit(".", 1)[0]) if "." in name else decoder
+        router, extra = _router_of(parent, experts)
+        blocks.append(MoEBlock(layer=i, path=f"model.layers.{i}.{name}", experts=experts, block=parent,
+                               decoder=decoder, router=router, router_args=extra))
+    return blocks
+
+
+def expert_layout(blocks: list[MoEBlock]) -> ExpertLayout:
+    layouts = {layout_of(b.experts) for b in blocks}
+    if len(layouts) != 1:
+        raise UnsupportedModel("the MoE layers' experts differ in shape or layout across layers; "
+                               "pregated runs one expert shape per model")
+    return layouts.pop()
+
+
+def _top_k(hf_config, blocks: list[MoEBlock]) -> int:
+    for src in (blocks[0].router, blocks[0].block, hf_config):
+        for name in ("top_k", "num_experts_per_tok", "moe_k", "num_experts_per_token"):
+            value = getattr(src, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    raise UnsupportedModel("cannot tell how many experts each token uses (no top_k / num_experts_per_tok)")
+
+
+def describe(hf_config, model, dtype: torch.dtype) -> tuple[list[MoEBlock], ExpertLayout, ModelConfig]:
+    """The MoE blocks, the experts' layout and pregated's summary of the model."""
+    from .config import model_config
+
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ConfigError(
+            f"config.json: model_type '{hf_config.model_type}' has no routed experts that pregated can "
+            "offload (its MoE layers must use transformers' experts interface, as Mixtral, Qwen-MoE, "
+            "DeepSeek, GPT-OSS and about sixty other families do)")
+    layout = expert_layout(blocks)
+    cfg = model_config(hf_config, layout, [b.layer for b in blocks], _top_k(hf_config, blocks), dtype,
+                       len(model.model.layers))
+    return blocks, layout, cfg
+
+
+def drop_expert_parameters(blocks: list[MoEBlock], layout: ExpertLayout) -> None:
+    """The experts' weights live in the expert store: the modules keep none (not even on meta),
+    so moving or saving the model never touches them."""
+    for b in blocks:
+        for name in layout.params:
+            b.experts._parameters.pop(name, None)
+
+
+def dense_bytes(model) -> int:
+    """Bytes of the parameters left in the model (everything but the routed experts)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
