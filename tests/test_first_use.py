@@ -130,8 +130,7 @@ def test_eval_and_calibrate_report_the_same_per_token_precision(mixtral_folder):
     """eval's per-token pre-gate precision is calibrate's measure: recomputed here the way
     calibrate computes it (recorded residual streams, the speculative predictor, token overlap)."""
     from pregated.cli_tools import evaluate
-    from pregated.moe import route
-    from pregated.pregate import Recorder, SpeculativePregate, overlap
+    from pregated.pregate import Recorder, SpeculativePregate, overlap, route_with
 
     window = 64
     res = evaluate(mixtral_folder, TEXT, window=window, device="cpu")
@@ -141,14 +140,15 @@ def test_eval_and_calibrate_report_the_same_per_token_precision(mixtral_folder):
         ids = eng.tokenizer.encode(TEXT)
         rec = Recorder(eng.cfg)
         eng.moe.recorder = rec
+        eng.taps.record_router_logits(True)
         for s in range(0, len(ids), window):
             if len(ids[s:s + window]) >= 2:
                 eng.logits(ids[s:s + window])
-        spec = SpeculativePregate(eng.model, eng.cfg)
+        spec = SpeculativePregate(eng.blocks, eng.taps)
         hits = count = 0
         with torch.no_grad():
             for m in range(eng.cfg.num_moe_layers - 1):
-                pred, _ = route(spec.routers[m + 1], spec.norms[m + 1](rec.h(m)), eng.cfg)
+                _, pred, _ = route_with(*spec.modules(m), rec.h(m))
                 p, _ = overlap(pred, rec.ids(m + 1))
                 hits += p * pred.shape[0]
                 count += pred.shape[0]

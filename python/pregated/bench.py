@@ -21,7 +21,7 @@ import time
 import torch
 
 from . import _core
-from .config import DTYPES, dtype_name
+from .config import dtype_name
 
 FIELDS = ("model", "layers", "policy", "baseline", "expert_memory_bytes", "expert_bytes_total", "batch",
           "prompt_len", "new_tokens", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s",
@@ -324,10 +324,8 @@ def run_bench(args, log=print) -> dict:
     if args.synthetic:
         cfg0 = source.config
     else:
-        from .config import read_config
-        cfg0 = read_config(args.model)
-    if args.dtype:
-        cfg0.dtype = DTYPES[args.dtype]
+        from .modeling import summarize
+        cfg0 = summarize(args.model, args.dtype)[1]
     budgets = parse_budgets(args.expert_memory, cfg0.all_expert_bytes())
     _check_footprint(args, cfg0, device)
     machine = machine_info(device)

@@ -188,13 +188,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .config import read_config
+    from .modeling import summarize
     from .demo import build_demo, demo_folder
 
     folder = demo_folder()
     t = time.perf_counter()
     build_demo(folder, force=args.rebuild)
-    cfg = read_config(folder)
+    cfg = summarize(folder)[1]
     one = cfg.expert_bytes()
     if args.expert_memory is None:  # a tight budget: 6 of the 32 experts
         args.expert_memory = 6 * one
@@ -214,27 +214,31 @@ def cmd_demo(args) -> int:
 
 def cmd_info(args) -> int:
     from .checkpoint import Checkpoint
-    from .config import DTYPES, read_config
-    from .models import expert_layout
-    from .models.loader import checkpoint_parameters
+    from .config import checkpoint_dtype, dtype_from_name, read_hf_config
+    from .loading import Loader
+    from .modeling import build_model, describe
     from .moe import min_expert_memory, parse_expert_memory
 
-    cfg = read_config(args.model)
-    if args.dtype:
-        cfg.dtype = DTYPES[args.dtype]
-    ckpt = Checkpoint(args.model)
-    for layer in cfg.moe_layers:
-        expert_layout(ckpt, layer)
+    hf_config = read_hf_config(args.model)
+    dtype = dtype_from_name(args.dtype) if args.dtype else checkpoint_dtype(hf_config)
+    model = build_model(hf_config, dtype)
+    blocks, layout, cfg = describe(hf_config, model, dtype)
+    Loader(model, Checkpoint(args.model), blocks, layout, dict(model.state_dict()))  # every expert is there
+    text = hf_config.get_text_config()
     one = cfg.expert_bytes()
     n_experts = cfg.num_routed_experts
-    dense = checkpoint_parameters(ckpt) * cfg.dtype.itemsize - cfg.all_expert_bytes()
+    dense = cfg.dense_parameters * cfg.dtype.itemsize
+    heads = getattr(text, "num_attention_heads", "?")
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if isinstance(heads, int) else "?")
+    shared = getattr(text, "shared_expert_intermediate_size", None) or getattr(text, "n_shared_experts", None)
     fb = _core.format_bytes
-    print(f"model        {args.model} ({cfg.model_type}, {cfg.dtype})")
+    print(f"model        {args.model} ({cfg.model_type}, {cfg.dtype}; transformers' {type(model).__name__})")
     print(f"layers       {cfg.num_layers} decoder layers, {cfg.num_moe_layers} with MoE")
-    print(f"attention    {cfg.num_heads} heads, {cfg.num_kv_heads} key/value heads, head dim {cfg.head_dim}")
+    print(f"attention    {heads} heads, {kv} key/value heads, head dim {head_dim}")
     print(f"experts      {cfg.num_experts} per MoE layer, {cfg.top_k} per token, hidden {cfg.hidden_size}, "
-          f"intermediate {cfg.moe_intermediate_size}"
-          + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.shared_expert_intermediate_size else ""))
+          f"intermediate {cfg.moe_intermediate_size}, {cfg.ffn}{' with biases' if cfg.has_bias else ''}"
+          + (f", shared expert {shared}" if shared else ""))
     print(f"bytes        {fb(one)} per expert, {fb(cfg.all_expert_bytes())} all experts, {fb(dense)} dense (on the device)")
     minimum = {p: fb(min_expert_memory(p, cfg)) for p in ("on-demand", "pregated", "gpu-only")}
     print(f"minimum      on-demand {minimum['on-demand']}, pregated / prefetch-all {minimum['pregated']}, "

@@ -49,6 +49,7 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     is_encoder_decoder: bool = False
+    dense_parameters: int = 0      # every parameter but the routed experts'
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_experts", "top_k",
@@ -95,7 +96,7 @@ def checkpoint_dtype(hf_config) -> torch.dtype:
 
 
 def model_config(hf_config, layout, moe_layers: list[int], top_k: int, dtype: torch.dtype,
-                 num_layers: int) -> ModelConfig:
+                 num_layers: int, dense_parameters: int) -> ModelConfig:
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     context = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 4096
     return ModelConfig(
@@ -105,7 +106,8 @@ def model_config(hf_config, layout, moe_layers: list[int], top_k: int, dtype: to
         has_bias=layout.has_bias, dtype=dtype, max_position_embeddings=int(context),
         bos_token_id=getattr(text, "bos_token_id", None), eos_token_ids=_token_ids(getattr(text, "eos_token_id", None)),
         pad_token_id=getattr(text, "pad_token_id", None),
-        is_encoder_decoder=bool(getattr(hf_config, "is_encoder_decoder", False)))
+        is_encoder_decoder=bool(getattr(hf_config, "is_encoder_decoder", False)),
+        dense_parameters=dense_parameters)
 
 
 def read_hf_config(folder: str):

@@ -112,30 +112,35 @@ class Engine:
                 source.load(self.model, self.blocks, lay, meta_state, self.runtime.set_expert,
                             self.device, self.dtype, bar)
             self.taps = BlockTaps(self.blocks)
-            self.pregate = self._load_pregate(pregate)
+            self.pregate = SpeculativePregate(self.blocks, self.taps)
+            self.moe = MoEExecutor(self.runtime, self._handle, cfg, self.policy, self.pregate, self.taps, routing)
+            for m, b in enumerate(self.blocks):
+                b.experts._pregated = Binding(self.moe, m)
+            self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+            self.dense_bytes = dense_bytes(self.model)
+            self._counters = {"tokens": 0, "decode_seconds": 0.0, "prefill_tokens": 0, "prefill_seconds": 0.0}
+            self.eos_ids = set(cfg.eos_token_ids)
+            eos_text = self.tokenizer.token_id(self.tokenizer.eos_token)
+            if eos_text is not None:
+                self.eos_ids.add(eos_text)
+            self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+            self._trace_step: int | None = None  # decode step whose timeline trace_decode_step records
+            self._last_trace: list[dict] = []
+            self._last_results: list[GenerationResult] = []
+            self._make_resident()
+            if pregate is not None:
+                self.pregate = self.moe.pregate = self._load_pregate(pregate)
         except BaseException:
             self.close()
             raise
-        self.dense_bytes = dense_bytes(self.model)
-        self.moe = MoEExecutor(self.runtime, self._handle, cfg, self.policy, self.pregate, self.taps, routing)
-        for m, b in enumerate(self.blocks):
-            b.experts._pregated = Binding(self.moe, m)
-        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        self._make_resident()
-        self._counters = {"tokens": 0, "decode_seconds": 0.0, "prefill_tokens": 0, "prefill_seconds": 0.0}
-        self.eos_ids = set(cfg.eos_token_ids)
-        eos_text = self.tokenizer.token_id(self.tokenizer.eos_token)
-        if eos_text is not None:
-            self.eos_ids.add(eos_text)
-        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-        self._trace_step: int | None = None  # decode step whose timeline trace_decode_step records
-        self._last_trace: list[dict] = []
-        self._last_results: list[GenerationResult] = []
 
     def _load_pregate(self, pregate):
         if pregate is None or pregate == "speculative":
             return SpeculativePregate(self.blocks, self.taps)
         if isinstance(pregate, (str, os.PathLike)):
+            if not self.taps.found:  # one token through the model shows which norm feeds the MoE blocks
+                self.logits([self.pad_id])
+                self.reset_stats()
             return load_pregate(str(pregate), self.blocks, self.taps, self.cfg, self.device)
         raise ValueError(f"pregate must be 'speculative' or a folder from `pregated calibrate`, got {pregate!r}")
 

@@ -29,11 +29,7 @@ def available_host_bytes() -> int:
 
 def dense_bytes(cfg) -> int:
     """Bytes of every parameter that is not a routed expert, in the config's dtype."""
-    from .models import CausalLM
-
-    with torch.device("meta"):
-        model = CausalLM(cfg)
-    return sum(p.numel() for p in model.parameters()) * cfg.dtype.itemsize
+    return cfg.dense_parameters * cfg.dtype.itemsize
 
 
 @dataclass

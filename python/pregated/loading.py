@@ -132,8 +132,9 @@ class Loader:
         def check(t, e, keys):
             if tuple(t.shape) != want:
                 files = ", ".join(sorted({self.ckpt.file_of(k) for k in keys}))
+                names = " and ".join(f"'{k}'" for k in keys)
                 raise CheckpointError(
-                    f"tensor '{keys[0]}' in {files} gives expert {e} of {name} the shape {list(t.shape)}, "
+                    f"tensor {names} in {files} make expert {e} of {name} of shape {list(t.shape)}, "
                     f"expected {list(want)}: the checkpoint does not match its config.json")
             return t
 

@@ -104,8 +104,10 @@ def describe(hf_config, model, dtype: torch.dtype) -> tuple[list[MoEBlock], Expe
             "offload (its MoE layers must use transformers' experts interface, as Mixtral, Qwen-MoE, "
             "DeepSeek, GPT-OSS and about sixty other families do)")
     layout = expert_layout(blocks)
+    expert_params = {id(getattr(b.experts, p)) for b in blocks for p in layout.params if hasattr(b.experts, p)}
+    dense = sum(p.numel() for p in model.parameters() if id(p) not in expert_params)
     cfg = model_config(hf_config, layout, [b.layer for b in blocks], _top_k(hf_config, blocks), dtype,
-                       len(model.model.layers))
+                       len(model.model.layers), dense)
     return blocks, layout, cfg
 
 
@@ -120,3 +122,13 @@ def drop_expert_parameters(blocks: list[MoEBlock], layout: ExpertLayout) -> None
 def dense_bytes(model) -> int:
     """Bytes of the parameters left in the model (everything but the routed experts)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def summarize(folder: str, dtype=None):
+    """(transformers config, pregated's ModelConfig) of a model folder, from config.json alone
+    (the model is built on the meta device; no weight is read)."""
+    from .config import checkpoint_dtype, dtype_from_name, read_hf_config
+
+    hf_config = read_hf_config(folder)
+    dtype = dtype_from_name(dtype) if dtype is not None else checkpoint_dtype(hf_config)
+    return hf_config, describe(hf_config, build_model(hf_config, dtype), dtype)[2]
