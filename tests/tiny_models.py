@@ -1,4 +1,4 @@
-"""Tiny random-weight checkpoints of every supported family, made with transformers.
+"""Tiny random-weight checkpoints of every MoE family transformers runs, made with transformers.
 
 Each is saved with `save_pretrained` (sharded, per-expert or fused expert names) next to a
 byte-level BPE tokenizer trained here, with a chat template.
@@ -46,26 +46,6 @@ def make_tokenizer(folder: str, vocab_size: int = 400):
     return fast
 
 
-def family_config(family: str, vocab: int, **over):
-    import transformers
-
-    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=512,
-                  initializer_range=0.08, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                  rms_norm_eps=1e-5)
-    specific = {
-        "mixtral": (transformers.MixtralConfig, dict(intermediate_size=48, num_local_experts=8)),
-        "qwen2_moe": (transformers.Qwen2MoeConfig, dict(
-            intermediate_size=80, moe_intermediate_size=40, shared_expert_intermediate_size=56,
-            num_experts=8, norm_topk_prob=False, mlp_only_layers=[1])),
-        "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
-            intermediate_size=80, moe_intermediate_size=40, num_experts=8, head_dim=24, norm_topk_prob=True)),
-        "olmoe": (transformers.OlmoeConfig, dict(intermediate_size=40, num_experts=8, norm_topk_prob=False)),
-    }
-    cls, kw = specific[family]
-    return cls(**{**common, **kw, **over})
-
-
 def make_checkpoint(folder: str, family: str, dtype=torch.float32, fused=False, seed=0, **over) -> str:
     """Writes a checkpoint (sharded) and its tokenizer into `folder`; returns the folder."""
     from transformers import AutoModelForCausalLM
@@ -73,7 +53,7 @@ def make_checkpoint(folder: str, family: str, dtype=torch.float32, fused=False, 
     os.makedirs(folder, exist_ok=True)
     tok = make_tokenizer(folder)
     torch.manual_seed(seed)
-    cfg = family_config(family, len(tok), **over)
+    cfg = tiny_config(family, len(tok), **over)
     model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     try:
         model.save_pretrained(folder, max_shard_size="200KB", save_original_format=not fused)
@@ -89,3 +69,78 @@ def reference_model(folder: str, dtype=torch.float32):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, experts_implementation="eager").eval()
     except TypeError:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+# --- every MoE family transformers runs through its experts interface ------------------------
+
+# Small values for the config fields MoE families share; each family takes the ones its config
+# class accepts (everything else keeps the family's default).
+TINY = dict(
+    hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    intermediate_size=80, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+    num_experts=8, num_local_experts=8, n_routed_experts=8, moe_num_experts=8, num_experts_per_tok=2,
+    moe_k=2, n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1, first_k_dense_replace=1,
+    n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
+    v_head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+    linear_value_head_dim=16, max_position_embeddings=512, initializer_range=0.08, rms_norm_eps=1e-5,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+)
+# Family-specific values that the shared ones do not cover.
+_MLA = dict(num_key_value_heads=4)  # multi-head latent attention: as many key/value heads as query heads
+FAMILY_TINY = {
+    "mixtral": dict(intermediate_size=48),
+    "qwen2_moe": dict(mlp_only_layers=[1]),
+    "qwen3_moe": dict(head_dim=24, norm_topk_prob=True),
+    "olmoe": dict(intermediate_size=40, num_key_value_heads=4),
+    **{t: _MLA for t in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "axk1", "axk2")},
+    # hybrid families: one linear-attention layer, the others full attention
+    "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention", "full_attention"], **_MLA),
+    "kimi_linear": dict(layer_types=["linear_attention", "full_attention", "full_attention"], **_MLA),
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention", "full_attention"]),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention", "attention"]),
+    "jamba": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1,
+                  expert_layer_offset=0),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "full_attention"], num_dense_layers=1),
+    "beam": dict(mlp_layer_types=["dense", "sparse", "sparse"]),
+    "qwen3_5_moe_text": dict(layer_types=["linear_attention", "full_attention", "full_attention"]),
+    "qwen4_exp_text": dict(layer_types=["linear_attention", "full_attention", "full_attention"]),
+    "dots3_note_text": _MLA,
+    "zaya": dict(num_experts_per_tok=1),
+    "gemma4_text": dict(enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=400,
+                        hidden_size_per_layer_input=16, per_layer_config={}, global_head_dim=16),
+}
+
+
+def moe_model_types() -> list[str]:
+    """Every model type with a causal LM class whose modeling code routes experts through
+    transformers' experts interface (`use_experts_implementation`), read off transformers."""
+    import importlib.util
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    out = []
+    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        if model_type not in CONFIG_MAPPING_NAMES:
+            continue
+        spec = importlib.util.find_spec(f"transformers.models.{model_type_to_module_name(model_type)}")
+        if spec is None or spec.origin is None:
+            continue
+        folder = os.path.dirname(spec.origin)
+        sources = [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("modeling_") and f.endswith(".py")]
+        if any("use_experts_implementation" in open(f, encoding="utf-8").read() for f in sources):
+            out.append(model_type)
+    return out
+
+
+def tiny_config(model_type: str, vocab: int, **over):
+    import inspect
+
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    values = {**TINY, **FAMILY_TINY.get(model_type, {}), **over, "vocab_size": vocab}
+    kwargs = {k: v for k, v in values.items() if k in accepted or k in ("vocab_size",)}
+    return AutoConfig.for_model(model_type, **kwargs)

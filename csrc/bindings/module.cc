@@ -359,7 +359,8 @@ Parameters
 num_layers, num_experts : MoE layers, experts per layer.
 hidden, intermediate : H and I of one expert.
 ffn : "gated_silu" (Mixtral, Qwen-MoE, OLMoE, DeepSeek), "gated_gelu", "gated_gelu_tanh",
-    "gated_relu", "gated_swiglu_oai" (GPT-OSS), or non-gated "relu" (SwitchTransformers), "gelu",
+    "gated_relu", "gated_swiglu_oai" (GPT-OSS), "gated_silu_clamped" (HY-V4, GLM-5), or non-gated
+    "relu" (SwitchTransformers), "gelu",
     "gelu_tanh", "silu", "relu2" (Nemotron-H).
 dtype : "float32", "float16" or "bfloat16".
 device : "cpu" or "cuda[:N]".
@@ -367,7 +368,7 @@ expert_memory : bytes of device memory for expert slots (int or "8GiB"); None = 
 eviction : "lru" or "lfu".
 copy_depth : copies handed to the copy engine at once.
 has_bias : experts carry biases (parts gate_bias, up_bias, down_bias / in_bias, out_bias).
-alpha, limit : the clamped SwiGLU of gated_swiglu_oai.
+alpha, limit : the clamps of gated_swiglu_oai and gated_silu_clamped.
 )doc")
       .def(py::init<int32_t, int32_t, int64_t, int64_t, const std::string&, const std::string&,
                     const std::string&, const py::object&, const std::string&, int32_t, bool, float,

@@ -36,6 +36,7 @@ constexpr ffn_kind all_ffn_kinds[] = {
     ffn_kind::ffn_kind_gated_gelu_tanh, ffn_kind::ffn_kind_gated_relu,
     ffn_kind::ffn_kind_gated_swiglu_oai, ffn_kind::ffn_kind_silu,
     ffn_kind::ffn_kind_gelu_tanh,       ffn_kind::ffn_kind_relu2,
+    ffn_kind::ffn_kind_gated_silu_clamped,
 };
 
 }  // namespace
@@ -47,6 +48,7 @@ bool ffn_is_gated(ffn_kind kind) {
     case ffn_kind::ffn_kind_gated_gelu_tanh:
     case ffn_kind::ffn_kind_gated_relu:
     case ffn_kind::ffn_kind_gated_swiglu_oai:
+    case ffn_kind::ffn_kind_gated_silu_clamped:
       return true;
     default:
       return false;
@@ -65,6 +67,7 @@ const char* ffn_kind_name(ffn_kind kind) {
     case ffn_kind::ffn_kind_silu: return "silu";
     case ffn_kind::ffn_kind_gelu_tanh: return "gelu_tanh";
     case ffn_kind::ffn_kind_relu2: return "relu2";
+    case ffn_kind::ffn_kind_gated_silu_clamped: return "gated_silu_clamped";
   }
   return "?";
 }
@@ -88,7 +91,7 @@ status expert_spec::validate() const {
     return invalid_argument("expert shape too large for 32-bit BLAS dimensions");
   }
   if (!(std::isfinite(alpha) && std::isfinite(limit) && limit > 0)) {
-    return invalid_argument("gated_swiglu_oai needs a finite alpha and a limit > 0");
+    return invalid_argument("the clamped kinds need a finite alpha and a limit > 0");
   }
   return {};
 }

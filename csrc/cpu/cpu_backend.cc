@@ -84,6 +84,7 @@ float activation(ffn_kind kind, float x) {
     case ffn_kind::ffn_kind_gelu_tanh:
       return 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
     case ffn_kind::ffn_kind_gated_swiglu_oai:
+    case ffn_kind::ffn_kind_gated_silu_clamped:
       break;
   }
   return x;
@@ -181,15 +182,16 @@ class cpu_backend final : public backend {
     const int64_t width = sp.intermediate;
     const bool gated = ffn_is_gated(sp.kind);
     const bool oai = sp.kind == ffn_kind::ffn_kind_gated_swiglu_oai;
+    const bool clamped = oai || sp.kind == ffn_kind::ffn_kind_gated_silu_clamped;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t base = r * ld;
       for (int64_t j = 0; j < width; ++j) {
         const float x = load(dt, data, base + j);
         float v;
-        if (oai) {
+        if (clamped) {
           const float g = std::fmin(x, sp.limit);
           const float u = std::fmax(std::fmin(load(dt, data, base + width + j), sp.limit), -sp.limit);
-          v = (u + 1.0f) * g / (1.0f + std::exp(-sp.alpha * g));
+          v = oai ? (u + 1.0f) * g / (1.0f + std::exp(-sp.alpha * g)) : g / (1.0f + std::exp(-g)) * u;
         } else {
           v = activation(sp.kind, x);
           if (gated) v *= load(dt, data, base + width + j);

@@ -63,6 +63,10 @@ __global__ void activate_kernel(T* data, int64_t rows, int64_t width, int64_t ld
       const float g = fminf(to_f32(row[j]), limit);
       const float u = fmaxf(fminf(to_f32(row[width + j]), limit), -limit);
       v = (u + 1.0f) * g / (1.0f + __expf(-alpha * g));
+    } else if constexpr (static_cast<ffn_kind>(Kind) == ffn_kind::ffn_kind_gated_silu_clamped) {
+      const float g = fminf(to_f32(row[j]), limit);
+      const float u = fmaxf(fminf(to_f32(row[width + j]), limit), -limit);
+      v = g / (1.0f + __expf(-g)) * u;
     } else {
       v = activation<Kind>(to_f32(row[j]));
       if constexpr (Gated) v *= to_f32(row[width + j]);
@@ -104,7 +108,7 @@ template <typename T, int Kind>
 void launch_kind(T* data, int64_t rows, int64_t width, int64_t ld, float alpha, float limit,
                  cudaStream_t stream) {
   const int threads = 256;
-  constexpr bool gated = Kind == 0 || Kind == 1 || Kind == 4 || Kind == 5 || Kind == 6;
+  constexpr bool gated = Kind == 0 || Kind == 1 || Kind == 4 || Kind == 5 || Kind == 6 || Kind == 10;
   activate_kernel<T, Kind, gated><<<grid_for(rows * width, threads), threads, 0, stream>>>(
       data, rows, width, ld, alpha, limit);
 }
@@ -125,6 +129,7 @@ cudaError_t activate_typed(const expert_spec& sp, T* data, int64_t rows, int64_t
     case ffn_kind::ffn_kind_silu: launch_kind<T, 7>(data, rows, w, ld, a, l, stream); break;
     case ffn_kind::ffn_kind_gelu_tanh: launch_kind<T, 8>(data, rows, w, ld, a, l, stream); break;
     case ffn_kind::ffn_kind_relu2: launch_kind<T, 9>(data, rows, w, ld, a, l, stream); break;
+    case ffn_kind::ffn_kind_gated_silu_clamped: launch_kind<T, 10>(data, rows, w, ld, a, l, stream); break;
   }
   return cudaGetLastError();
 }

@@ -31,17 +31,56 @@ class UnsupportedModel(ValueError):
 
 # --- the layout of one family's experts -----------------------------------------------------
 
-# transformers' activation modules -> the runtime's activation names
+# transformers' activation modules (or functions) -> the runtime's activation names
 _ACTIVATIONS = {
-    "SiLUActivation": "silu", "SiLU": "silu",
-    "GELUActivation": "gelu",
+    "SiLUActivation": "silu", "SiLU": "silu", "silu": "silu",
+    "GELUActivation": "gelu", "gelu": "gelu",
     "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
     "PytorchGELUTanh": "gelu_tanh",
-    "ReLU": "relu",
+    "ReLU": "relu", "relu": "relu",
     "ReLUSquaredActivation": "relu2",
 }
-# Experts classes whose custom gate is GPT-OSS's clamped SwiGLU (alpha, limit).
-_SWIGLU_OAI = ("GptOssExperts", "OpenAIPrivacyFilterExperts")
+
+
+def _activation_name(act) -> str | None:
+    name = getattr(act, "__name__", None) if callable(act) and not isinstance(act, torch.nn.Module) else type(act).__name__
+    if isinstance(act, torch.nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    return _ACTIVATIONS.get(name)
+
+
+def gate_reference(ffn: str, gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702,
+                   limit: float = 7.0) -> torch.Tensor:
+    """act(gate) * up of a gated kind, in plain PyTorch (float32): the reference the runtime's
+    kernels are tested against, and the candidates a family's own gate is matched with."""
+    g, u = gate.float(), up.float()
+    if ffn == "gated_swiglu_oai":
+        g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+        return (u + 1) * g * torch.sigmoid(alpha * g)
+    if ffn == "gated_silu_clamped":
+        return torch.nn.functional.silu(g.clamp(max=limit)) * u.clamp(-limit, limit)
+    act = {"gated_silu": torch.nn.functional.silu, "gated_relu": torch.relu,
+           "gated_gelu": torch.nn.functional.gelu,
+           "gated_gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}[ffn]
+    return act(g) * u
+
+
+def _custom_gate(module, cls: str, act_kind: str | None) -> tuple[str, float, float]:
+    """Which of the runtime's gated kinds a family's own `_apply_gate` computes, found by
+    running it on probe values large enough to reach the clamps."""
+    alpha = float(getattr(module, "swiglu_alpha", getattr(module, "alpha", 1.702)))
+    limit = float(getattr(module, "swiglu_limit", getattr(module, "limit", 7.0)) or 7.0)
+    I = 32
+    probe = torch.linspace(-3 * limit, 3 * limit, 2 * I * 4).reshape(4, 2 * I)
+    probe = probe[:, torch.randperm(2 * I, generator=torch.Generator().manual_seed(0))]
+    got = module._apply_gate(probe).float()
+    gate, up = (probe[:, :I], probe[:, I:]) if module.is_concatenated else (probe[:, 0::2], probe[:, 1::2])
+    candidates = ["gated_swiglu_oai", "gated_silu_clamped"] + ([f"gated_{act_kind}"] if act_kind else [])
+    for ffn in candidates:
+        if got.shape == (4, I) and torch.allclose(got, gate_reference(ffn, gate, up, alpha, limit), rtol=1e-4, atol=1e-4):
+            return ffn, alpha, limit
+    raise UnsupportedModel(f"{cls} combines gate and up with its own function (_apply_gate), which is none "
+                           f"of the runtime's: {', '.join(candidates)}")
 
 
 @dataclass(frozen=True)
@@ -124,27 +163,17 @@ def layout_of(module: torch.nn.Module) -> ExpertLayout:
     I = out_dim // 2 if module.has_gate else out_dim
     H = in_dim
     alpha, limit = 1.702, 7.0
-    custom_gate = module.has_gate and type(module)._apply_gate is not hf_moe._default_apply_gate
-    if custom_gate:
-        if cls not in _SWIGLU_OAI:
-            raise UnsupportedModel(f"{cls} combines gate and up with its own function (_apply_gate); "
-                                   f"pregated knows GPT-OSS's clamped SwiGLU ({', '.join(_SWIGLU_OAI)})")
-        ffn = "gated_swiglu_oai"
-        alpha, limit = float(module.alpha), float(module.limit)
+    act_kind = _activation_name(getattr(module, "act_fn", None))
+    if module.has_gate and type(module)._apply_gate is not hf_moe._default_apply_gate:
+        ffn, alpha, limit = _custom_gate(module, cls, act_kind if act_kind != "relu2" else None)
     else:
-        act = getattr(module, "act_fn", None)
-        name = type(act).__name__
-        kind = _ACTIVATIONS.get(name)
-        if name == "GELU" and isinstance(act, torch.nn.GELU):
-            kind = "gelu_tanh" if act.approximate == "tanh" else "gelu"
-        if kind is None:
-            raise UnsupportedModel(f"{cls} uses the activation {name}; pregated's runtime has "
-                                   f"{', '.join(sorted(set(_ACTIVATIONS.values())))}")
-        if module.has_gate:
-            if kind == "relu2":
-                raise UnsupportedModel(f"{cls}: a gated relu2 expert is not supported")
-            kind = f"gated_{kind}"
-        ffn = kind
+        if act_kind is None:
+            act = getattr(module, "act_fn", None)
+            raise UnsupportedModel(f"{cls} uses the activation {getattr(act, '__name__', type(act).__name__)}; "
+                                   f"pregated's runtime has {', '.join(sorted(set(_ACTIVATIONS.values())))}")
+        if module.has_gate and act_kind == "relu2":
+            raise UnsupportedModel(f"{cls}: a gated relu2 expert is not supported")
+        ffn = f"gated_{act_kind}" if module.has_gate else act_kind
     layout = ExpertLayout(num_experts=E, hidden=H, intermediate=I, ffn=ffn, has_gate=bool(module.has_gate),
                           has_bias=bool(module.has_bias), is_transposed=bool(module.is_transposed),
                           is_concatenated=bool(module.is_concatenated), alpha=alpha, limit=limit)

@@ -44,9 +44,16 @@ def _router_of(block: torch.nn.Module, experts: torch.nn.Module) -> tuple[torch.
     for name in ("gate", "router"):
         router = getattr(block, name, None)
         if isinstance(router, torch.nn.Module) and router is not experts:
-            params = list(inspect.signature(router.forward).parameters.values())[1:]
-            extra = tuple(p.name for p in params if p.default is inspect.Parameter.empty
-                          and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+            params = [p for p in list(inspect.signature(router.forward).parameters.values())[1:]
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            # The block passes its router tensors it owns (correction biases): those, by name.
+            extra = []
+            for p in params:
+                if p.default is inspect.Parameter.empty or getattr(block, p.name, None) is not None:
+                    extra.append(p.name)
+                else:
+                    break
+            extra = tuple(extra)
             missing = [a for a in extra if not hasattr(block, a)]
             if missing:
                 raise UnsupportedModel(f"{type(block).__name__} passes its router {', '.join(missing)}, "
@@ -86,7 +93,7 @@ def expert_layout(blocks: list[MoEBlock]) -> ExpertLayout:
 
 def _top_k(hf_config, blocks: list[MoEBlock]) -> int:
     for src in (blocks[0].router, blocks[0].block, hf_config):
-        for name in ("top_k", "num_experts_per_tok", "moe_k", "num_experts_per_token"):
+        for name in ("top_k", "num_experts_per_tok", "moe_k", "num_experts_per_token", "top_k_experts"):
             value = getattr(src, name, None)
             if isinstance(value, int) and value > 0:
                 return value

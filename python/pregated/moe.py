@@ -152,6 +152,7 @@ class MoEExecutor:
                 self.pending[m + 1] = pred
             if self.policy == "pregated":
                 nxt = torch.unique(pred[0]).to(torch.int32)
+                nxt = nxt[nxt < self.cfg.num_experts]  # some routers mark "no expert" past the last
         if m + 1 < n and self.policy == "prefetch-all":
             nxt = torch.arange(self.cfg.num_experts, dtype=torch.int32)
         out = torch.ops.pregated.moe_experts(x.contiguous(), ids, weights, self.handle, m,

@@ -23,15 +23,18 @@ class BlockTaps:
         self.blocks = blocks
         self.residual: list[torch.Tensor | None] = [None] * len(blocks)   # [..., H] per block
         self.router_logits: list[torch.Tensor | None] = [None] * len(blocks)  # [T, E] while recording
+        self.router_rank: list[int] = [2] * len(blocks)  # the rank of the input each block gives its router
         self.norm_name: str | None = None   # the decoder layer's norm that feeds the MoE block
         self.found = False                  # norm_name is known (None = the block takes the stream)
         self._handles: list = []
         self._router_handles: list = []
+        self._rank_handles: list = []
         self._seen: dict[int, dict[str, tuple]] = {}
         for m, b in enumerate(blocks):
             for name, norm in _norm_children(b.decoder).items():
                 self._handles.append(norm.register_forward_hook(self._norm_hook(m, name)))
             self._handles.append(b.block.register_forward_pre_hook(self._block_hook(m)))
+            self._rank_handles.append(b.router.register_forward_pre_hook(self._rank_hook(m)))
 
     def _norm_hook(self, m: int, name: str):
         def hook(module, args, output):
@@ -54,6 +57,15 @@ class BlockTaps:
                     self.residual[m] = seen[self.norm_name][0]
             if self.norm_name is None:
                 self.residual[m] = x
+        return hook
+
+    def _rank_hook(self, m: int):
+        def hook(module, args):
+            if args and torch.is_tensor(args[0]):  # the first block's call holds for every block
+                self.router_rank = [args[0].dim()] * len(self.blocks)
+                for h in self._rank_handles:
+                    h.remove()
+                self._rank_handles = []
         return hook
 
     def norm(self, m: int) -> torch.nn.Module | None:
@@ -84,6 +96,6 @@ class BlockTaps:
         return hook
 
     def close(self) -> None:
-        for h in self._handles + self._router_handles:
+        for h in self._handles + self._router_handles + self._rank_handles:
             h.remove()
-        self._handles, self._router_handles = [], []
+        self._handles, self._router_handles, self._rank_handles = [], [], []

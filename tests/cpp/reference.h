@@ -74,6 +74,10 @@ inline float act(const pregated::expert_spec& sp, float g, float u) {
       const float gc = std::fmin(g, sp.limit), uc = std::fmax(std::fmin(u, sp.limit), -sp.limit);
       return (uc + 1.0f) * gc / (1.0f + std::exp(-sp.alpha * gc));
     }
+    case ffn_kind::ffn_kind_gated_silu_clamped: {
+      const float gc = std::fmin(g, sp.limit), uc = std::fmax(std::fmin(u, sp.limit), -sp.limit);
+      return gc / (1.0f + std::exp(-gc)) * uc;
+    }
   }
   return 0.0f;
 }

@@ -76,7 +76,7 @@ TEST(forward_matches_reference_for_every_budget) {
 }
 
 TEST(forward_every_ffn_kind_with_and_without_biases) {
-  for (int k = 0; k <= static_cast<int>(ffn_kind::ffn_kind_relu2); ++k) {
+  for (int k = 0; k <= static_cast<int>(ffn_kind::ffn_kind_gated_silu_clamped); ++k) {
     for (bool bias : {false, true}) {
       const ffn_kind kind = static_cast<ffn_kind>(k);
       pgref::toy_model m = pgref::make_model(1, 4, 17, 9, kind, 3 + static_cast<uint32_t>(k), bias);

@@ -19,7 +19,8 @@ status parse_dtype(const std::string& name, dtype* out);
 //   gated:     down( act(gate(x) + b_gate) * (up(x) + b_up) ) + b_down   Mixtral, Qwen-MoE, DeepSeek
 //   non-gated: out( act(in(x) + b_in) ) + b_out                          SwitchTransformers, Nemotron-H
 // gated_swiglu_oai is GPT-OSS's clamped SwiGLU: g = min(gate, limit), u = clamp(up, -limit, limit),
-// act = (u + 1) * g * sigmoid(alpha * g).
+// act = (u + 1) * g * sigmoid(alpha * g). gated_silu_clamped (HY-V4, GLM-5, DeepSeek-V4) clamps
+// the same way, then act = silu(g) * u.
 enum class ffn_kind {
   ffn_kind_gated_silu = 0,
   ffn_kind_gated_gelu = 1,       // gelu with erf
@@ -31,6 +32,7 @@ enum class ffn_kind {
   ffn_kind_silu = 7,
   ffn_kind_gelu_tanh = 8,
   ffn_kind_relu2 = 9,            // relu(x)^2
+  ffn_kind_gated_silu_clamped = 10,
 };
 
 bool ffn_is_gated(ffn_kind kind);
@@ -52,7 +54,7 @@ struct expert_spec {
   int64_t intermediate = 0;  // I
   bool has_bias = false;
   float alpha = 1.702f;      // gated_swiglu_oai only
-  float limit = 7.0f;        // gated_swiglu_oai only
+  float limit = 7.0f;        // gated_swiglu_oai and gated_silu_clamped only
 
   status validate() const;
   // Weight matrices (3 gated, 2 otherwise); bias vectors follow them.
