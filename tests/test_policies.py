@@ -8,9 +8,10 @@ import torch
 
 from conftest import DEVICES
 from pregated.engine import Engine
+from test_engine_parity import FAMILIES
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [40, 41, 42]]
+CORE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 
 
 def generate(eng, n=12):
@@ -18,10 +19,11 @@ def generate(eng, n=12):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_policy_equals_gpu_only_in_exact_mode(family, device, checkpoint_factory):
+@pytest.mark.parametrize("family", CORE)
+def test_every_policy_budget_and_eviction_equals_gpu_only_in_exact_mode(family, device, checkpoint_factory):
     folder = checkpoint_factory(family)
     with Engine(folder, device=device, policy="gpu-only", quiet=True) as eng:
+        eng.eos_ids = set()
         want = generate(eng)
         one = eng.cfg.expert_bytes()
         total = one * eng.cfg.num_experts * eng.cfg.num_moe_layers
@@ -36,6 +38,31 @@ def test_every_policy_equals_gpu_only_in_exact_mode(family, device, checkpoint_f
                     got = generate(eng)
                     assert got == want, f"{policy} at {budget} bytes ({eviction})"
                     eng.runtime.check()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_policies_and_routing_modes_on_every_family(family, checkpoint_factory):
+    """Every offloading policy at its smallest budget gives gpu-only's tokens (exact routing);
+    routing by pre-gate runs, with no demand load after the first block in decode."""
+    folder = checkpoint_factory(family)
+    with Engine(folder, device="cpu", policy="gpu-only", quiet=True) as eng:
+        eng.eos_ids = set()
+        want = generate(eng, n=8)
+        one, K = eng.cfg.expert_bytes(), eng.cfg.top_k
+        for policy in ("on-demand", "prefetch-all", "pregated"):
+            eng.reconfigure(policy=policy, expert_memory=(K if policy == "on-demand" else 2 * K) * one)
+            assert generate(eng, n=8) == want, policy
+            eng.runtime.check()
+        eng.reconfigure(policy="pregated", expert_memory=2 * K * one)
+        eng.set_routing("pregate")
+        out = eng.generate(PROMPTS[0], max_new_tokens=8)
+        assert len(out.token_ids) == 8
+        s, pre = eng.stats(), eng.last_prefill_stats
+        decode_misses = [b["expert_misses"] - p["expert_misses"] for b, p in zip(s["layers"], pre["layers"])]
+        assert decode_misses[1:] == [0] * (len(decode_misses) - 1)
+        assert all(b["prefetch_used"] <= b["prefetch_issued"] for b in s["layers"])
+        assert (s["pregate_precision"] is not None) == (eng.cfg.num_moe_layers > 1)  # a next block to predict
+        eng.runtime.check()
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +231,25 @@ def test_prefetch_counters_obey_their_definitions(eng, routing):
         assert s["prefetch_issued"] > 0
     finally:
         eng.set_routing("exact")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "qwen2_moe", "hunyuan_v1_moe"])
+def test_calibrate_any_family(family, checkpoint_factory, tmp_path):
+    """A trained pre-gate fits the family's own norm and router (sigmoid scores with correction
+    biases, routers with biases, shared experts), loads, and leaves exact routing's tokens alone."""
+    from pregated.pregate import calibrate
+
+    folder = checkpoint_factory(family)
+    report = calibrate(folder, TEXT, str(tmp_path / "pg"), device="cpu", steps=20, window=64, quiet=True,
+                       log=lambda *_: None)
+    for b in report["blocks"]:
+        assert 0 <= b["trained"]["precision"] <= 1 and 0 <= b["speculative"]["recall"] <= 1
+    with Engine(folder, device="cpu", policy="gpu-only", quiet=True) as ref:
+        ref.eos_ids = set()
+        want = generate(ref)
+        budget = 2 * ref.cfg.top_k * ref.cfg.expert_bytes()
+    with Engine(folder, device="cpu", pregate=str(tmp_path / "pg"), expert_memory=budget, quiet=True) as e:
+        e.eos_ids = set()
+        assert e.pregate.kind == "trained"
+        assert generate(e) == want
+        assert e.stats()["prefetch_recall"] is not None
