@@ -64,6 +64,7 @@ _LAZY = {
     "TextStream": "generation",
     "SyntheticModel": "synthetic",
     "demo_model": "demo",
+    "from_pretrained": "pretrained",
 }
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "demo_model",
     "expert_bytes",
     "format_bytes",
+    "from_pretrained",
     "get_cmake_dir",
     "get_include_dir",
     "parse_bytes",
