@@ -48,9 +48,10 @@ def add_bench_command(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
-    p.add_argument("--baseline", action="append", default=[], choices=["hf-accelerate", "hf-gpu"],
-                   help="also run transformers: device_map='auto' with the same device budget "
-                        "(hf-accelerate), or fully on the device (hf-gpu); repeatable")
+    p.add_argument("--baseline", action="append", default=[], choices=["hf", "hf-accelerate", "hf-gpu"],
+                   help="also run transformers on the same checkpoint and prompts: the whole model on the "
+                        "bench's device (hf; hf-gpu is the same on a GPU), or device_map='auto' with the "
+                        "same device budget (hf-accelerate); repeatable")
     p.add_argument("--baseline-tokens", type=int, default=None,
                    help="tokens per prompt for the HF baselines (default: --new-tokens; offloaded HF runs are slow)")
     p.add_argument("--no-gpu-only", action="store_true", help="skip the gpu-only run")
@@ -192,7 +193,7 @@ def run_hf(folder: str, baseline: str, device: str, dtype, budget_bytes, prompts
 
     if device.startswith("cuda"):
         idx = int(device.split(":")[1]) if ":" in device else 0
-        if baseline == "hf-gpu":
+        if baseline in ("hf", "hf-gpu"):
             kw = {"device_map": {"": idx}}
         else:
             kw = {"device_map": "auto", "max_memory": {idx: int(budget_bytes), "cpu": 10**13}}
@@ -353,14 +354,14 @@ def run_bench(args, log=print) -> dict:
                     "expert_memory_fraction": budget / total, "batch": args.batch, "prompt_len": args.prompt_len,
                     "new_tokens": args.new_tokens, "eviction": args.eviction, "efficiency": None}
             try:
-                if policy.startswith("hf-"):
+                if policy in ("hf", "hf-gpu", "hf-accelerate"):
                     base["baseline"] = policy
                     if saved is None:
                         saved = args.save or args.model or tempfile.mkdtemp(prefix="pregated-bench-")
                         if args.synthetic and not os.path.isfile(os.path.join(saved, "config.json")):
                             log(f"writing the synthetic checkpoint to {saved} for the HF baselines")
                             source.save(saved, dtype=engine.dtype)
-                    if policy == "hf-gpu" and not _fits_on_device(engine, total):
+                    if policy in ("hf", "hf-gpu") and not _fits_on_device(engine, total):
                         raise RuntimeError("the model does not fit on the device")
                     n = args.baseline_tokens or args.new_tokens
                     base["new_tokens"] = n
@@ -463,7 +464,7 @@ def plot(results: list[dict], path: str) -> None:
     fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 7), squeeze=False)
     for j, (model, layers) in enumerate(models):
         mine = [r for r in runs if (r["model"], r["layers"]) == (model, layers)]
-        for label in list(POLICY_ORDER) + ["hf-accelerate", "hf-gpu"]:
+        for label in list(POLICY_ORDER) + ["hf", "hf-accelerate", "hf-gpu"]:
             pts = sorted((100 * r["expert_memory_fraction"], r["decode_tokens_per_s"], r["peak_device_bytes"])
                          for r in mine if (r["baseline"] or r["policy"]) == label and r["decode_tokens_per_s"])
             if not pts:

@@ -36,6 +36,10 @@ SHAPES = {
                           "intermediate_size": 5632, "moe_intermediate_size": 1408,
                           "shared_expert_intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4,
                           "norm_topk_prob": False, "rope_theta": 1e6},
+    # the CPU comparison of the wave's issues: 8 layers, 8 experts top-2, hidden 512
+    "mixtral-cpu": {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 512, "num_hidden_layers": 8,
+                    "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 1536,
+                    "num_local_experts": 8, "num_experts_per_tok": 2, "rope_theta": 1e6},
     "tiny": {"model_type": "mixtral", "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 4,
              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96, "num_local_experts": 8,
              "num_experts_per_tok": 2, "rope_theta": 10000.0, "max_position_embeddings": 2048},
