@@ -10,26 +10,37 @@ import torch.nn.functional as F
 
 import pregated
 
-PARTS = {
-    "gated_silu": ("gate", "up", "down"),
-    "gated_gelu": ("gate", "up", "down"),
-    "relu": ("in", "out"),
-    "gelu": ("in", "out"),
-}
+GATED = ("gated_silu", "gated_gelu", "gated_gelu_tanh", "gated_relu", "gated_swiglu_oai", "gated_silu_clamped")
+PLAIN = ("relu", "gelu", "gelu_tanh", "silu", "relu2")
+KINDS = GATED + PLAIN
 
 
-def random_experts(layers: int, experts: int, hidden: int, inter: int, ffn: str, dtype, seed=0):
-    """weights[layer][expert] = {part: tensor}; gate/up/in: [I, H], down/out: [H, I]."""
+def parts_of(ffn: str, has_bias: bool = False) -> tuple[str, ...]:
+    names = ("gate", "up", "down") if ffn in GATED else ("in", "out")
+    if has_bias:
+        names += tuple(f"{n}_bias" for n in names)
+    return names
+
+
+def _shape(part: str, hidden: int, inter: int) -> tuple[int, ...]:
+    if part.endswith("_bias"):
+        return (hidden,) if part.startswith(("down", "out")) else (inter,)
+    return (hidden, inter) if part in ("down", "out") else (inter, hidden)
+
+
+def random_experts(layers: int, experts: int, hidden: int, inter: int, ffn: str, dtype, seed=0,
+                   has_bias: bool = False):
+    """weights[layer][expert] = {part: tensor}; gate/up/in: [I, H], down/out: [H, I], biases [I] / [H]."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(layers):
         layer = []
         for _ in range(experts):
             parts = {}
-            for p in PARTS[ffn]:
-                shape = (hidden, inter) if p in ("down", "out") else (inter, hidden)
-                fan_in = shape[1]
-                parts[p] = (torch.randn(shape, generator=g) / fan_in**0.5).to(dtype)
+            for p in parts_of(ffn, has_bias):
+                shape = _shape(p, hidden, inter)
+                scale = 0.5 if p.endswith("_bias") else shape[1] ** -0.5
+                parts[p] = (torch.randn(shape, generator=g) * scale).to(dtype)
             layer.append(parts)
         out.append(layer)
     return out
@@ -37,13 +48,14 @@ def random_experts(layers: int, experts: int, hidden: int, inter: int, ffn: str,
 
 def make_runtime(weights, ffn: str, dtype, *, slots=None, device="cpu", eviction="lru", **kw):
     layers, experts = len(weights), len(weights[0])
-    first = weights[0][0][PARTS[ffn][0]]
+    first = weights[0][0][parts_of(ffn)[0]]
     inter, hidden = first.shape
     dname = str(dtype).replace("torch.", "")
-    one = pregated.expert_bytes(hidden, inter, ffn, dname)
+    has_bias = any(p.endswith("_bias") for p in weights[0][0])
+    one = pregated.expert_bytes(hidden, inter, ffn, dname, has_bias)
     rt = pregated.Runtime(
         layers, experts, hidden, inter, ffn=ffn, dtype=dname, device=device,
-        expert_memory=None if slots is None else slots * one, eviction=eviction, **kw,
+        expert_memory=None if slots is None else slots * one, eviction=eviction, has_bias=has_bias, **kw,
     )
     for l, layer in enumerate(weights):
         for e, parts in enumerate(layer):
@@ -52,18 +64,33 @@ def make_runtime(weights, ffn: str, dtype, *, slots=None, device="cpu", eviction
     return rt
 
 
-def expert_ffn(parts: dict, x: torch.Tensor, ffn: str) -> torch.Tensor:
+def activation(ffn: str, g: torch.Tensor, u: torch.Tensor | None, alpha=1.702, limit=7.0) -> torch.Tensor:
+    """act(g) * u (gated kinds) or act(g), each written out in PyTorch."""
+    if ffn == "gated_swiglu_oai":
+        g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+        return (u + 1) * g * torch.sigmoid(alpha * g)
+    if ffn == "gated_silu_clamped":
+        return F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit)
+    base = ffn.removeprefix("gated_")
+    act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+           "relu": F.relu, "relu2": lambda x: F.relu(x) ** 2}[base]
+    return act(g) * u if u is not None else act(g)
+
+
+def expert_ffn(parts: dict, x: torch.Tensor, ffn: str, **act) -> torch.Tensor:
     """One expert on rows x: [n, H] -> [n, H], in float64."""
     x = x.double()
-    if ffn.startswith("gated"):
-        act = F.silu if ffn == "gated_silu" else F.gelu
-        h = act(x @ parts["gate"].double().T) * (x @ parts["up"].double().T)
-        return h @ parts["down"].double().T
-    act = F.relu if ffn == "relu" else F.gelu
-    return act(x @ parts["in"].double().T) @ parts["out"].double().T
+    p = {k: v.double() for k, v in parts.items()}
+    zero = torch.zeros((), dtype=torch.float64)
+    if ffn in GATED:
+        g = x @ p["gate"].T + p.get("gate_bias", zero)
+        u = x @ p["up"].T + p.get("up_bias", zero)
+        return activation(ffn, g, u, **act) @ p["down"].T + p.get("down_bias", zero)
+    h = activation(ffn, x @ p["in"].T + p.get("in_bias", zero), None)
+    return h @ p["out"].T + p.get("out_bias", zero)
 
 
-def moe_reference(layer_weights, x, ids, w, ffn: str) -> torch.Tensor:
+def moe_reference(layer_weights, x, ids, w, ffn: str, **act) -> torch.Tensor:
     """out[t] = sum_k w[t, k] * expert_{ids[t, k]}(x[t]): a loop over experts, float64."""
     out = torch.zeros(x.shape, dtype=torch.float64)
     xc, ids, w = x.cpu(), ids.cpu(), w.cpu().double()
@@ -71,7 +98,7 @@ def moe_reference(layer_weights, x, ids, w, ffn: str) -> torch.Tensor:
         tok, k = torch.nonzero(ids == e, as_tuple=True)
         if tok.numel() == 0:
             continue
-        y = expert_ffn(parts, xc[tok], ffn)
+        y = expert_ffn(parts, xc[tok], ffn, **act)
         out.index_add_(0, tok, y * w[tok, k].unsqueeze(1))
     return out
 

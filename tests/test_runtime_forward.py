@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe_reference import TOLERANCE, make_runtime, moe_reference, random_experts, random_routing, relative_error
+from moe_reference import KINDS, TOLERANCE, make_runtime, moe_reference, random_experts, random_routing, relative_error
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -32,16 +32,44 @@ def test_forward_matches_reference(device, dtype, K, budget):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("ffn", ["relu", "gelu", "gated_gelu"])
+@pytest.mark.parametrize("has_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("ffn", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_other_expert_kinds(device, ffn, dtype):
-    weights = random_experts(1, 4, 48, 40, ffn, dtype, seed=3)
-    rt = make_runtime(weights, ffn, dtype, slots=2, device=device)
-    x = torch.randn(33, 48).to(dtype)
-    ids, w = random_routing(33, 1, 4, seed=1)
-    out = rt.forward(0, x.to(device), ids, w)
-    assert relative_error(out, moe_reference(weights[0], x, ids, w, ffn)) < TOLERANCE[dtype]
+def test_every_expert_kind(device, ffn, has_bias, dtype):
+    weights = random_experts(1, 4, 48, 40, ffn, dtype, seed=3, has_bias=has_bias)
+    # a limit small enough that the clamped kinds clamp on these values
+    rt = make_runtime(weights, ffn, dtype, slots=2, device=device, alpha=1.5, limit=0.5)
+    for T in (1, 33):
+        x = (torch.randn(T, 48) * 2).to(dtype)
+        ids, w = random_routing(T, 2, 4, seed=T)
+        out = rt.forward(0, x.to(device), ids, w)
+        ref = moe_reference(weights[0], x, ids, w, ffn, alpha=1.5, limit=0.5)
+        assert relative_error(out, ref) < TOLERANCE[dtype], f"T={T}"
     rt.close()
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_decode_kernels_on_every_instruction_set(isa, dtype):
+    """The CPU backend's few-row kernels (T <= 8), each path this CPU can run, against PyTorch;
+    widths that are not multiples of the vector length on purpose."""
+    from pregated import _core
+
+    best = _core.cpu_kernel_isa()
+    if not _core._force_cpu_kernel(isa):
+        pytest.skip(f"this CPU cannot run the {isa} path (it runs {best})")
+    try:
+        weights = random_experts(1, 8, 45, 37, "gated_silu", dtype, seed=5)
+        rt = make_runtime(weights, "gated_silu", dtype)
+        for T in range(1, 9):
+            for K in (1, 2, 8):
+                x = torch.randn(T, 45).to(dtype)
+                ids, w = random_routing(T, K, 8, seed=T * 10 + K)
+                err = relative_error(rt.forward(0, x, ids, w), moe_reference(weights[0], x, ids, w, "gated_silu"))
+                assert err < TOLERANCE[dtype], f"{isa} T={T} K={K}: {err:.2e}"
+        rt.close()
+    finally:
+        _core._force_cpu_kernel(best)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -336,6 +336,14 @@ PYBIND11_MODULE(_core, m) {
     return out;
   }, py::arg("text"), "'8GiB', '512MB', '1.5G' or '123' -> bytes.");
   m.def("format_bytes", &format_bytes, py::arg("bytes"));
+  m.def("cpu_kernel_isa", [] { return std::string(cpu_kernel_isa()); },
+        "The instruction set of the CPU backend's decode kernels on this CPU: avx512, avx2 or portable.");
+  m.def("cpu_threads", [] { return cpu_threads(); }, "Threads of the CPU backend's pool.");
+  m.def("set_cpu_threads", [](int n) { py::gil_scoped_release nogil; set_cpu_threads(n); }, py::arg("threads"),
+        "Threads of the CPU backend's pool (0: one per core, or PREGATED_NUM_THREADS); set while no MoE "
+        "block runs on the CPU backend.");
+  m.def("_force_cpu_kernel", [](const std::string& isa) { return cpu_kernel_force(isa); }, py::arg("isa"),
+        "Tests: run the CPU backend's decode kernels on `isa`; False when this CPU cannot.");
 
   m.def("expert_bytes", [](int64_t hidden, int64_t intermediate, const std::string& ffn,
                            const std::string& dt, bool has_bias) {

@@ -11,6 +11,8 @@
 
 #include "cpu_gemm.h"
 #include "half.h"
+#include "small_rows.h"
+#include "thread_pool.h"
 #include "pregated/backend.h"
 
 namespace pregated {
@@ -230,5 +232,10 @@ class cpu_backend final : public backend {
 }  // namespace
 
 std::unique_ptr<backend> make_cpu_backend() { return std::make_unique<cpu_backend>(); }
+
+const char* cpu_kernel_isa() { return cpu::small_rows_isa(); }
+bool cpu_kernel_force(const std::string& isa) { return cpu::small_rows_force(isa.c_str()); }
+int cpu_threads() { return cpu::thread_pool::shared().size(); }
+void set_cpu_threads(int threads) { cpu::thread_pool::set_shared_size(threads); }
 
 }  // namespace pregated

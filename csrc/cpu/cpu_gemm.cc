@@ -6,6 +6,8 @@
 #include <vector>
 
 #include "half.h"
+#include "small_rows.h"
+#include "thread_pool.h"
 
 #include <cblas.h>  // scipy-openblas32: OpenBLAS with a scipy_ symbol prefix
 
@@ -58,47 +60,26 @@ void sgemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, cons
                     static_cast<blasint>(ldc));
 }
 
-// Few rows of A (decode): the GEMM is a pass over B, so B is read once in its own precision
-// and widened a row at a time in cache instead of through an fp32 copy.
-PREGATED_VECTOR_CLONES
-void small_m_rows(dtype dt, int64_t m, int64_t k, const float* a, const uint16_t* b, int64_t ldb,
-                  int64_t j0, int64_t j1, float* c, int64_t ldc) {
-  std::vector<float> row(static_cast<size_t>(k));
-  constexpr int64_t lanes = 16;
-  for (int64_t j = j0; j < j1; ++j) {
-    widen(dt, b + j * ldb, 1, k, ldb, row.data());
-    for (int64_t i = 0; i < m; ++i) {
-      const float* ai = a + i * k;
-      float part[lanes] = {};
-      int64_t kk = 0;
-      for (; kk + lanes <= k; kk += lanes) {
-        for (int64_t l = 0; l < lanes; ++l) part[l] += ai[kk + l] * row[static_cast<size_t>(kk + l)];
-      }
-      float acc = 0;
-      for (; kk < k; ++kk) acc += ai[kk] * row[static_cast<size_t>(kk)];
-      for (int64_t l = 0; l < lanes; ++l) acc += part[l];
-      c[i * ldc + j] = acc;
-    }
-  }
+// Column blocks of at least this much weight per pool task (smaller ones cost more to hand out
+// than to compute).
+constexpr int64_t min_task_bytes = 256 << 10;
+
+int64_t tasks_for(int64_t n, int64_t bytes_per_column) {
+  const int64_t threads = thread_pool::shared().size();
+  const int64_t by_size = std::max<int64_t>(1, n * bytes_per_column / min_task_bytes);
+  return std::max<int64_t>(1, std::min({n, by_size, 4 * threads}));
 }
 
-void small_m_gemm(dtype dt, int64_t m, int64_t n, int64_t k, const float* a, const uint16_t* b,
-                  int64_t ldb, float* c) {
-  const int64_t work = n * k;
-  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t threads = work < (int64_t{1} << 20) ? 1 : std::min<int64_t>(hw, n);
-  if (threads == 1) {
-    small_m_rows(dt, m, k, a, b, ldb, 0, n, c, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t per = (n + threads - 1) / threads;
-  for (int64_t t = 0; t < threads; ++t) {
-    const int64_t j0 = t * per, j1 = std::min(n, j0 + per);
-    if (j0 >= j1) break;
-    pool.emplace_back([=] { small_m_rows(dt, m, k, a, b, ldb, j0, j1, c, n); });
-  }
-  for (std::thread& th : pool) th.join();
+void sgemm_single(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                  int64_t ldb, float* c, int64_t ldc) {
+  // OpenBLAS threads would spin after the call and slow PyTorch's next op: the pool splits
+  // the work, OpenBLAS runs one thread inside each task.
+  static const bool single = [] {
+    scipy_openblas_set_num_threads(1);
+    return true;
+  }();
+  (void)single;
+  sgemm_nt(m, n, k, a, lda, b, ldb, c, ldc);
 }
 
 }  // namespace
@@ -106,37 +87,69 @@ void small_m_gemm(dtype dt, int64_t m, int64_t n, int64_t k, const float* a, con
 status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
                const void* b, int64_t ldb, void* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return {};
-  if (dt == dtype::dtype_f32) {
-    sgemm_nt(m, n, k, static_cast<const float*>(a), lda, static_cast<const float*>(b), ldb,
-             static_cast<float*>(c), ldc);
-    return {};
+  const size_t esz = dtype_size(dt);
+  thread_pool& pool = thread_pool::shared();
+  // A and C in fp32 (A is small: the activations of a few rows).
+  std::vector<float> a32, c32;
+  const float* af = static_cast<const float*>(a);
+  int64_t af_ld = lda;
+  if (dt != dtype::dtype_f32) {
+    a32.resize(static_cast<size_t>(m * k));
+    widen(dt, a, m, k, lda, a32.data());
+    af = a32.data();
+    af_ld = k;
   }
-  // OpenBLAS has no half-precision GEMM in this build: widen A once and B a tile of rows at a
-  // time (about 4 MiB of fp32), so the extra memory stays small while sgemm sees long runs.
-  std::vector<float> a32(static_cast<size_t>(m * k));
-  widen(dt, a, m, k, lda, a32.data());
-  if (m <= 8) {
-    std::vector<float> c32(static_cast<size_t>(m * n));
-    small_m_gemm(dt, m, n, k, a32.data(), static_cast<const uint16_t*>(b), ldb, c32.data());
-    narrow(dt, c32.data(), m, n, n, c, ldc);
-    return {};
+  float* cf = static_cast<float*>(c);
+  int64_t cf_ld = ldc;
+  if (dt != dtype::dtype_f32) {
+    c32.resize(static_cast<size_t>(m * n));
+    cf = c32.data();
+    cf_ld = n;
   }
-  const int64_t tile = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(k, 1));
-  std::vector<float> b32(static_cast<size_t>(std::min(tile, n) * k));
-  std::vector<float> c32(static_cast<size_t>(m * std::min(tile, n)));
-  const uint16_t* b16 = static_cast<const uint16_t*>(b);
-  uint16_t* c16 = static_cast<uint16_t*>(c);
-  for (int64_t j0 = 0; j0 < n; j0 += tile) {
-    const int64_t nb = std::min(tile, n - j0);
-    widen(dt, b16 + j0 * ldb, nb, k, ldb, b32.data());
-    sgemm_nt(m, nb, k, a32.data(), k, b32.data(), k, c32.data(), nb);
-    narrow(dt, c32.data(), m, nb, nb, c16 + j0, ldc);
+  if (m <= small_rows_max) {  // decode: one pass over B, read in its own precision
+    std::vector<float> a_packed;
+    if (af_ld != k) {
+      a_packed.resize(static_cast<size_t>(m * k));
+      for (int64_t i = 0; i < m; ++i) std::copy(af + i * af_ld, af + i * af_ld + k, a_packed.begin() + i * k);
+      af = a_packed.data();
+    }
+    const int64_t tasks = tasks_for(n, k * static_cast<int64_t>(esz));
+    const int64_t per = (n + tasks - 1) / tasks;
+    pool.run(tasks, [&](int64_t t) {
+      const int64_t j0 = t * per, j1 = std::min(n, j0 + per);
+      if (j0 < j1) small_rows(dt, m, k, af, b, ldb, j0, j1, cf, cf_ld);
+    });
+  } else if (dt == dtype::dtype_f32) {
+    const int64_t tasks = tasks_for(n, k * 4);
+    const int64_t per = (n + tasks - 1) / tasks;
+    const float* bf = static_cast<const float*>(b);
+    pool.run(tasks, [&](int64_t t) {
+      const int64_t j0 = t * per, j1 = std::min(n, j0 + per);
+      if (j0 < j1) sgemm_single(m, j1 - j0, k, af, af_ld, bf + j0 * ldb, ldb, cf + j0, cf_ld);
+    });
+  } else {
+    // OpenBLAS has no half-precision GEMM in this build: each task widens tiles of B (about
+    // 1 MiB of fp32) and runs sgemm on them, so the extra memory stays small.
+    const int64_t tile = std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(k, 1));
+    const int64_t tiles = (n + tile - 1) / tile;
+    const uint16_t* b16 = static_cast<const uint16_t*>(b);
+    pool.run(tiles, [&](int64_t t) {
+      const int64_t j0 = t * tile, nb = std::min(tile, n - j0);
+      std::vector<float> b32(static_cast<size_t>(nb * k));
+      widen(dt, b16 + j0 * ldb, nb, k, ldb, b32.data());
+      sgemm_single(m, nb, k, af, af_ld, b32.data(), k, cf + j0, cf_ld);
+    });
   }
+  if (dt != dtype::dtype_f32) narrow(dt, cf, m, n, cf_ld, c, ldc);
   return {};
 }
 
 const char* blas_name() {
-  return "OpenBLAS (scipy-openblas32) sgemm; float16/bfloat16 widened to float32 (fused kernel for <= 8 rows, tiles + sgemm above)";
+  static const std::string name =
+      std::string("OpenBLAS (scipy-openblas32) sgemm, one thread per task of pregated's pool; up to 8 rows: "
+                  "pregated's kernel reading fp32/bf16/fp16 weights once (") +
+      small_rows_isa() + "); float16/bfloat16 widened to float32 in tiles above";
+  return name.c_str();
 }
 
 }  // namespace pregated::cpu

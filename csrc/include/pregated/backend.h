@@ -98,6 +98,16 @@ class backend {
 // The CPU backend: always available.
 std::unique_ptr<backend> make_cpu_backend();
 
+// The CPU backend's few-row (decode) kernels: the instruction set they use on this CPU
+// ("avx512", "avx2" or "portable"), and a way for tests to force a path this CPU can run
+// (false when it cannot).
+const char* cpu_kernel_isa();
+bool cpu_kernel_force(const std::string& isa);
+// Threads of the CPU backend's pool (default: one per core, or PREGATED_NUM_THREADS); set
+// while no MoE block runs on the CPU backend. 0 restores the default.
+int cpu_threads();
+void set_cpu_threads(int threads);
+
 // The CUDA backend on `device`; fails with status_code_unavailable when CUDA was not compiled
 // in or no usable device exists.
 status make_cuda_backend(int device, std::unique_ptr<backend>* out);

@@ -1,0 +1,197 @@
+#include "small_rows.h"
+
+#include <cstring>
+
+#include "half.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PREGATED_X86 1
+// GCC 12 warns inside its own AVX-512 reduction intrinsics (a known false positive).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace pregated::cpu {
+
+namespace {
+
+// --- portable ---------------------------------------------------------------------------------
+
+template <int M>
+void rows_portable(dtype dt, int64_t k, const float* a, const void* b, int64_t ldb, int64_t j0,
+                   int64_t j1, float* c, int64_t ldc) {
+  constexpr int lanes = 8;
+  for (int64_t j = j0; j < j1; ++j) {
+    float acc[M][lanes] = {};
+    for (int64_t kk = 0; kk < k; kk += lanes) {
+      float w[lanes] = {};
+      const int64_t n = k - kk < lanes ? k - kk : lanes;
+      for (int64_t l = 0; l < n; ++l) {
+        const int64_t at = j * ldb + kk + l;
+        w[l] = dt == dtype::dtype_f32 ? static_cast<const float*>(b)[at]
+               : dt == dtype::dtype_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(b)[at])
+                                         : f16_to_f32(static_cast<const uint16_t*>(b)[at]);
+      }
+      for (int i = 0; i < M; ++i) {
+        for (int64_t l = 0; l < n; ++l) acc[i][l] += a[i * k + kk + l] * w[l];
+      }
+    }
+    for (int i = 0; i < M; ++i) {
+      float s = 0;
+      for (int l = 0; l < lanes; ++l) s += acc[i][l];
+      c[i * ldc + j] = s;
+    }
+  }
+}
+
+#ifdef PREGATED_X86
+
+// --- AVX-512 ----------------------------------------------------------------------------------
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(dtype dt, const void* b, int64_t at,
+                                                        __mmask16 mask) {
+  if (dt == dtype::dtype_f32) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(b) + at);
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(b) + at);
+  if (dt == dtype::dtype_bf16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_cvtph_ps(h);
+}
+
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void rows_avx512(dtype dt, int64_t k, const float* a,
+                                                             const void* b, int64_t ldb, int64_t j0,
+                                                             int64_t j1, float* c, int64_t ldc) {
+  for (int64_t j = j0; j < j1; ++j) {
+    __m512 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
+    int64_t kk = 0;
+    for (; kk + 16 <= k; kk += 16) {
+      const __m512 w = load16(dt, b, j * ldb + kk, 0xFFFF);
+      for (int i = 0; i < M; ++i) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * k + kk), w, acc[i]);
+    }
+    if (kk < k) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << (k - kk)) - 1);
+      const __m512 w = load16(dt, b, j * ldb + kk, mask);
+      for (int i = 0; i < M; ++i) {
+        acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + i * k + kk), w, acc[i]);
+      }
+    }
+    for (int i = 0; i < M; ++i) c[i * ldc + j] = _mm512_reduce_add_ps(acc[i]);
+  }
+}
+
+// --- AVX2 -------------------------------------------------------------------------------------
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(dtype dt, const void* b, int64_t at) {
+  if (dt == dtype::dtype_f32) return _mm256_loadu_ps(static_cast<const float*>(b) + at);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(b) + at));
+  if (dt == dtype::dtype_bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+__attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int M>
+__attribute__((target("avx2,fma,f16c"))) void rows_avx2(dtype dt, int64_t k, const float* a,
+                                                        const void* b, int64_t ldb, int64_t j0,
+                                                        int64_t j1, float* c, int64_t ldc) {
+  for (int64_t j = j0; j < j1; ++j) {
+    __m256 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+    int64_t kk = 0;
+    for (; kk + 8 <= k; kk += 8) {
+      const __m256 w = load8(dt, b, j * ldb + kk);
+      for (int i = 0; i < M; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * k + kk), w, acc[i]);
+    }
+    for (int i = 0; i < M; ++i) {
+      float s = sum8(acc[i]);
+      for (int64_t t = kk; t < k; ++t) {
+        const int64_t at = j * ldb + t;
+        const float w = dt == dtype::dtype_f32 ? static_cast<const float*>(b)[at]
+                        : dt == dtype::dtype_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(b)[at])
+                                                  : f16_to_f32(static_cast<const uint16_t*>(b)[at]);
+        s += a[i * k + t] * w;
+      }
+      c[i * ldc + j] = s;
+    }
+  }
+}
+
+#endif  // PREGATED_X86
+
+enum class isa { portable, avx2, avx512 };
+
+isa best_isa() {
+#ifdef PREGATED_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    return isa::avx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    return isa::avx2;
+  }
+#endif
+  return isa::portable;
+}
+
+isa& chosen() {
+  static isa value = best_isa();
+  return value;
+}
+
+template <int M>
+void rows(dtype dt, int64_t k, const float* a, const void* b, int64_t ldb, int64_t j0, int64_t j1,
+          float* c, int64_t ldc) {
+  switch (chosen()) {
+#ifdef PREGATED_X86
+    case isa::avx512: return rows_avx512<M>(dt, k, a, b, ldb, j0, j1, c, ldc);
+    case isa::avx2: return rows_avx2<M>(dt, k, a, b, ldb, j0, j1, c, ldc);
+#endif
+    default: return rows_portable<M>(dt, k, a, b, ldb, j0, j1, c, ldc);
+  }
+}
+
+}  // namespace
+
+void small_rows(dtype dt, int64_t m, int64_t k, const float* a, const void* b, int64_t ldb,
+                int64_t j0, int64_t j1, float* c, int64_t ldc) {
+  switch (m) {
+    case 1: return rows<1>(dt, k, a, b, ldb, j0, j1, c, ldc);
+    case 2: return rows<2>(dt, k, a, b, ldb, j0, j1, c, ldc);
+    case 3: return rows<3>(dt, k, a, b, ldb, j0, j1, c, ldc);
+    case 4: return rows<4>(dt, k, a, b, ldb, j0, j1, c, ldc);
+    case 5: return rows<5>(dt, k, a, b, ldb, j0, j1, c, ldc);
+    case 6: return rows<6>(dt, k, a, b, ldb, j0, j1, c, ldc);
+    case 7: return rows<7>(dt, k, a, b, ldb, j0, j1, c, ldc);
+    default: return rows<8>(dt, k, a, b, ldb, j0, j1, c, ldc);
+  }
+}
+
+const char* small_rows_isa() {
+  switch (chosen()) {
+    case isa::avx512: return "avx512";
+    case isa::avx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+bool small_rows_force(const char* name) {
+  const isa best = best_isa();
+  isa want;
+  if (std::strcmp(name, "avx512") == 0) want = isa::avx512;
+  else if (std::strcmp(name, "avx2") == 0) want = isa::avx2;
+  else if (std::strcmp(name, "portable") == 0) want = isa::portable;
+  else return false;
+  if (static_cast<int>(want) > static_cast<int>(best)) return false;
+  chosen() = want;
+  return true;
+}
+
+}  // namespace pregated::cpu

@@ -1,0 +1,23 @@
+// Few-row GEMM (decode): C[m, j] = A[m, k] . B[j, k] for m <= 8 and columns j in [j0, j1).
+// B, the expert's weight, is read once in its own precision (fp32, bf16 or fp16) and widened in
+// registers; A is fp32. AVX-512, AVX2 (+FMA, F16C) and portable paths, picked at run time.
+#pragma once
+
+#include <cstdint>
+
+#include "pregated/types.h"
+
+namespace pregated::cpu {
+
+constexpr int64_t small_rows_max = 8;
+
+void small_rows(dtype dt, int64_t m, int64_t k, const float* a, const void* b, int64_t ldb,
+                int64_t j0, int64_t j1, float* c, int64_t ldc);
+
+// Which path small_rows takes on this CPU: "avx512", "avx2" or "portable".
+const char* small_rows_isa();
+
+// For tests: force a path ("avx512", "avx2", "portable"); false when this CPU cannot run it.
+bool small_rows_force(const char* isa);
+
+}  // namespace pregated::cpu
