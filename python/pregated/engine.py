@@ -242,6 +242,9 @@ class Engine:
         """token_ids: a list of ints, or a 1-D integer tensor or array ->
         float32 [len(token_ids), vocab_size] through the same offloading path."""
         self._check_open()
+        if self.cfg.is_encoder_decoder:
+            raise ValueError("logits() needs a decoder-only model: an encoder-decoder model's logits depend on "
+                             "decoder inputs too; run it through generate() or pregated.from_pretrained(...)")
         prompt = self._check_ids(as_token_ids(token_ids), 0)
         tokens = torch.tensor([prompt], dtype=torch.long, device=self.device)
         positions = torch.arange(len(prompt), device=self.device)[None]
@@ -295,8 +298,50 @@ class Engine:
             self._trace_step = None
         return self._last_trace
 
+    def _run_seq2seq(self, prompts: list[list[int]], params: SamplingParams):
+        """An encoder-decoder model through transformers' generate() (its experts through the
+        runtime); yields (row, text piece) per sequence once it is complete."""
+        B, L = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = torch.tensor(p)
+            mask[b, :len(p)] = 1
+        sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                        top_k=params.top_k or None) if params.temperature > 0 else dict(do_sample=False)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        t0 = time.perf_counter()
+        out = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device),
+                                  max_new_tokens=params.max_new_tokens, eos_token_id=sorted(self.eos_ids) or None,
+                                  pad_token_id=self.pad_id, **sampling)
+        self._sync()
+        self._counters["decode_seconds"] += time.perf_counter() - t0
+        self._counters["prefill_tokens"] += sum(len(p) for p in prompts)
+        self.last_prefill_stats = self.runtime.stats()
+        results = []
+        for b in range(B):
+            tracker = TextTracker(self.tokenizer, params.stop)
+            finish, pieces = None, []
+            for tok in out[b, 1:].tolist():  # after the decoder's start token
+                pieces.append(tracker.add(tok))
+                self._counters["tokens"] += 1
+                if tok in self.eos_ids or tracker.stopped:
+                    finish = "stop"
+                    break
+            text = "".join(pieces) + tracker.finish()
+            if text:
+                yield b, text
+            results.append(GenerationResult(text=tracker.text, token_ids=tracker.ids, finish_reason=finish or "length",
+                                            prompt_tokens=len(prompts[b])))
+        self._last_results = results
+
     def _run(self, prompts: list[list[int]], params: SamplingParams):
         """The generation loop; yields (row, text piece) as text becomes showable."""
+        if self.cfg.is_encoder_decoder:
+            with torch.inference_mode():
+                yield from self._run_seq2seq(prompts, params)
+            return
         with torch.inference_mode():
             gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
             B = len(prompts)

@@ -47,7 +47,9 @@ def plan_load(model, ckpt: Checkpoint, meta_state: dict[str, torch.Tensor], expe
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    mapping = get_model_conversion_mapping(model)
+    from .modeling import extra_conversions
+
+    mapping = get_model_conversion_mapping(model) + extra_conversions(model)
     renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
     converters = [t for t in mapping if isinstance(t, WeightConverter)]
     by_pattern = {p: c for c in converters for p in c.source_patterns}

@@ -24,20 +24,38 @@ class MoEBlock:
     decoder: torch.nn.Module    # the decoder layer
     router: torch.nn.Module     # block.gate / block.router: hidden -> (logits, weights, ids)
     router_args: tuple[str, ...]  # further arguments the block passes its router, read off the block
+    stack: str = ""             # "encoder" / "decoder" in an encoder-decoder model
+    read_router: object = None  # router output -> (logits, ids, weights); None: (logits, weights, ids)
 
 
 def build_model(hf_config, dtype: torch.dtype):
-    """The CausalLM of `hf_config` on the meta device, its experts through pregated."""
-    from transformers import AutoModelForCausalLM
+    """transformers' model of `hf_config` (a causal LM, or a seq2seq LM for an encoder-decoder) on
+    the meta device, its experts through pregated."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from . import switch
 
     register()
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, experts_implementation="pregated", dtype=dtype)
+            if hf_config.model_type in switch.MODEL_TYPES:
+                model = AutoModelForSeq2SeqLM.from_config(hf_config, dtype=dtype)
+                switch.adapt(model)
+            elif getattr(hf_config, "is_encoder_decoder", False):
+                model = AutoModelForSeq2SeqLM.from_config(hf_config, experts_implementation="pregated", dtype=dtype)
+            else:
+                model = AutoModelForCausalLM.from_config(hf_config, experts_implementation="pregated", dtype=dtype)
     except ValueError as e:
-        raise ConfigError(f"config.json: transformers cannot build a causal LM for model_type "
+        raise ConfigError(f"config.json: transformers cannot build a language model for model_type "
                           f"'{hf_config.model_type}' ({e})") from e
     return model.eval()
+
+
+def extra_conversions(model) -> list:
+    """Checkpoint conversions pregated adds to transformers' own (its adapters' layouts)."""
+    from . import switch
+
+    return switch.conversions() if model.config.model_type in switch.MODEL_TYPES else []
 
 
 def _router_of(block: torch.nn.Module, experts: torch.nn.Module) -> tuple[torch.nn.Module, tuple[str, ...]]:
@@ -63,24 +81,34 @@ def _router_of(block: torch.nn.Module, experts: torch.nn.Module) -> tuple[torch.
 
 
 def moe_blocks(model) -> list[MoEBlock]:
-    """Every MoE block of the model, in layer order."""
-    layers = model.model.layers if hasattr(model, "model") and hasattr(model.model, "layers") else None
-    if layers is None:
-        raise UnsupportedModel(f"{type(model).__name__} has no model.layers (decoder layers)")
+    """Every MoE block of the model, in the order its forward runs them (encoder, then decoder)."""
+    from . import switch
+
     blocks = []
-    for i, decoder in enumerate(layers):
-        found = [(n, m) for n, m in decoder.named_modules() if is_experts_module(m)]
-        if not found:
+    for path, experts in model.named_modules():
+        if not is_experts_module(experts):
             continue
-        if len(found) > 1:
-            raise UnsupportedModel(f"decoder layer {i} holds {len(found)} experts modules; pregated "
-                                   "runs one per layer")
-        name, experts = found[0]
-        parent = decoder.get_submodule(name.rsplit(".", 1)[0]) if "." in name else decoder
-        router, extra = _router_of(parent, experts)
-        blocks.append(MoEBlock(layer=i, path=f"model.layers.{i}.{name}", experts=experts, block=parent,
-                               decoder=decoder, router=router, router_args=extra))
+        block_path, _, _ = path.rpartition(".")
+        decoder_path, _, _ = block_path.rpartition(".")
+        block, decoder = model.get_submodule(block_path), model.get_submodule(decoder_path)
+        router, extra = _router_of(block, experts)
+        stack = next((s for s in ("encoder", "decoder") if f".{s}." in f".{path}."), "")
+        read = switch.read_router_output if isinstance(experts, switch.SwitchExperts) else None
+        blocks.append(MoEBlock(layer=len(blocks), path=path, experts=experts, block=block, decoder=decoder,
+                               router=router, router_args=extra, stack=stack, read_router=read))
+    for b in blocks:  # decoder-only models: the decoder layer's own index
+        parts = b.path.split(".")
+        if parts[:2] == ["model", "layers"] and parts[2].isdigit():
+            b.layer = int(parts[2])
     return blocks
+
+
+def num_layers(model) -> int:
+    """Decoder layers (encoder and decoder blocks of an encoder-decoder)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "layers"):
+        return len(inner.layers)
+    return sum(len(getattr(getattr(model, s, None), "block", [])) for s in ("encoder", "decoder"))
 
 
 def expert_layout(blocks: list[MoEBlock]) -> ExpertLayout:
@@ -92,6 +120,10 @@ def expert_layout(blocks: list[MoEBlock]) -> ExpertLayout:
 
 
 def _top_k(hf_config, blocks: list[MoEBlock]) -> int:
+    from .switch import SwitchExperts
+
+    if isinstance(blocks[0].experts, SwitchExperts):
+        return 1  # Switch routing: the top expert only
     for src in (blocks[0].router, blocks[0].block, hf_config):
         for name in ("top_k", "num_experts_per_tok", "moe_k", "num_experts_per_token", "top_k_experts"):
             value = getattr(src, name, None)
@@ -114,7 +146,7 @@ def describe(hf_config, model, dtype: torch.dtype) -> tuple[list[MoEBlock], Expe
     expert_params = {id(getattr(b.experts, p)) for b in blocks for p in layout.params if hasattr(b.experts, p)}
     dense = sum(p.numel() for p in model.parameters() if id(p) not in expert_params)
     cfg = model_config(hf_config, layout, [b.layer for b in blocks], _top_k(hf_config, blocks), dtype,
-                       len(model.model.layers), dense)
+                       num_layers(model), dense)
     return blocks, layout, cfg
 
 

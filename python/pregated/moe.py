@@ -97,6 +97,7 @@ class MoEExecutor:
 
     def __init__(self, runtime, handle: int, cfg, policy: str, pregate, taps, routing: str = "exact"):
         self.runtime = runtime
+        self.stacks = [b.stack for b in taps.blocks]
         self.handle = handle  # the runtime's handle for the custom op
         self.cfg = cfg
         self.policy = policy
@@ -137,7 +138,8 @@ class MoEExecutor:
         if self.recorder is not None:
             logits = self.taps.router_logits[m]
             self.recorder(m, h, logits if rows is None else logits[rows], ids)
-        predict = m + 1 < n and (self.routing == "pregate" or self.policy == "pregated" or self.score_pregate)
+        predict = (m + 1 < n and self.stacks[m] == self.stacks[m + 1]  # not across encoder -> decoder
+                   and (self.routing == "pregate" or self.policy == "pregated" or self.score_pregate))
         pred = self.pregate.predict(m, h) if predict else None
         # One device -> host transfer (one synchronisation) for everything the host needs.
         ids, weights, pred = _to_host(ids, weights, pred)
@@ -153,7 +155,7 @@ class MoEExecutor:
             if self.policy == "pregated":
                 nxt = torch.unique(pred[0]).to(torch.int32)
                 nxt = nxt[nxt < self.cfg.num_experts]  # some routers mark "no expert" past the last
-        if m + 1 < n and self.policy == "prefetch-all":
+        if m + 1 < n and self.stacks[m] == self.stacks[m + 1] and self.policy == "prefetch-all":
             nxt = torch.arange(self.cfg.num_experts, dtype=torch.int32)
         out = torch.ops.pregated.moe_experts(x.contiguous(), ids, weights, self.handle, m,
                                              m + 1 if nxt is not None else -1, nxt)

@@ -34,7 +34,7 @@ class PregateError(ValueError):
     """A pre-gate folder is missing, unreadable or does not match the model."""
 
 
-def route_with(norm, router, extra: list, rank: int, h: torch.Tensor, params: dict | None = None):
+def route_with(norm, router, extra: list, rank: int, read, h: torch.Tensor, params: dict | None = None):
     """router(norm(h), *extra) -> (logits [T, E], ids [T, K], weights [T, K]), with `params`
     ("norm.<name>", "router.<name>") in place of the modules' own where given. h: [T, H],
     given to the router as [1, T, H] where the family's block gives it a 3-D input (rank 3)."""
@@ -46,6 +46,8 @@ def route_with(norm, router, extra: list, rank: int, h: torch.Tensor, params: di
         h = functional_call(norm, own, (h,)) if own else norm(h)
     own = {k[7:]: v for k, v in params.items() if k.startswith("router.")}
     out = functional_call(router, own, (h, *extra)) if own else router(h, *extra)
+    if read is not None:  # a family whose router answers in another order (SwitchTransformers)
+        return read(out)
     flat = [t.reshape(-1, t.shape[-1]) for t in out[:3]]
     return flat[0], flat[2], flat[1]
 
@@ -59,10 +61,11 @@ class SpeculativePregate:
         self.taps = taps
 
     def modules(self, m: int):
-        """(norm, router, extra router arguments, router input rank) that predict block m + 1."""
+        """(norm, router, extra router arguments, router input rank, output reader) that
+        predict block m + 1."""
         b = self.blocks[m + 1]
         return (self.taps.norm(m + 1), b.router, [getattr(b.block, a) for a in b.router_args],
-                self.taps.router_rank[m + 1])
+                self.taps.router_rank[m + 1], b.read_router)
 
     def params(self, m: int) -> dict | None:
         return None
@@ -133,7 +136,7 @@ def load_pregate(folder: str, blocks, taps, cfg, device) -> TrainedPregate:
     spec = SpeculativePregate(blocks, taps)
     fitted = []
     for m in range(cfg.num_moe_layers - 1):
-        norm, router, _, _ = spec.modules(m)
+        norm, router = spec.modules(m)[:2]
         block = {}
         for name, p in trainable(norm, router).items():
             t = tensors.get(f"block.{m}.{name}")
@@ -183,11 +186,11 @@ def overlap(pred_ids: torch.Tensor, true_ids: torch.Tensor) -> tuple[float, floa
     return float((hit / pred_ids.shape[1]).mean()), float((hit / true_ids.shape[1]).mean())
 
 
-def _cpu_float(norm, router, extra, rank):
+def _cpu_float(norm, router, extra, rank, read):
     """float32 CPU copies of the modules that predict a block (calibration runs on the CPU)."""
     copy_of = (lambda mod: None if mod is None else copy.deepcopy(mod).to("cpu", torch.float32))
     return copy_of(norm), copy_of(router), [a.detach().to("cpu", torch.float32) if torch.is_tensor(a) else a
-                                            for a in extra], rank
+                                            for a in extra], rank, read
 
 
 def fit_block(modules, h, logits_next, steps: int, lr: float, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -196,7 +199,7 @@ def fit_block(modules, h, logits_next, steps: int, lr: float, seed: int = 0) -> 
     plus the mean logit, which the softmax ignores and sigmoid routers do not), starting from
     the speculative pre-gate. The last tenth of the training tokens picks between the fitted
     and the starting parameters."""
-    norm, router, extra, rank = modules
+    norm, router, extra, rank, read = modules
     n = h.shape[0]
     n_val = max(1, n // 10)
     val = slice(n - n_val, n)  # training draws from [0, n - n_val)
@@ -208,7 +211,7 @@ def fit_block(modules, h, logits_next, steps: int, lr: float, seed: int = 0) -> 
     true_probs = torch.softmax(logits_next, -1)
 
     def loss_on(sl, ps):
-        pred, _, _ = route_with(norm, router, extra, rank, h[sl], ps)
+        pred, _, _ = route_with(norm, router, extra, rank, read, h[sl], ps)
         kl = -(true_probs[sl] * torch.log_softmax(pred, -1)).sum(-1).mean()
         return kl + (pred.mean(-1) - logits_next[sl].mean(-1)).pow(2).mean()
 
