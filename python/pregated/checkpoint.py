@@ -80,7 +80,39 @@ class _Shard:
         self.file.close()
 
 
+QUANTIZED_FORMATS = ("fp8", "mxfp4")
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """FP8 [..., N, K] with per-block scales [..., ceil(N/bn), ceil(K/bk)] -> float32."""
+    rows, cols = weight.shape[-2:]
+    scale = scale_inv.float().repeat_interleave(block[0], dim=-2)[..., :rows, :]
+    scale = scale.repeat_interleave(block[1], dim=-1)[..., :cols]
+    return weight.float() * scale
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 blocks [E, N, G, 16] (two FP4 values a byte) and scales [E, N, G] (E8M0) ->
+    float32 [E, G*32, N], the layout of GPT-OSS's experts, by transformers' own conversion."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    return convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+
+
+def _quantization(folder: str) -> dict:
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            q = json.load(f).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+    return q if isinstance(q, dict) else {}
+
+
 class Checkpoint:
+    """Tensors by name. Checkpoints that ship FP8 weights with block scales (`W` +
+    `W_scale_inv`, quant_method fp8) or MXFP4 experts (`W_blocks` + `W_scales`, quant_method mxfp4)
+    show each such pair as one float32 tensor `W`, dequantized as it is read."""
+
     def __init__(self, folder: str):
         self.folder = folder
         index = os.path.join(folder, "model.safetensors.index.json")
@@ -108,6 +140,25 @@ class Checkpoint:
         else:
             for path in sorted(set(self._file_of.values())):
                 self._open(path)  # fail early on a corrupt shard
+        self._quantized: dict[str, tuple[str, str, str]] = {}  # name -> (format, data key, scale key)
+        q = _quantization(folder)
+        method = q.get("quant_method")
+        if method is not None and method not in QUANTIZED_FORMATS:
+            raise CheckpointError(
+                f"{folder} ships weights quantized with '{method}'; pregated reads checkpoints quantized with "
+                f"{', '.join(QUANTIZED_FORMATS)} (dequantized at load) or unquantized ones: dequantize it first "
+                "(for example with transformers' dequantize()) and save it again")
+        block = q.get("weight_block_size")
+        self._fp8_block = tuple(block) if block else None
+        for name in list(self._file_of):
+            if method == "fp8" and name.endswith("_scale_inv") and name[:-10] in self._file_of:
+                self._quantized[name[:-10]] = ("fp8", name[:-10], name)
+            elif method == "mxfp4" and name.endswith("_blocks") and name[:-7] + "_scales" in self._file_of:
+                self._quantized[name[:-7]] = ("mxfp4", name, name[:-7] + "_scales")
+        self._files = dict(self._file_of)  # every stored tensor; _file_of: the names the checkpoint shows
+        for name, (fmt, data, scale) in self._quantized.items():
+            self._file_of[name] = self._file_of.pop(data) if fmt == "mxfp4" else self._file_of[name]
+            self._file_of.pop(scale)
 
     def _open(self, path: str) -> _Shard:
         shard = self._shards.get(path)
@@ -131,7 +182,10 @@ class Checkpoint:
         return self._file_of.get(name, "?")
 
     def _entry(self, name: str):
-        path = self._file_of.get(name)
+        q = self._quantized.get(name)
+        if q is not None:  # a shown name: its stored data tensor
+            name = q[1]
+        path = self._files.get(name)
         if path is None:
             close = difflib.get_close_matches(name, self._file_of, n=3)
             hint = f"; similar names: {', '.join(close)}" if close else ""
@@ -143,7 +197,25 @@ class Checkpoint:
         return shard, entry
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._entry(name)[1][1]
+        shape = self._entry(name)[1][1]
+        q = self._quantized.get(name)
+        if q is not None and q[0] == "mxfp4":  # [E, N, G, 16] packed -> [E, G * 32, N]
+            return (shape[0], shape[2] * shape[3] * 2, shape[1])
+        return shape
+
+    def _fp8_block_of(self, weight_shape, scale_shape) -> tuple[int, int]:
+        if self._fp8_block is not None:
+            return self._fp8_block
+        return tuple(-(-w // s) for w, s in zip(weight_shape[-2:], scale_shape[-2:]))
+
+    def _dequantized(self, name: str, row: int | None) -> torch.Tensor:
+        fmt, data, scale = self._quantized[name]
+        read = (lambda k: self._read(k)) if row is None else (lambda k: self._read_row(k, row))
+        w, s = read(data), read(scale)
+        if fmt == "fp8":
+            return dequantize_fp8(w, s, self._fp8_block_of(w.shape, s.shape))
+        out = dequantize_mxfp4(w if row is None else w[None], s if row is None else s[None])
+        return out if row is None else out[0]
 
     def _check_shape(self, name: str, path: str, got, want) -> None:
         if want is not None and tuple(got) != tuple(want):
@@ -153,17 +225,24 @@ class Checkpoint:
 
     def get(self, name: str, shape=None) -> torch.Tensor:
         """One tensor, checked against `shape` when given."""
-        shard, (dtype, full, start, end) = self._entry(name)
-        self._check_shape(name, shard.path, full, shape)
-        return shard.read(start, end - start, dtype, full)
+        self._check_shape(name, self.file_of(name), self.shape(name), shape)
+        return self._dequantized(name, None) if name in self._quantized else self._read(name)
 
     def get_row(self, name: str, index: int, shape=None) -> torch.Tensor:
         """tensor[index] of a stacked tensor (one expert of a fused 3D tensor), read alone."""
-        shard, (dtype, full, start, end) = self._entry(name)
+        full = self.shape(name)
         if shape is not None:
-            self._check_shape(name, shard.path, full, shape)
+            self._check_shape(name, self.file_of(name), full, shape)
         if not full or not 0 <= index < full[0]:
-            raise CheckpointError(f"'{name}' in {shard.path} has no row {index} (shape {list(full)})")
+            raise CheckpointError(f"'{name}' in {self.file_of(name)} has no row {index} (shape {list(full)})")
+        return self._dequantized(name, index) if name in self._quantized else self._read_row(name, index)
+
+    def _read(self, name: str) -> torch.Tensor:
+        shard, (dtype, full, start, end) = self._entry(name)
+        return shard.read(start, end - start, dtype, full)
+
+    def _read_row(self, name: str, index: int) -> torch.Tensor:
+        shard, (dtype, full, start, end) = self._entry(name)
         row = (end - start) // full[0]
         return shard.read(start + index * row, row, dtype, full[1:])
 
