@@ -15,6 +15,13 @@ namespace pregated::cpu {
 
 namespace {
 
+// One element of B, widened.
+inline float weight_at(dtype dt, const void* b, int64_t at) {
+  if (dt == dtype::dtype_f32) return static_cast<const float*>(b)[at];
+  const uint16_t h = static_cast<const uint16_t*>(b)[at];
+  return dt == dtype::dtype_bf16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
 // --- portable ---------------------------------------------------------------------------------
 
 template <int M>
@@ -26,12 +33,7 @@ void rows_portable(dtype dt, int64_t k, const float* a, const void* b, int64_t l
     for (int64_t kk = 0; kk < k; kk += lanes) {
       float w[lanes] = {};
       const int64_t n = k - kk < lanes ? k - kk : lanes;
-      for (int64_t l = 0; l < n; ++l) {
-        const int64_t at = j * ldb + kk + l;
-        w[l] = dt == dtype::dtype_f32 ? static_cast<const float*>(b)[at]
-               : dt == dtype::dtype_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(b)[at])
-                                         : f16_to_f32(static_cast<const uint16_t*>(b)[at]);
-      }
+      for (int64_t l = 0; l < n; ++l) w[l] = weight_at(dt, b, j * ldb + kk + l);
       for (int i = 0; i < M; ++i) {
         for (int64_t l = 0; l < n; ++l) acc[i][l] += a[i * k + kk + l] * w[l];
       }
@@ -111,13 +113,7 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(dtype dt, int64_t k, con
     }
     for (int i = 0; i < M; ++i) {
       float s = sum8(acc[i]);
-      for (int64_t t = kk; t < k; ++t) {
-        const int64_t at = j * ldb + t;
-        const float w = dt == dtype::dtype_f32 ? static_cast<const float*>(b)[at]
-                        : dt == dtype::dtype_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(b)[at])
-                                                  : f16_to_f32(static_cast<const uint16_t*>(b)[at]);
-        s += a[i * k + t] * w;
-      }
+      for (int64_t t = kk; t < k; ++t) s += a[i * k + t] * weight_at(dt, b, j * ldb + t);
       c[i * ldc + j] = s;
     }
   }
