@@ -51,3 +51,27 @@ def test_experts_without_an_expert_store_say_what_to_do(mixtral_folder):
     model = AutoModelForCausalLM.from_pretrained(mixtral_folder, experts_implementation="pregated")
     with pytest.raises(RuntimeError, match=r"has no expert store: load the model with pregated.from_pretrained"):
         model(torch.tensor([[5, 6, 7]]))
+
+
+def test_offload_a_model_transformers_loaded(mixtral_folder):
+    """AutoModelForCausalLM.from_pretrained(..., experts_implementation="pregated") plus
+    pregated.offload(...): the same model as pregated.from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    ref = reference_model(mixtral_folder)
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    model = AutoModelForCausalLM.from_pretrained(mixtral_folder, experts_implementation="pregated")
+    one = pregated.Engine(mixtral_folder, device="cpu", quiet=True)
+    budget = 2 * one.cfg.top_k * one.cfg.expert_bytes()
+    one.close()
+    assert pregated.offload(model, device="cpu", policy="pregated", expert_memory=budget) is model
+    try:
+        with torch.no_grad():
+            assert torch.equal(model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False), want)
+        assert not any("experts" in n for n, _ in model.named_parameters())  # the store holds them
+        assert model.pregated.stats()["bytes_h2d"] > 0
+        assert model.pregated.generate(ids[0], max_new_tokens=12).token_ids == want[0, 6:].tolist()
+    finally:
+        model.pregated.close()

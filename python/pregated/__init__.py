@@ -65,6 +65,7 @@ _LAZY = {
     "SyntheticModel": "synthetic",
     "demo_model": "demo",
     "from_pretrained": "pretrained",
+    "offload": "pretrained",
 }
 
 __all__ = [
@@ -81,6 +82,7 @@ __all__ = [
     "from_pretrained",
     "get_cmake_dir",
     "get_include_dir",
+    "offload",
     "parse_bytes",
 ]
 

@@ -20,6 +20,7 @@ from .loading import CheckpointSource, progress_bar
 from .modeling import build_model, dense_bytes, describe, drop_expert_parameters
 from .moe import MoEExecutor, check_eviction, check_routing, resolve_policy
 from .pregate import SpeculativePregate, load_pregate
+from .pretrained import LoadedModel
 from .prompts import as_token_ids, check_chat_messages, check_token_ids, encode_prompt, split_batch
 from .synthetic import SyntheticModel
 from .taps import BlockTaps
@@ -51,7 +52,7 @@ def _resolve_device(device) -> str:
 
 def _resolve_dtype(dtype, hf_config) -> torch.dtype:
     if dtype is None:
-        return checkpoint_dtype(hf_config)
+        return dtype_from_name(getattr(hf_config, "dtype", None)) or checkpoint_dtype(hf_config)
     named = dtype_from_name(dtype)
     if named is None:
         raise ValueError(f"dtype {dtype!r} is not supported: use float32, float16 or bfloat16")
@@ -80,7 +81,7 @@ class Engine:
     def __init__(self, model: str, *, device=None, dtype=None, policy: str | None = None,
                  expert_memory=None, eviction: str = "lru", pregate=None, routing: str = "exact",
                  quiet: bool = False):
-        if isinstance(model, SyntheticModel):
+        if isinstance(model, (SyntheticModel, LoadedModel)):
             source = model
             self.folder = None
         else:
@@ -92,7 +93,7 @@ class Engine:
         self.tokenizer = source.tokenizer
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.hf_config)
-        self.model = build_model(self.hf_config, self.dtype)
+        self.model = source.build(self.dtype) if isinstance(source, LoadedModel) else build_model(self.hf_config, self.dtype)
         self.blocks, self.layout, self.cfg = describe(self.hf_config, self.model, self.dtype)
         cfg = self.cfg
         self.policy, self.expert_memory = resolve_policy(policy, expert_memory, cfg)

@@ -232,7 +232,8 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     if binding is None:
         raise RuntimeError(
             f"{type(self).__name__} was built with experts_implementation='pregated' but has no "
-            "expert store: load the model with pregated.from_pretrained(...) or pregated.Engine(...)")
+            "expert store: load the model with pregated.from_pretrained(...), or hand a loaded model to "
+            "pregated.offload(model, expert_memory=...)")
     return binding.executor(binding.block, hidden_states, top_k_index, top_k_weights)
 
 
