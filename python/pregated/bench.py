@@ -275,14 +275,18 @@ def _check_footprint(args, cfg, device: str) -> None:
         slab = min(max(parse_budgets(args.expert_memory, c.all_expert_bytes()), default=0), c.all_expert_bytes())
         return bench_footprint(c, device, slab, args.baseline)
 
+    fp = footprint(cfg)
+    if _fits(fp, device):
+        return
     advice = "use a smaller model, fewer baselines or smaller --expert-memory budgets"
     if args.synthetic:
         names = ", ".join(n for n in SHAPES if n != args.synthetic)
-        fitting = [n for n in range(cfg.num_layers - 1, 0, -1)
-                   if _fits(footprint(SyntheticModel(args.synthetic, layers=n, dtype=dtype_name(cfg.dtype)).config), device)]
-        advice = (f"pass --layers {fitting[0]} or fewer" if fitting else "no number of layers fits") + \
+        fitting = next((n for n in range(cfg.num_layers - 1, 0, -1)
+                        if _fits(footprint(SyntheticModel(args.synthetic, layers=n, dtype=dtype_name(cfg.dtype)).config),
+                                 device)), None)
+        advice = (f"pass --layers {fitting} or fewer" if fitting else "no number of layers fits") + \
             f", or a smaller model ({names})"
-    check_fits(footprint(cfg), device, advice)
+    check_fits(fp, device, advice)
 
 
 def _fits(fp, device: str) -> bool:

@@ -17,7 +17,7 @@ from .config import DTYPES, checkpoint_dtype, dtype_from_name, dtype_name
 from .experts import Binding, register_runtime, unregister_runtime
 from .generation import GenerationResult, SamplingParams, TextStream, TextTracker, sample
 from .loading import CheckpointSource, progress_bar
-from .modeling import build_model, dense_bytes, describe, drop_expert_parameters
+from .modeling import dense_bytes, describe, drop_expert_parameters
 from .moe import MoEExecutor, check_eviction, check_routing, resolve_policy
 from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
@@ -52,7 +52,7 @@ def _resolve_device(device) -> str:
 
 def _resolve_dtype(dtype, hf_config) -> torch.dtype:
     if dtype is None:
-        return dtype_from_name(getattr(hf_config, "dtype", None)) or checkpoint_dtype(hf_config)
+        return checkpoint_dtype(hf_config)
     named = dtype_from_name(dtype)
     if named is None:
         raise ValueError(f"dtype {dtype!r} is not supported: use float32, float16 or bfloat16")
@@ -93,7 +93,7 @@ class Engine:
         self.tokenizer = source.tokenizer
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.hf_config)
-        self.model = source.build(self.dtype) if isinstance(source, LoadedModel) else build_model(self.hf_config, self.dtype)
+        self.model = source.build(self.dtype)
         self.blocks, self.layout, self.cfg = describe(self.hf_config, self.model, self.dtype)
         cfg = self.cfg
         self.policy, self.expert_memory = resolve_policy(policy, expert_memory, cfg)

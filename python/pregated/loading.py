@@ -232,6 +232,11 @@ class CheckpointSource:
         self.tokenizer = Tokenizer(folder)
         self.checkpoint = Checkpoint(folder)
 
+    def build(self, dtype: torch.dtype):
+        from .modeling import build_model
+
+        return build_model(self.hf_config, dtype)
+
     def parameters(self) -> int:
         """Parameters that loading will read (for the progress bar)."""
         return sum(_numel(self.checkpoint.shape(k)) for k in self.checkpoint.keys())

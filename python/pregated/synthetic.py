@@ -136,6 +136,11 @@ class SyntheticModel:
             pool.append(expert)
         return pool
 
+    def build(self, dtype: torch.dtype):
+        from .modeling import build_model
+
+        return build_model(self.hf_config, dtype)
+
     def pooled(self, m: int, e: int) -> int:
         return (m * 7 + e) % self.pool
 

@@ -27,12 +27,13 @@ class BlockTaps:
         self.norm_name: str | None = None   # the decoder layer's norm that feeds the MoE block
         self.found = False                  # norm_name is known (None = the block takes the stream)
         self._handles: list = []
+        self._norm_handles: dict[str, list] = {}  # by norm name: removed once the feeding norm is known
         self._router_handles: list = []
         self._rank_handles: list = []
         self._seen: dict[int, dict[str, tuple]] = {}
         for m, b in enumerate(blocks):
             for name, norm in _norm_children(b.decoder).items():
-                self._handles.append(norm.register_forward_hook(self._norm_hook(m, name)))
+                self._norm_handles.setdefault(name, []).append(norm.register_forward_hook(self._norm_hook(m, name)))
             self._handles.append(b.block.register_forward_pre_hook(self._block_hook(m)))
             self._rank_handles.append(b.router.register_forward_pre_hook(self._rank_hook(m)))
 
@@ -53,6 +54,10 @@ class BlockTaps:
                 self.norm_name = next((n for n, (_, out) in seen.items() if out is x), None)
                 self.found = True
                 self._seen.clear()
+                for name, handles in self._norm_handles.items():  # only the feeding norm's hooks stay
+                    if name != self.norm_name:
+                        for h in handles:
+                            h.remove()
                 if self.norm_name is not None:
                     self.residual[m] = seen[self.norm_name][0]
             if self.norm_name is None:
@@ -96,6 +101,6 @@ class BlockTaps:
         return hook
 
     def close(self) -> None:
-        for h in self._handles + self._router_handles + self._rank_handles:
+        for h in self._handles + self._router_handles + self._rank_handles + sum(self._norm_handles.values(), []):
             h.remove()
-        self._handles, self._router_handles, self._rank_handles = [], [], []
+        self._handles, self._router_handles, self._rank_handles, self._norm_handles = [], [], [], {}
