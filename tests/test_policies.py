@@ -253,3 +253,21 @@ def test_calibrate_any_family(family, checkpoint_factory, tmp_path):
         assert e.pregate.kind == "trained"
         assert generate(e) == want
         assert e.stats()["prefetch_recall"] is not None
+
+
+def test_asynchronous_copies_on_the_cpu(mixtral_folder, monkeypatch):
+    """With the CPU backend's copies asynchronous (each after 200 us, as a GPU's copy engine runs
+    beside compute), every policy still gives gpu-only's tokens, and forwards wait for copies."""
+    with Engine(mixtral_folder, device="cpu", policy="gpu-only", quiet=True) as ref:
+        ref.eos_ids = set()
+        want = generate(ref)
+        one, K = ref.cfg.expert_bytes(), ref.cfg.top_k
+    monkeypatch.setenv("PREGATED_CPU_COPY_DELAY_US", "200")
+    with Engine(mixtral_folder, device="cpu", policy="on-demand", expert_memory=K * one, quiet=True) as eng:
+        eng.eos_ids = set()
+        for policy, slots in (("on-demand", K), ("prefetch-all", 2 * K), ("pregated", 2 * K + 1)):
+            eng.reconfigure(policy=policy, expert_memory=slots * one)
+            assert generate(eng) == want, policy
+            s = eng.stats()
+            assert s["stall_seconds"] > 0 and s["prefetch_used"] <= s["prefetch_issued"]
+            eng.runtime.check()

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdlib>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -100,7 +101,10 @@ class py_runtime {
 
     std::unique_ptr<backend> be;
     if (device == "cpu") {
-      be = make_cpu_backend();
+      // PREGATED_CPU_COPY_DELAY_US: asynchronous copies after that delay (tests of the waiting paths)
+      cpu_backend_options opts;
+      if (const char* delay = std::getenv("PREGATED_CPU_COPY_DELAY_US")) opts.copy_delay_us = std::atoll(delay);
+      be = make_cpu_backend(opts);
       device_ = "cpu";
     } else if (device.rfind("cuda", 0) == 0) {
       int index = 0;

@@ -1,13 +1,19 @@
-// The CPU backend: "device" memory is host memory, copies are memcpy done by the copy
-// engine's worker thread before copy_to_device returns, and compute runs synchronously in the
-// calling thread, so every stream argument is ignored and an event is complete once recorded.
+// The CPU backend: "device" memory is host memory and compute runs synchronously in the calling
+// thread, so every stream argument is ignored and a compute event is complete once recorded.
+// Copies are memcpy, done by the copy engine's worker before copy_to_device returns or, with
+// cpu_backend_options::copy_delay_us >= 0, asynchronously by the backend's own copy thread after
+// that delay: then the runtime's waiting paths (copies in flight, stalls) run on the CPU as they
+// do on a GPU, in CI and under ThreadSanitizer.
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <mutex>
 #include <string>
+#include <thread>
 
 #include "cpu_gemm.h"
 #include "half.h"
@@ -21,21 +27,33 @@ namespace {
 
 using clock_type = std::chrono::steady_clock;
 
+// A CUDA event's semantics on the CPU: each record supersedes the earlier ones, and waiting
+// waits for the latest record; an earlier copy that completes late does not complete it.
 class cpu_event : public backend_event {
  public:
-  void signal() {
+  // A record whose work completes later (an asynchronous copy): returns its number.
+  uint64_t record_pending() {
     std::lock_guard<std::mutex> lk(mu_);
-    done_ = true;
-    time_ = clock_type::now();
+    return ++recorded_;
+  }
+  // Record `n` completed (0: a record that completes now).
+  void complete(uint64_t n = 0) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (n == 0) n = ++recorded_;
+    if (n > completed_) {
+      completed_ = n;
+      time_ = clock_type::now();
+    }
     cv_.notify_all();
   }
   void wait() {
     std::unique_lock<std::mutex> lk(mu_);
-    cv_.wait(lk, [&] { return done_; });
+    const uint64_t want = recorded_;
+    cv_.wait(lk, [&] { return completed_ >= want; });
   }
   bool done() {
     std::lock_guard<std::mutex> lk(mu_);
-    return done_;
+    return completed_ >= recorded_;
   }
   clock_type::time_point time() {
     std::lock_guard<std::mutex> lk(mu_);
@@ -45,7 +63,8 @@ class cpu_event : public backend_event {
  private:
   std::mutex mu_;
   std::condition_variable cv_;
-  bool done_ = true;  // never recorded: nothing to wait for, like a CUDA event
+  uint64_t recorded_ = 0;   // never recorded: nothing to wait for, like a CUDA event
+  uint64_t completed_ = 0;
   clock_type::time_point time_ = clock_type::now();
 };
 
@@ -104,10 +123,57 @@ status aligned(size_t bytes, void** ptr, const char* what) {
   return {};
 }
 
+// The asynchronous copy engine: one thread running copies (and event records) in order.
+class copy_thread {
+ public:
+  explicit copy_thread(int64_t delay_us) : delay_us_(delay_us), thread_([this] { loop(); }) {}
+  ~copy_thread() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  void push(std::function<void()> job) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      jobs_.push_back(std::move(job));
+    }
+    cv_.notify_all();
+  }
+  int64_t delay_us() const { return delay_us_; }
+
+ private:
+  void loop() {
+    for (;;) {
+      std::function<void()> job;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || !jobs_.empty(); });
+        if (jobs_.empty()) return;  // stop_, and everything handed over has run
+        job = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      job();
+    }
+  }
+
+  int64_t delay_us_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> jobs_;
+  bool stop_ = false;
+  std::thread thread_;  // last: starts once the rest is built
+};
+
 class cpu_backend final : public backend {
  public:
+  explicit cpu_backend(const cpu_backend_options& opts) {
+    if (opts.copy_delay_us >= 0) copier_ = std::make_unique<copy_thread>(opts.copy_delay_us);
+  }
   const char* name() const override { return "cpu"; }
-  backend_caps caps() const override { return {/*async_copy=*/false, /*device_is_host=*/true}; }
+  backend_caps caps() const override { return {/*async_copy=*/copier_ != nullptr, /*device_is_host=*/true}; }
 
   status alloc_device(size_t bytes, void** ptr) override { return aligned(bytes, ptr, "slab"); }
   void free_device(void* ptr) override { std::free(ptr); }
@@ -123,16 +189,35 @@ class cpu_backend final : public backend {
     return {};
   }
 
-  // Compute is synchronous: a slot's last use is over before anyone can copy into it.
-  status copy_wait(backend_event*) override { return {}; }
+  // Compute is synchronous: a slot's last use is recorded once its GEMMs are done; a copy
+  // waits for it all the same, as on a GPU.
+  status copy_wait(backend_event* ev) override {
+    if (copier_ && ev != nullptr) copier_->push([e = as_cpu(ev)] { e->wait(); });
+    return {};
+  }
   status copy_to_device(void* dst, const void* src, size_t bytes,
                         backend_event* done) override {
-    std::memcpy(dst, src, bytes);
-    if (done != nullptr) as_cpu(done)->signal();
+    cpu_event* ev = done != nullptr ? as_cpu(done) : nullptr;
+    if (!copier_) {
+      std::memcpy(dst, src, bytes);
+      if (ev != nullptr) ev->complete();
+      return {};
+    }
+    const uint64_t n = ev != nullptr ? ev->record_pending() : 0;
+    copier_->push([dst, src, bytes, ev, n, delay = copier_->delay_us()] {
+      if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
+      std::memcpy(dst, src, bytes);
+      if (ev != nullptr) ev->complete(n);
+    });
     return {};
   }
   status record_copy(backend_event* ev) override {
-    as_cpu(ev)->signal();
+    if (!copier_) {
+      as_cpu(ev)->complete();
+      return {};
+    }
+    const uint64_t n = as_cpu(ev)->record_pending();
+    copier_->push([e = as_cpu(ev), n] { e->complete(n); });
     return {};
   }
   status wait_host(backend_event* ev) override {
@@ -140,7 +225,7 @@ class cpu_backend final : public backend {
     return {};
   }
   status record(backend_event* ev, void*) override {
-    as_cpu(ev)->signal();
+    as_cpu(ev)->complete();
     return {};
   }
   status stream_wait(backend_event* ev, void*) override {
@@ -161,7 +246,16 @@ class cpu_backend final : public backend {
     std::memcpy(dst, src, bytes);
     return {};
   }
-  status synchronize(void*) override { return {}; }
+  // Compute is synchronous; what waits is the copy thread's queue.
+  status synchronize(void*) override {
+    if (copier_) {
+      cpu_event drained;
+      const uint64_t n = drained.record_pending();
+      copier_->push([&drained, n] { drained.complete(n); });
+      drained.wait();
+    }
+    return {};
+  }
 
   status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
                  const void* b, int64_t ldb, void* c, int64_t ldc, void*) override {
@@ -227,11 +321,15 @@ class cpu_backend final : public backend {
     }
     return {};
   }
+ private:
+  std::unique_ptr<copy_thread> copier_;  // null: copies are synchronous
 };
 
 }  // namespace
 
-std::unique_ptr<backend> make_cpu_backend() { return std::make_unique<cpu_backend>(); }
+std::unique_ptr<backend> make_cpu_backend(const cpu_backend_options& opts) {
+  return std::make_unique<cpu_backend>(opts);
+}
 
 const char* cpu_kernel_isa() { return cpu::small_rows_isa(); }
 bool cpu_kernel_force(const std::string& isa) { return cpu::small_rows_force(isa.c_str()); }

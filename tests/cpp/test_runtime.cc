@@ -11,7 +11,8 @@ using namespace pregated;
 namespace {
 
 std::unique_ptr<runtime> make_runtime(const pgref::toy_model& m, int64_t slots,
-                                      eviction_policy ev = eviction_policy::eviction_policy_lru) {
+                                      eviction_policy ev = eviction_policy::eviction_policy_lru,
+                                      int64_t copy_delay_us = -1) {
   runtime_config cfg;
   cfg.num_layers = m.layers;
   cfg.num_experts = m.experts;
@@ -19,7 +20,9 @@ std::unique_ptr<runtime> make_runtime(const pgref::toy_model& m, int64_t slots,
   cfg.expert_memory = slots < 0 ? -1 : slots * static_cast<int64_t>(m.spec.bytes());
   cfg.eviction = ev;
   std::unique_ptr<runtime> rt;
-  CHECK_OK(runtime::create(make_cpu_backend(), cfg, &rt));
+  cpu_backend_options opts;
+  opts.copy_delay_us = copy_delay_us;
+  CHECK_OK(runtime::create(make_cpu_backend(opts), cfg, &rt));
   if (rt) CHECK_OK(pgref::fill_store(*rt, m));
   return rt;
 }
@@ -72,6 +75,35 @@ TEST(forward_matches_reference_for_every_budget) {
       }
     }
     CHECK_OK(rt->check(nullptr));
+  }
+}
+
+TEST(forward_with_asynchronous_copies_waits_for_them) {
+  const pgref::toy_model m = pgref::make_model(3, 6, 24, 20, ffn_kind::ffn_kind_gated_silu, 2);
+  std::mt19937 rng(11);
+  for (int64_t slots : {2, 5}) {
+    auto rt = make_runtime(m, slots, eviction_policy::eviction_policy_lru, /*copy_delay_us=*/300);
+    if (!rt) return;
+    for (int step = 0; step < 6; ++step) {
+      for (int32_t layer = 0; layer < 3; ++layer) {
+        batch b = random_batch(rng, 3, 2, 24, 6);
+        int32_t next[2] = {static_cast<int32_t>(rng() % 6), static_cast<int32_t>(rng() % 6)};
+        std::vector<float> out(b.x.size());
+        moe_args a = pgref::block_args(layer, b.x, out, b.ids, b.w, 3, 2);
+        if (layer < 2) {
+          a.next_layer = layer + 1;
+          a.next_experts = next;
+          a.num_next = 2;
+        }
+        CHECK_OK(rt->moe_forward(a));
+        CHECK(pgref::max_abs_diff(out, pgref::reference_forward(m, layer, b.x, b.ids, b.w, 3, 2)) < 1e-4f);
+      }
+    }
+    CHECK_OK(rt->check(nullptr));
+    const runtime_stats s = rt->stats();
+    CHECK(s.total.stall_seconds > 0);  // forwards waited for copies still in flight
+    CHECK(s.total.prefetch_used <= s.total.prefetch_issued);
+    CHECK_OK(rt->close());
   }
 }
 

@@ -12,7 +12,9 @@
 
 using namespace pregated;
 
-TEST(stress_random_operations_from_several_threads) {
+namespace {
+
+void stress(const cpu_backend_options& opts) {
   const pgref::toy_model m = pgref::make_model(3, 6, 16, 12, ffn_kind::ffn_kind_gated_silu, 11);
   runtime_config cfg;
   cfg.num_layers = m.layers;
@@ -20,7 +22,7 @@ TEST(stress_random_operations_from_several_threads) {
   cfg.spec = m.spec;
   cfg.expert_memory = 3 * static_cast<int64_t>(m.spec.bytes());
   std::unique_ptr<runtime> rt;
-  CHECK_OK(runtime::create(make_cpu_backend(), cfg, &rt));
+  CHECK_OK(runtime::create(make_cpu_backend(opts), cfg, &rt));
   if (!rt) return;
   CHECK_OK(pgref::fill_store(*rt, m));
 
@@ -105,4 +107,16 @@ TEST(stress_random_operations_from_several_threads) {
               static_cast<long long>(forwards.load()), static_cast<long long>(expert_uses.load()),
               static_cast<long long>(s.total.expert_misses),
               static_cast<long long>(s.total.prefetch_issued), static_cast<long long>(s.evictions));
+}
+
+}  // namespace
+
+TEST(stress_random_operations_from_several_threads) { stress({}); }
+
+// The same with copies in flight while forwards, prefetches, evictions and pins go on: the
+// waiting paths of a GPU's asynchronous copy engine, on the CPU.
+TEST(stress_with_asynchronous_copies) {
+  cpu_backend_options opts;
+  opts.copy_delay_us = 30;
+  stress(opts);
 }

@@ -95,8 +95,15 @@ class backend {
                          void* stream) = 0;
 };
 
+struct cpu_backend_options {
+  // >= 0: copies run asynchronously on the backend's copy thread, each after this many
+  // microseconds (so the runtime's paths for copies in flight run on the CPU, as on a GPU);
+  // < 0 (default): each copy is done before copy_to_device returns.
+  int64_t copy_delay_us = -1;
+};
+
 // The CPU backend: always available.
-std::unique_ptr<backend> make_cpu_backend();
+std::unique_ptr<backend> make_cpu_backend(const cpu_backend_options& opts = {});
 
 // The CPU backend's few-row (decode) kernels: the instruction set they use on this CPU
 // ("avx512", "avx2" or "portable"), and a way for tests to force a path this CPU can run
