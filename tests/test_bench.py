@@ -53,8 +53,12 @@ def test_bench_smoke_on_cpu(tmp_path, capsys):
     labels = {(r["policy"], round(r["expert_memory_fraction"], 2)) for r in res["runs"]}
     assert ("gpu-only", 1.0) in labels and ("pregated", 0.25) in labels and ("on-demand", 0.5) in labels
     events = res["timeline"]["events"]
-    assert {e["kind"] for e in events} == {"copy", "compute"}
-    assert len(res["timeline"]["summary"]) == 4
+    assert {e["kind"] for e in events} == {"copy", "compute", "host"}
+    summary = res["timeline"]["summary"]
+    assert len(summary) == 4 and all(b["host_s"] > 0 and b["compute_s"] > 0 for b in summary)
+    # host time per block and per step (the CPU backend computes in the host thread: host >= compute)
+    assert 0 < res["timeline"]["block_host_s_median"] < res["timeline"]["step_host_s"]
+    assert all(b["host_s"] >= b["compute_s"] for b in summary)
     printed = capsys.readouterr()
     assert "decode t/s" in printed.out and "pregated" in printed.out
     if HAVE_MATPLOTLIB:

@@ -388,6 +388,10 @@ def run_bench(args, log=print) -> dict:
                         timeline = {"model": name, "policy": policy, "expert_memory_bytes": budget,
                                     "events": engine.trace_decode_step(prompts[0], warmup_tokens=3)}
                         timeline["summary"] = timeline_summary(timeline["events"], cfg.num_moe_layers)
+                        timeline.update(host_times(timeline["events"]))
+                        log(f"timeline: host {timeline['block_host_s_median'] * 1e6:.0f} us per MoE block (median), "
+                            f"{timeline['step_host_s'] * 1e3:.2f} ms per decode step"
+                            + (" (the CPU backend computes in the host thread)" if device == "cpu" else ""))
             except (RuntimeError, ValueError, MemoryError) as e:
                 base["error"] = str(e)
                 log(f"{policy} at {_core.format_bytes(budget)}: skipped: {e}")
@@ -408,7 +412,8 @@ def run_bench(args, log=print) -> dict:
 
 
 def timeline_summary(events: list[dict], num_blocks: int) -> list[dict]:
-    """Per block m: when its GEMMs ran, and how much of block m+1's copying ran meanwhile."""
+    """Per block m: when its GEMMs ran, how much of block m+1's copying ran meanwhile, the
+    device time of its GEMMs and the host thread's time in its experts call."""
     out = []
     for m in range(num_blocks):
         comp = [e for e in events if e["kind"] == "compute" and e["layer"] == m]
@@ -417,11 +422,24 @@ def timeline_summary(events: list[dict], num_blocks: int) -> list[dict]:
         a, b = min(e["start_s"] for e in comp), max(e["end_s"] for e in comp)
         nxt = [e for e in events if e["kind"] == "copy" and e["layer"] == m + 1]
         during = sum(max(0.0, min(b, e["end_s"]) - max(a, e["start_s"])) for e in nxt)
+        host = [e["end_s"] - e["start_s"] for e in events if e["kind"] == "host" and e["layer"] == m]
         out.append({"block": m, "compute_start_s": a, "compute_end_s": b,
+                    "compute_s": sum(e["end_s"] - e["start_s"] for e in comp),
+                    "host_s": host[0] if host else None,
                     "next_block_copies": len(nxt),
                     "next_block_copy_s": sum(e["end_s"] - e["start_s"] for e in nxt),
                     "next_block_copy_during_compute_s": during})
     return out
+
+
+def host_times(events: list[dict]) -> dict:
+    """Host time of the traced step and per MoE block (median), in seconds."""
+    import statistics
+
+    blocks = [e["end_s"] - e["start_s"] for e in events if e["kind"] == "host" and e["layer"] >= 0]
+    step = [e["end_s"] - e["start_s"] for e in events if e["kind"] == "host" and e["layer"] == -1]
+    return {"step_host_s": step[0] if step else None,
+            "block_host_s_median": statistics.median(blocks) if blocks else None}
 
 
 def _fmt(v, spec, scale=1.0):

@@ -287,7 +287,10 @@ class Engine:
     def trace_decode_step(self, prompt, warmup_tokens: int = 3) -> list[dict]:
         """A timeline of one decode step: generates `warmup_tokens` tokens, then records the
         copies (copy engine) and expert GEMMs (compute stream) of the next step from backend
-        events (CUDA events on the GPU). Times are seconds from the start of the step."""
+        events (CUDA events on the GPU). Times are seconds from the start of the step. Events of
+        kind "host" give the Python thread's time: per MoE block (layer m: its experts call,
+        with the CPU backend's compute, which runs in that thread), and for the whole step
+        (layer -1, before waiting for the device)."""
         self._check_open()
         params = SamplingParams(max_new_tokens=warmup_tokens + 1)
         prompts, single = self._prompts(prompt, params.max_new_tokens)
@@ -376,11 +379,19 @@ class Engine:
                 if tracing:
                     self._sync()
                     self.runtime.set_tracing(True)
+                    self.moe.host_seconds = [0.0] * self.cfg.num_moe_layers
+                    t_step = time.perf_counter()
                 out, cache = self._forward(nxt[:, None].to(self.device), mask, last_pos[:, None], cache, active)
                 logits = out[:, -1].float()
                 if tracing:
+                    host_step = time.perf_counter() - t_step  # before waiting for the device
                     self._sync()
                     self._last_trace = self.runtime.trace()
+                    self._last_trace.append({"kind": "host", "layer": -1, "expert": -1, "start_s": 0.0,
+                                             "end_s": host_step})
+                    self._last_trace += [{"kind": "host", "layer": m, "expert": -1, "start_s": 0.0, "end_s": s}
+                                         for m, s in enumerate(self.moe.host_seconds)]
+                    self.moe.host_seconds = None
                     self.runtime.set_tracing(False)
             self._sync()
             self._counters["decode_seconds"] += time.perf_counter() - t_decode

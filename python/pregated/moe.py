@@ -11,6 +11,8 @@ Policies (how experts reach the compute):
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from . import _core
@@ -111,6 +113,8 @@ class MoEExecutor:
         # Rows of this forward that go through the experts ([N] indices into the flattened
         # batch, on the device), or None for all: padding and finished sequences load nothing.
         self.rows: torch.Tensor | None = None
+        # Host seconds per block of the forward being traced (Engine.trace_decode_step), or None.
+        self.host_seconds: list[float] | None = None
         self.reset()
 
     def set_routing(self, routing: str) -> None:
@@ -129,6 +133,14 @@ class MoEExecutor:
     def __call__(self, m: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Block m's routed experts, from transformers' experts interface: x [T, H] (the MoE
         block's input), ids / weights [T, K] from the block's own router -> [T, H]."""
+        if self.host_seconds is None:
+            return self._block(m, x, ids, weights)
+        t = time.perf_counter()
+        out = self._block(m, x, ids, weights)
+        self.host_seconds[m] += time.perf_counter() - t
+        return out
+
+    def _block(self, m: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n = self.cfg.num_moe_layers
         h = self.taps.take_residual(m)
         h = x if h is None else h.reshape(-1, h.shape[-1])
