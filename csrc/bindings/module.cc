@@ -54,15 +54,7 @@ std::vector<int32_t> id_list(const py::object& v, const char* name) {
   std::vector<int32_t> out;
   if (v.is_none()) return out;
   py::module_ torch = py::module_::import("torch");
-  if (py::isinstance(v, torch.attr("Tensor"))) {
-    tensor_info t = inspect(v, name);
-    if (t.dtype.find("int") == std::string::npos) {
-      throw py::value_error(std::string(name) + " must hold integer expert ids, got torch." + t.dtype);
-    }
-    py::object flat = v.attr("reshape")(-1).attr("tolist")();
-    for (py::handle e : flat) out.push_back(e.cast<int32_t>());
-    return out;
-  }
+  if (py::isinstance(v, torch.attr("Tensor"))) return bindings::host_ids(inspect(v, name), name);
   for (py::handle e : v) out.push_back(e.cast<int32_t>());
   return out;
 }
@@ -209,8 +201,8 @@ class py_runtime {
     expect_dtype(o, "out", dtype_name(sp.dt));
     expect_dims(o, "out", {T, sp.hidden}, "tokens, hidden");
     expect_contiguous(o, "out");
-    tensor_info ids_h = bindings::to_host(ids, "ids", "int32");
-    tensor_info w_h = bindings::to_host(w, "weights", "float32");
+    const std::vector<int32_t> ids_h = bindings::host_ids(ids, "ids");
+    const std::vector<float> w_h = bindings::host_floats(w, "weights");
     std::vector<int32_t> next = id_list(next_experts, "next_experts");
 
     moe_args a;
@@ -219,8 +211,8 @@ class py_runtime {
     a.top_k = K;
     a.x = reinterpret_cast<const void*>(x.data);
     a.out = reinterpret_cast<void*>(o.data);
-    a.ids = reinterpret_cast<const int32_t*>(ids_h.data);
-    a.weights = reinterpret_cast<const float*>(w_h.data);
+    a.ids = ids_h.data();
+    a.weights = w_h.data();
     a.stream = stream_handle();
     a.next_layer = next.empty() ? -1 : next_layer;
     a.next_experts = next.data();

@@ -1,6 +1,6 @@
-// Reading and checking torch tensors in the binding layer without linking libtorch: the
-// attributes every torch.Tensor has (data_ptr, dtype, shape, device, is_contiguous) are read
-// through Python, and every mismatch raises a Python exception naming the argument and the fix.
+// Reading and checking torch tensors in the binding layer without linking libtorch: one
+// `__dlpack__()` call gives a tensor's pointer, dtype, shape, strides and device (DLPack's stable
+// ABI), and every mismatch raises a Python exception naming the argument and the fix.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -40,5 +40,10 @@ void expect_contiguous(const tensor_info& t, const char* name);
 
 // Copy to a contiguous host tensor of the given torch dtype name ("int32", "float32").
 tensor_info to_host(const tensor_info& t, const char* name, const char* dtype);
+
+// The values of a (small) tensor as int32 expert ids / float32 weights: read in place when it is
+// a contiguous host tensor (no torch call), through a host copy otherwise. Refuse other dtypes.
+std::vector<int32_t> host_ids(const tensor_info& t, const char* name);
+std::vector<float> host_floats(const tensor_info& t, const char* name);
 
 }  // namespace pregated::bindings
