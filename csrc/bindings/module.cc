@@ -224,6 +224,55 @@ class py_runtime {
     return out;
   }
 
+  py::object forward_resident(int32_t layer, const py::object& x_obj, const py::object& ids_obj,
+                              const py::object& w_obj, const py::object& out_obj) {
+    runtime& r = rt();
+    const expert_spec& sp = r.config().spec;
+    tensor_info x = inspect(x_obj, "x");
+    expect_device(x, "x", device_);
+    expect_dtype(x, "x", dtype_name(sp.dt));
+    expect_dims(x, "x", {-1, sp.hidden}, "tokens, hidden");
+    expect_contiguous(x, "x");
+    const int64_t T = x.shape[0];
+    tensor_info ids = inspect(ids_obj, "ids");
+    expect_device(ids, "ids", device_);
+    expect_dtype(ids, "ids", "int32");
+    expect_dims(ids, "ids", {T, -1}, "tokens, experts per token");
+    expect_contiguous(ids, "ids");
+    const int64_t K = ids.shape[1];
+    tensor_info w = inspect(w_obj, "weights");
+    expect_device(w, "weights", device_);
+    expect_dtype(w, "weights", "float32");
+    expect_dims(w, "weights", {T, K}, "tokens, experts per token, like ids");
+    expect_contiguous(w, "weights");
+    py::object out = out_obj.is_none() ? x_obj.attr("new_empty")(x_obj.attr("shape")) : out_obj;
+    tensor_info o = inspect(out, "out");
+    expect_device(o, "out", device_);
+    expect_dtype(o, "out", dtype_name(sp.dt));
+    expect_dims(o, "out", {T, sp.hidden}, "tokens, hidden");
+    expect_contiguous(o, "out");
+    resident_args a;
+    a.layer = layer;
+    a.tokens = T;
+    a.top_k = K;
+    a.x = reinterpret_cast<const void*>(x.data);
+    a.out = reinterpret_cast<void*>(o.data);
+    a.ids = reinterpret_cast<const int32_t*>(ids.data);
+    a.weights = reinterpret_cast<const float*>(w.data);
+    a.stream = stream_handle();
+    {
+      py::gil_scoped_release nogil;
+      throw_if_error(r.moe_forward_resident(a));
+    }
+    return out;
+  }
+
+  std::vector<int32_t> slot_table() {
+    std::vector<int32_t> out;
+    throw_if_error(rt().slot_table(&out));
+    return out;
+  }
+
   void prefetch(int32_t layer, const py::object& experts) {
     runtime& r = rt();
     std::vector<int32_t> e = id_list(experts, "experts");
@@ -240,6 +289,7 @@ class py_runtime {
     py::dict d = layer_dict(s.total);
     d["evictions"] = s.evictions;
     d["forwards"] = s.forwards;
+    d["resident_forwards"] = s.resident_forwards;
     py::list layers;
     for (const layer_stats& l : s.layers) layers.append(layer_dict(l));
     d["layers"] = layers;
@@ -403,6 +453,14 @@ alpha, limit : the clamps of gated_swiglu_oai and gated_silu_clamped.
 x: [T, H] on the runtime's device; ids: [T, K] integers; weights: [T, K] floats (any device).
 next_layer / next_experts: experts to prefetch for the next block once this block's experts
 hold their slots.)doc")
+      .def("forward_resident", &py_runtime::forward_resident, py::arg("layer"), py::arg("x"), py::arg("ids"),
+           py::arg("weights"), py::kw_only(), py::arg("out") = py::none(),
+           R"doc(One MoE block whose experts are all resident (every expert of the layer pinned and loaded,
+as under policy gpu-only): x [T, H], ids [T, K] int32 and weights [T, K] float32, all on the runtime's
+device. Experts are found through the device slot table: nothing goes to the host, nothing is
+allocated after the first call, so it can be captured in a CUDA graph.)doc")
+      .def("slot_table", &py_runtime::slot_table,
+           "The device slot table as last built: for every (layer, expert), its slot or -1.")
       .def("prefetch", &py_runtime::prefetch, py::arg("layer"), py::arg("experts"))
       .def("cancel_prefetches", [](py_runtime& self) { throw_if_error(self.rt().cancel_prefetches()); })
       .def("pin", [](py_runtime& self, int32_t l, int32_t e) {

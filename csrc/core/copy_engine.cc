@@ -59,6 +59,7 @@ void runtime::impl::copy_loop() {
         slot_info& now = cache.slot(r.slot);
         if (now.generation == r.generation) {
           now.state = caps.async_copy ? slot_state::slot_state_issued : slot_state::slot_state_ready;
+          cache.changed();
         }
         if (caps.async_copy) in_flight.push_back(r);
       }
@@ -81,6 +82,7 @@ void runtime::impl::copy_loop() {
         slot_info& s = cache.slot(f.slot);
         if (s.generation == f.generation && s.state == slot_state::slot_state_issued) {
           s.state = slot_state::slot_state_ready;
+          cache.changed();
         }
       }
       state_cv.notify_all();

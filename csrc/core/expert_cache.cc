@@ -1,5 +1,6 @@
 #include "pregated/expert_cache.h"
 
+#include <algorithm>
 #include <string>
 
 namespace pregated {
@@ -16,6 +17,7 @@ const char* slot_state_name(slot_state s) {
 
 status expert_cache::init(int32_t num_slots, int32_t num_layers, int32_t num_experts,
                           eviction_policy policy) {
+  ++version_;
   if (num_slots <= 0) return invalid_argument("the expert cache needs at least one slot");
   policy_ = policy;
   num_experts_ = num_experts;
@@ -57,6 +59,7 @@ int32_t expert_cache::choose_slot(bool for_prefetch) const {
 }
 
 bool expert_cache::assign(int32_t slot, expert_key key) {
+  ++version_;
   slot_info& s = slots_[static_cast<size_t>(slot)];
   const bool evicted = s.state != slot_state::slot_state_empty;
   if (evicted) slot_of_[index(s.key)] = -1;
@@ -71,6 +74,7 @@ bool expert_cache::assign(int32_t slot, expert_key key) {
 }
 
 void expert_cache::clear(int32_t slot) {
+  ++version_;
   slot_info& s = slots_[static_cast<size_t>(slot)];
   if (s.state != slot_state::slot_state_empty) slot_of_[index(s.key)] = -1;
   const uint64_t gen = s.generation + 1;
@@ -85,6 +89,24 @@ void expert_cache::touch(int32_t slot) {
 }
 
 void expert_cache::refresh(int32_t slot) { slots_[static_cast<size_t>(slot)].last_use = ++clock_; }
+
+void expert_cache::ready_table(int32_t* out) const {
+  std::fill(out, out + slot_of_.size(), -1);
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    const slot_info& s = slots_[i];
+    if (s.state == slot_state::slot_state_ready) out[index(s.key)] = static_cast<int32_t>(i);
+  }
+}
+
+bool expert_cache::layer_resident(int32_t layer) const {
+  for (int32_t e = 0; e < num_experts_; ++e) {
+    const int32_t slot = slot_of_[index({layer, e})];
+    if (slot < 0) return false;
+    const slot_info& s = slots_[static_cast<size_t>(slot)];
+    if (s.state != slot_state::slot_state_ready || !s.pinned) return false;
+  }
+  return true;
+}
 
 int32_t expert_cache::pinned_count() const {
   int32_t n = 0;

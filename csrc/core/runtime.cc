@@ -55,6 +55,10 @@ status runtime::create(std::unique_ptr<backend> be, const runtime_config& cfg,
   m.slot_bytes = cfg.spec.bytes();
   PREGATED_RETURN_IF_ERROR(m.store.init(m.be.get(), cfg.num_layers, cfg.num_experts, cfg.spec));
   PREGATED_RETURN_IF_ERROR(m.make_slab(cfg.expert_memory, cfg.eviction));
+  m.table_host.assign(static_cast<size_t>(cfg.num_layers) * static_cast<size_t>(cfg.num_experts), -1);
+  void* table = nullptr;
+  PREGATED_RETURN_IF_ERROR(m.be->alloc_device(m.table_host.size() * sizeof(int32_t), &table));
+  m.slot_table = static_cast<int32_t*>(table);
   m.worker = std::thread([&m] { m.copy_loop(); });
   *out = std::move(rt);
   return {};
@@ -147,6 +151,10 @@ status runtime::close() {
   m.last_use.clear();
   if (m.slab != nullptr) m.be->free_device(m.slab);
   m.slab = nullptr;
+  if (m.slot_table != nullptr) m.be->free_device(m.slot_table);
+  m.slot_table = nullptr;
+  if (m.resident_ws != nullptr) m.be->free_device(m.resident_ws);
+  m.resident_ws = nullptr;
   m.store.release();
   m.closed = true;
   return {};
@@ -470,6 +478,18 @@ status runtime::check(std::string* report) {
         problems += "layer " + std::to_string(l) + " expert " + std::to_string(e) +
                     " maps to slot " + std::to_string(slot) + " which holds another expert\n";
       }
+    }
+  }
+  // The device slot table, once rebuilt, says what the cache says.
+  PREGATED_RETURN_IF_ERROR(m.refresh_slot_table(nullptr));
+  PREGATED_RETURN_IF_ERROR(m.be->synchronize(nullptr));
+  std::vector<int32_t> want(m.table_host.size()), got(m.table_host.size());
+  m.cache.ready_table(want.data());
+  PREGATED_RETURN_IF_ERROR(m.be->download_sync(got.data(), m.slot_table, got.size() * sizeof(int32_t)));
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (want[i] != got[i]) {
+      problems += "device slot table: expert " + std::to_string(i) + " maps to slot " + std::to_string(got[i]) +
+                  ", the cache to " + std::to_string(want[i]) + "\n";
     }
   }
   if (report != nullptr) *report = problems;

@@ -36,6 +36,14 @@ struct runtime::impl {
   expert_cache cache;
   uint8_t* slab = nullptr;
   size_t slot_bytes = 0;
+  // The device slot table ([num_layers * num_experts] int32: the slot of each ready expert, or
+  // -1), rebuilt from the cache (under mu) when the cache's version moved on.
+  int32_t* slot_table = nullptr;
+  std::vector<int32_t> table_host;
+  uint64_t table_version = 0;
+  std::mutex resident_mu;  // one resident forward at a time: they share one workspace
+  void* resident_ws = nullptr;
+  size_t resident_ws_bytes = 0;
   std::vector<std::unique_ptr<backend_event>> copy_done;  // per slot: its last copy finished
   std::vector<std::unique_ptr<backend_event>> last_use;   // per slot: its last GEMM finished
 
@@ -65,6 +73,8 @@ struct runtime::impl {
   // Allocates the slab, the cache and the per-slot events for a budget (mu held or no worker).
   status make_slab(int64_t expert_memory, eviction_policy eviction);
   status check_layer(int32_t layer, const char* what) const;
+  // Uploads the slot table on `stream` if the cache changed since (mu held).
+  status refresh_slot_table(void* stream);
   status check_experts(const int32_t* experts, int32_t n, const char* what) const;
 
   // copy_engine.cc

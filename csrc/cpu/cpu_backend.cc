@@ -14,6 +14,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "cpu_gemm.h"
 #include "half.h"
@@ -246,6 +247,36 @@ class cpu_backend final : public backend {
     std::memcpy(dst, src, bytes);
     return {};
   }
+  status expert_ffn_resident(const expert_spec& sp, const uint8_t* slab, size_t slot_bytes,
+                             const int32_t* slot_of, const void* x, const int32_t* ids,
+                             const float* weights, int64_t tokens, int64_t top_k, void* out,
+                             void* ws, void* stream) override {
+    // The loop a GPU runs as batched GEMMs: each (token, expert) row on its expert's slot.
+    const dtype dt = sp.dt;
+    const size_t esz = dtype_size(dt);
+    const int64_t H = sp.hidden, I = sp.intermediate, U = sp.up_rows(), R = tokens * top_k;
+    auto* act = static_cast<uint8_t*>(ws);
+    auto* y = act + ((static_cast<size_t>(R * U) * esz + 255) & ~size_t{255});
+    std::vector<int32_t> row_of(static_cast<size_t>(R));
+    for (int64_t r = 0; r < R; ++r) {
+      row_of[static_cast<size_t>(r)] = static_cast<int32_t>(r);
+      const int32_t slot = slot_of[ids[r]];
+      if (slot < 0) {
+        return internal_error("resident forward: expert " + std::to_string(ids[r]) + " has no ready slot");
+      }
+      const uint8_t* w = slab + static_cast<size_t>(slot) * slot_bytes;
+      uint8_t* a_row = act + static_cast<size_t>(r * U) * esz;
+      uint8_t* y_row = y + static_cast<size_t>(r * H) * esz;
+      const auto* x_row = static_cast<const uint8_t*>(x) + static_cast<size_t>((r / top_k) * H) * esz;
+      PREGATED_RETURN_IF_ERROR(gemm_nt(dt, 1, U, H, x_row, H, w, H, a_row, U, stream));
+      if (sp.has_bias) PREGATED_RETURN_IF_ERROR(add_bias(dt, a_row, 1, U, U, w + sp.part_offset(sp.first_bias_part()), stream));
+      PREGATED_RETURN_IF_ERROR(activate(sp, a_row, 1, U, stream));
+      PREGATED_RETURN_IF_ERROR(gemm_nt(dt, 1, H, I, a_row, U, w + sp.part_offset(sp.down_part()), I, y_row, H, stream));
+      if (sp.has_bias) PREGATED_RETURN_IF_ERROR(add_bias(dt, y_row, 1, H, H, w + sp.part_offset(sp.num_parts() - 1), stream));
+    }
+    return combine(dt, out, y, row_of.data(), weights, tokens, top_k, H, stream);
+  }
+
   // Compute is synchronous; what waits is the copy thread's queue.
   status synchronize(void*) override {
     if (copier_) {

@@ -228,6 +228,50 @@ class cuda_backend final : public backend {
     PREGATED_CUDA_CHECK(cuda::launch_add_bias(dt, data, rows, width, ld, bias, as_stream(stream)));
     return {};
   }
+  status expert_ffn_resident(const expert_spec& sp, const uint8_t* slab, size_t slot_bytes,
+                             const int32_t* slot_of, const void* x, const int32_t* ids,
+                             const float* weights, int64_t tokens, int64_t top_k, void* out,
+                             void* ws, void* stream) override {
+    // Tables of pointers filled on the device from the ids and the slot table, then one batched
+    // GEMM per projection over every (token, expert) row: no host round trip, no allocation.
+    const int64_t R = tokens * top_k;
+    if (R == 0) return {};
+    const dtype dt = sp.dt;
+    const size_t esz = dtype_size(dt);
+    const int64_t H = sp.hidden, I = sp.intermediate, U = sp.up_rows();
+    auto up = [](size_t n) { return (n + 255) & ~size_t{255}; };
+    auto* act = static_cast<uint8_t*>(ws);
+    auto* y = act + up(static_cast<size_t>(R * U) * esz);
+    auto** ptrs = reinterpret_cast<void**>(y + up(static_cast<size_t>(R * H) * esz));
+    cuda::resident_tables t{const_cast<const void**>(ptrs), const_cast<const void**>(ptrs + R), ptrs + 2 * R,
+                            const_cast<const void**>(ptrs + 3 * R), ptrs + 4 * R,
+                            const_cast<const void**>(ptrs + 5 * R), const_cast<const void**>(ptrs + 6 * R),
+                            reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(ptrs) + up(static_cast<size_t>(R) * 8 * sizeof(void*)))};
+    cudaStream_t s = as_stream(stream);
+    PREGATED_CUDA_CHECK(cudaSetDevice(device_));
+    PREGATED_CUDA_CHECK(cuda::launch_resident_tables(sp, slab, slot_bytes, slot_of, x, ids, R, top_k, act, y, t, s));
+    cublasHandle_t h = nullptr;
+    PREGATED_RETURN_IF_ERROR(handle(&h));
+    PREGATED_CUBLAS_CHECK(cublasSetStream(h, s));
+    const float alpha = 1.0f, beta = 0.0f;
+    const cudaDataType_t ct = cuda_type(dt);
+    // Row r: act_r[1, U] = x_r[1, H] W_up_r[U, H]^T; column-major: act^T[U, 1] = op_T(W) x^T.
+    PREGATED_CUBLAS_CHECK(cublasGemmBatchedEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(U), 1,
+                                              static_cast<int>(H), &alpha, t.w_up, ct, static_cast<int>(H), t.x, ct,
+                                              static_cast<int>(H), &beta, t.act, ct, static_cast<int>(U),
+                                              static_cast<int>(R), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (sp.has_bias) PREGATED_CUDA_CHECK(cuda::launch_add_row_bias(dt, act, R, U, U, t.b_up, s));
+    PREGATED_CUDA_CHECK(cuda::launch_activate(sp, act, R, U, s));
+    PREGATED_CUBLAS_CHECK(cublasGemmBatchedEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), 1,
+                                              static_cast<int>(I), &alpha, t.w_down, ct, static_cast<int>(I),
+                                              const_cast<const void**>(t.act), ct, static_cast<int>(U), &beta, t.y,
+                                              ct, static_cast<int>(H), static_cast<int>(R), CUBLAS_COMPUTE_32F,
+                                              CUBLAS_GEMM_DEFAULT));
+    if (sp.has_bias) PREGATED_CUDA_CHECK(cuda::launch_add_row_bias(dt, y, R, H, H, t.b_down, s));
+    PREGATED_CUDA_CHECK(cuda::launch_combine(dt, out, y, t.row_of, weights, tokens, top_k, H, s));
+    return {};
+  }
+
   status combine(dtype dt, void* out, const void* y, const int32_t* row_of, const float* weights,
                  int64_t tokens, int64_t top_k, int64_t width, void* stream) override {
     if (tokens == 0) return {};

@@ -211,4 +211,70 @@ cudaError_t launch_combine(dtype dt, void* out, const void* y, const int32_t* ro
   return cudaErrorInvalidValue;
 }
 
+namespace {
+
+__global__ void resident_tables_kernel(const uint8_t* slab, size_t slot_bytes, const int32_t* slot_of,
+                                       const uint8_t* x, const int32_t* ids, int64_t rows, int64_t top_k,
+                                       size_t x_row, size_t up_off, size_t down_off, size_t b_up_off,
+                                       size_t b_down_off, bool bias, uint8_t* act, size_t act_row,
+                                       uint8_t* y, size_t y_row, resident_tables t) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r >= rows) return;
+  const uint8_t* w = slab + static_cast<size_t>(slot_of[ids[r]]) * slot_bytes;
+  t.x[r] = x + static_cast<size_t>(r / top_k) * x_row;
+  t.w_up[r] = w + up_off;
+  t.act[r] = act + static_cast<size_t>(r) * act_row;
+  t.w_down[r] = w + down_off;
+  t.y[r] = y + static_cast<size_t>(r) * y_row;
+  t.b_up[r] = bias ? w + b_up_off : nullptr;
+  t.b_down[r] = bias ? w + b_down_off : nullptr;
+  t.row_of[r] = static_cast<int32_t>(r);
+}
+
+template <typename T>
+__global__ void add_row_bias_kernel(T* data, int64_t rows, int64_t width, int64_t ld, const void* const* bias) {
+  const int64_t total = rows * width;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / width, j = i % width;
+    const T* b = static_cast<const T*>(bias[r]);
+    data[r * ld + j] = from_f32<T>(to_f32(data[r * ld + j]) + to_f32(b[j]));
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_resident_tables(const expert_spec& sp, const uint8_t* slab, size_t slot_bytes,
+                                   const int32_t* slot_of, const void* x, const int32_t* ids,
+                                   int64_t rows, int64_t top_k, uint8_t* act, uint8_t* y,
+                                   resident_tables t, cudaStream_t stream) {
+  const size_t esz = dtype_size(sp.dt);
+  const int threads = 128;
+  resident_tables_kernel<<<grid_for(rows, threads), threads, 0, stream>>>(
+      slab, slot_bytes, slot_of, static_cast<const uint8_t*>(x), ids, rows, top_k,
+      static_cast<size_t>(sp.hidden) * esz, sp.part_offset(0), sp.part_offset(sp.down_part()),
+      sp.has_bias ? sp.part_offset(sp.first_bias_part()) : 0, sp.has_bias ? sp.part_offset(sp.num_parts() - 1) : 0,
+      sp.has_bias, act, static_cast<size_t>(sp.up_rows()) * esz, y, static_cast<size_t>(sp.hidden) * esz, t);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_add_row_bias(dtype dt, void* data, int64_t rows, int64_t width, int64_t ld,
+                                const void* const* bias, cudaStream_t stream) {
+  const int threads = 256;
+  const int grid = grid_for(rows * width, threads);
+  switch (dt) {
+    case dtype::dtype_f32:
+      add_row_bias_kernel<float><<<grid, threads, 0, stream>>>(static_cast<float*>(data), rows, width, ld, bias);
+      break;
+    case dtype::dtype_f16:
+      add_row_bias_kernel<__half><<<grid, threads, 0, stream>>>(static_cast<__half*>(data), rows, width, ld, bias);
+      break;
+    case dtype::dtype_bf16:
+      add_row_bias_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(static_cast<__nv_bfloat16*>(data), rows,
+                                                                      width, ld, bias);
+      break;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace pregated::cuda

@@ -22,4 +22,25 @@ cudaError_t launch_combine(dtype dt, void* out, const void* y, const int32_t* ro
                            const float* weights, int64_t tokens, int64_t top_k, int64_t width,
                            cudaStream_t stream);
 
+// The resident block's tables, for rows r < R = T * K (row r = token r / K): the pointers the
+// batched GEMMs read (x row, up weights, activation row, down weights, output row) and the
+// bias pointers, from the expert ids and the layer's device slot table; row_of[r] = r.
+struct resident_tables {
+  const void** x;
+  const void** w_up;
+  void** act;
+  const void** w_down;
+  void** y;
+  const void** b_up;
+  const void** b_down;
+  int32_t* row_of;
+};
+cudaError_t launch_resident_tables(const expert_spec& sp, const uint8_t* slab, size_t slot_bytes,
+                                   const int32_t* slot_of, const void* x, const int32_t* ids,
+                                   int64_t rows, int64_t top_k, uint8_t* act, uint8_t* y,
+                                   resident_tables t, cudaStream_t stream);
+// data_r[j] += bias_r[j] for rows r, j < width; row r at data + r * ld (elements).
+cudaError_t launch_add_row_bias(dtype dt, void* data, int64_t rows, int64_t width, int64_t ld,
+                                const void* const* bias, cudaStream_t stream);
+
 }  // namespace pregated::cuda

@@ -218,6 +218,22 @@ def _(x, ids, weights, runtime, layer, next_layer, next_experts):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("pregated::moe_experts_resident", mutates_args=())
+def moe_experts_resident(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, runtime: int,
+                         layer: int) -> torch.Tensor:
+    """A block whose experts are all resident: x [T, H], ids [T, K] int32 and weights [T, K]
+    float32 on the runtime's device; nothing goes to the host (capturable in a CUDA graph)."""
+    rt = _RUNTIMES.get(runtime)
+    if rt is None:
+        raise RuntimeError("the pregated runtime of this model was closed; load the model again")
+    return rt.forward_resident(layer, x, ids, weights)
+
+
+@moe_experts_resident.register_fake
+def _(x, ids, weights, runtime, layer):
+    return torch.empty_like(x)
+
+
 @dataclass
 class Binding:
     """Set on an experts module when its model is loaded: which executor runs it, as block m."""

@@ -140,7 +140,20 @@ class MoEExecutor:
         self.host_seconds[m] += time.perf_counter() - t
         return out
 
+    def resident(self) -> bool:
+        """Every expert is pinned in a slot (gpu-only) and nothing needs the routing on the host
+        (exact routing, no pre-gate scoring, no recording): the block runs on the device alone."""
+        return (self.policy == "gpu-only" and self.routing == "exact" and not self.score_pregate
+                and self.recorder is None)
+
     def _block(self, m: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.resident():
+            rows = self.rows
+            xs, ids, weights = (x, ids, weights) if rows is None else (x[rows], ids[rows], weights[rows])
+            out = torch.ops.pregated.moe_experts_resident(
+                xs.contiguous(), ids.to(torch.int32).contiguous(), weights.float().contiguous(), self.handle, m)
+            self.taps.take_residual(m)
+            return out if rows is None else torch.zeros_like(x).index_copy_(0, rows, out)
         n = self.cfg.num_moe_layers
         h = self.taps.take_residual(m)
         h = x if h is None else h.reshape(-1, h.shape[-1])

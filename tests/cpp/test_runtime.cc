@@ -107,6 +107,36 @@ TEST(forward_with_asynchronous_copies_waits_for_them) {
   }
 }
 
+TEST(resident_forward_matches_reference_and_needs_every_expert_resident) {
+  for (bool bias : {false, true}) {
+    const pgref::toy_model m = pgref::make_model(2, 6, 24, 20, ffn_kind::ffn_kind_gated_silu, 4, bias);
+    auto rt = make_runtime(m, -1);  // every expert fits
+    if (!rt) return;
+    std::mt19937 rng(3);
+    batch b = random_batch(rng, 5, 2, 24, 6);
+    std::vector<float> out(b.x.size());
+    resident_args a;
+    a.layer = 1, a.tokens = 5, a.top_k = 2, a.x = b.x.data(), a.out = out.data(), a.ids = b.ids.data(),
+    a.weights = b.w.data();
+    CHECK_ERR(rt->moe_forward_resident(a), "not every expert of layer 1 is resident");
+    for (int32_t l = 0; l < 2; ++l)
+      for (int32_t e = 0; e < 6; ++e) CHECK_OK(rt->pin({l, e}));
+    CHECK_OK(rt->wait_idle());
+    for (int64_t T : {1, 5}) {
+      a.tokens = T;
+      CHECK_OK(rt->moe_forward_resident(a));
+      CHECK(pgref::max_abs_diff(std::vector<float>(out.begin(), out.begin() + T * 24),
+                                pgref::reference_forward(m, 1, std::vector<float>(b.x.begin(), b.x.begin() + T * 24),
+                                                         b.ids, b.w, T, 2)) < 1e-4f);
+    }
+    std::vector<int32_t> table;
+    CHECK_OK(rt->slot_table(&table));
+    for (int32_t v : table) CHECK(v >= 0);  // every expert is in a ready slot
+    CHECK(rt->stats().resident_forwards == 2);
+    CHECK_OK(rt->check(nullptr));
+  }
+}
+
 TEST(forward_every_ffn_kind_with_and_without_biases) {
   for (int k = 0; k <= static_cast<int>(ffn_kind::ffn_kind_gated_silu_clamped); ++k) {
     for (bool bias : {false, true}) {
@@ -242,6 +272,11 @@ class slab_limit_backend final : public backend {
   status combine(dtype dt, void* out, const void* y, const int32_t* row_of, const float* w, int64_t t,
                  int64_t k, int64_t width, void* s) override {
     return inner_->combine(dt, out, y, row_of, w, t, k, width, s);
+  }
+  status expert_ffn_resident(const expert_spec& sp, const uint8_t* slab, size_t slot_bytes, const int32_t* slot_of,
+                             const void* x, const int32_t* ids, const float* w, int64_t t, int64_t k, void* out,
+                             void* ws, void* s) override {
+    return inner_->expert_ffn_resident(sp, slab, slot_bytes, slot_of, x, ids, w, t, k, out, ws, s);
   }
 
  private:

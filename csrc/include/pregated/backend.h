@@ -93,6 +93,14 @@ class backend {
   virtual status combine(dtype dt, void* out, const void* y, const int32_t* row_of,
                          const float* weights, int64_t tokens, int64_t top_k, int64_t width,
                          void* stream) = 0;
+
+  // The resident block (runtime::moe_forward_resident), all in device memory: row r = t * K + k
+  // runs expert ids[r]'s FFN, whose weights are the slot slot_of[ids[r]] of the slab, on x[t];
+  // then out[t] = sum_k weights[r] * y[r]. `ws` holds resident_workspace_bytes(sp, T * K) bytes.
+  virtual status expert_ffn_resident(const expert_spec& sp, const uint8_t* slab, size_t slot_bytes,
+                                     const int32_t* slot_of, const void* x, const int32_t* ids,
+                                     const float* weights, int64_t tokens, int64_t top_k,
+                                     void* out, void* ws, void* stream) = 0;
 };
 
 struct cpu_backend_options {
@@ -121,6 +129,10 @@ status make_cuda_backend(int device, std::unique_ptr<backend>* out);
 
 // Usable CUDA devices right now (0 without a driver, or when CUDA was not compiled in).
 int cuda_device_count();
+
+// Scratch of expert_ffn_resident for `rows` (token, expert) rows: their activations, outputs,
+// and the pointer tables a batched GEMM reads.
+size_t resident_workspace_bytes(const expert_spec& sp, int64_t rows);
 
 struct build_info_t {
   bool cuda = false;       // CUDA backend compiled in

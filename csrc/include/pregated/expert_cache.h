@@ -61,6 +61,16 @@ class expert_cache {
   uint64_t frequency(expert_key key) const { return freq_[index(key)]; }
   int32_t pinned_count() const;
 
+  // Bumped whenever which expert a slot holds, or whether its copy is done, may have changed:
+  // the device slot table is rebuilt when it differs from the version it was built at.
+  uint64_t version() const { return version_; }
+  void changed() { ++version_; }
+  // The device slot table's contents: for every expert (layer-major), the slot holding it
+  // ready (its copy completed), else -1.
+  void ready_table(int32_t* out) const;
+  // Every expert of `layer` holds a slot of its own, ready and pinned.
+  bool layer_resident(int32_t layer) const;
+
  private:
   size_t index(expert_key key) const {
     return static_cast<size_t>(key.layer) * static_cast<size_t>(num_experts_) +
@@ -75,6 +85,7 @@ class expert_cache {
   std::vector<int32_t> slot_of_;  // expert index -> slot or -1
   std::vector<uint64_t> freq_;    // uses of each expert over the cache's life (LFU)
   uint64_t clock_ = 0;
+  uint64_t version_ = 1;
 };
 
 }  // namespace pregated

@@ -47,6 +47,18 @@ struct moe_args {
   int32_t num_next = 0;
 };
 
+// One MoE block on the resident path (runtime::moe_forward_resident): everything in device memory.
+struct resident_args {
+  int32_t layer = 0;
+  int64_t tokens = 0;                 // T
+  int64_t top_k = 0;                  // K
+  const void* x = nullptr;            // [T, H] spec.dt
+  void* out = nullptr;                // [T, H] spec.dt; may not alias x
+  const int32_t* ids = nullptr;       // [T, K] device memory
+  const float* weights = nullptr;     // [T, K] device memory
+  void* stream = nullptr;
+};
+
 struct layer_stats {
   int64_t bytes_h2d = 0;         // bytes copied host -> device
   int64_t expert_hits = 0;       // experts a forward needed that were in a slot (or on the way)
@@ -62,6 +74,7 @@ struct runtime_stats {
   std::vector<layer_stats> layers;
   int64_t evictions = 0;
   int64_t forwards = 0;
+  int64_t resident_forwards = 0;  // of those, on the resident path (no expert lookups counted)
 };
 
 // One interval of a timeline: a copy on the copy engine or an expert's GEMMs on the compute
@@ -103,6 +116,15 @@ class runtime {
   // Drop every prefetch whose copy has not started yet.
   status cancel_prefetches();
   status moe_forward(const moe_args& args);
+  // The decode path of a block whose experts are all resident (every expert of the layer pinned
+  // and loaded, as under policy gpu-only): ids and weights stay in device memory and each
+  // (token, expert) row finds its slot through the device slot table, so nothing is asked of
+  // the host and nothing is allocated (after the first call): the call can be captured in a CUDA
+  // graph. Calls are serialised (one workspace). Fails, naming the layer, when an expert of the
+  // layer is not resident.
+  status moe_forward_resident(const resident_args& args);
+  // The device slot table as last built: [num_layers * num_experts], slot or -1 (tests).
+  status slot_table(std::vector<int32_t>* out);
 
   // Give the slab a new size and the cache a new eviction policy, keeping the expert store:
   // waits for copies in flight, then starts with empty slots (pins are dropped) and zeroed
