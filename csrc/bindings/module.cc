@@ -76,7 +76,7 @@ class py_runtime {
   py_runtime(int32_t num_layers, int32_t num_experts, int64_t hidden, int64_t intermediate,
              const std::string& ffn, const std::string& dtype_name, const std::string& device,
              const py::object& expert_memory, const std::string& eviction, int32_t copy_depth,
-             bool has_bias, float alpha, float limit) {
+             bool has_bias, float alpha, float limit, const std::string& expert_format, int64_t group_size) {
     runtime_config cfg;
     cfg.num_layers = num_layers;
     cfg.num_experts = num_experts;
@@ -85,6 +85,8 @@ class py_runtime {
     cfg.spec.has_bias = has_bias;
     cfg.spec.alpha = alpha;
     cfg.spec.limit = limit;
+    throw_if_error(parse_weight_format(expert_format, &cfg.spec.format));
+    cfg.spec.group_size = group_size;
     throw_if_error(parse_ffn_kind(ffn, &cfg.spec.kind));
     throw_if_error(parse_dtype(dtype_name, &cfg.spec.dt));
     throw_if_error(parse_eviction_policy(eviction, &cfg.eviction));
@@ -148,14 +150,18 @@ class py_runtime {
     int64_t rows = 0, cols = 0;
     sp.part_shape(p, &rows, &cols);
     expect_device(t, name.c_str(), "cpu");
-    expect_dtype(t, name.c_str(), dtype_name(sp.dt));
+    expect_dtype(t, name.c_str(), sp.part_dtype(p));
     if (cols == 0) {
       expect_dims(t, name.c_str(), {rows}, p == sp.num_parts() - 1 ? "hidden" : "intermediate");
+    } else if (p < sp.num_weights() && sp.quantized()) {
+      expect_dims(t, name.c_str(), {rows, cols}, "rows, bytes of packed codes");
+    } else if (p >= sp.num_weights()) {
+      expect_dims(t, name.c_str(), {rows, cols}, "rows, groups");
     } else {
       expect_dims(t, name.c_str(), {rows, cols}, p == sp.down_part() ? "hidden, intermediate" : "intermediate, hidden");
     }
     expect_contiguous(t, name.c_str());
-    const size_t bytes = sp.part_elements(p) * dtype_size(sp.dt);
+    const size_t bytes = sp.part_bytes(p);
     py::gil_scoped_release nogil;
     throw_if_error(r.store().set_part({layer, expert}, p, reinterpret_cast<const void*>(t.data), bytes));
   }
@@ -392,18 +398,21 @@ PYBIND11_MODULE(_core, m) {
         "Tests: run the CPU backend's decode kernels on `isa`; False when this CPU cannot.");
 
   m.def("expert_bytes", [](int64_t hidden, int64_t intermediate, const std::string& ffn,
-                           const std::string& dt, bool has_bias) {
+                           const std::string& dt, bool has_bias, const std::string& expert_format,
+                           int64_t group_size) {
     expert_spec sp;
     sp.hidden = hidden;
     sp.intermediate = intermediate;
     sp.has_bias = has_bias;
+    throw_if_error(parse_weight_format(expert_format, &sp.format));
+    sp.group_size = group_size;
     throw_if_error(parse_ffn_kind(ffn, &sp.kind));
     throw_if_error(parse_dtype(dt, &sp.dt));
     throw_if_error(sp.validate());
     return static_cast<int64_t>(sp.bytes());
   }, py::arg("hidden"), py::arg("intermediate"), py::arg("ffn") = "gated_silu",
-     py::arg("dtype") = "bfloat16", py::arg("has_bias") = false,
-     "Bytes of one expert in the store and in a slot (padded to 256 bytes).");
+     py::arg("dtype") = "bfloat16", py::arg("has_bias") = false, py::arg("expert_format") = "dense",
+     py::arg("group_size") = 64, "Bytes of one expert in the store and in a slot (padded to 256 bytes).");
 
   py::class_<py_runtime>(m, "Runtime", R"doc(
 The expert runtime of one model.
@@ -423,16 +432,20 @@ eviction : "lru" or "lfu".
 copy_depth : copies handed to the copy engine at once.
 has_bias : experts carry biases (parts gate_bias, up_bias, down_bias / in_bias, out_bias).
 alpha, limit : the clamps of gated_swiglu_oai and gated_silu_clamped.
+expert_format, group_size : "dense" (weights in dtype) or "int8", "int4", "int3", "int2": packed
+    codes with an fp16 scale and zero per group of group_size (32, 64, 128) along the input
+    dimension; set parts "gate" (uint8 codes [rows, row bytes]), "gate.scale", "gate.zero"
+    (float16 [rows, groups]), and so on.
 )doc")
       .def(py::init<int32_t, int32_t, int64_t, int64_t, const std::string&, const std::string&,
                     const std::string&, const py::object&, const std::string&, int32_t, bool, float,
-                    float>(),
+                    float, const std::string&, int64_t>(),
            py::arg("num_layers"), py::arg("num_experts"), py::arg("hidden"),
            py::arg("intermediate"), py::kw_only(), py::arg("ffn") = "gated_silu",
            py::arg("dtype") = "bfloat16", py::arg("device") = "cpu",
            py::arg("expert_memory") = py::none(), py::arg("eviction") = "lru",
            py::arg("copy_depth") = 2, py::arg("has_bias") = false, py::arg("alpha") = 1.702f,
-           py::arg("limit") = 7.0f)
+           py::arg("limit") = 7.0f, py::arg("expert_format") = "dense", py::arg("group_size") = 64)
       .def_property_readonly("device", &py_runtime::device)
       .def_property_readonly("num_slots", [](py_runtime& self) { return self.rt().num_slots(); })
       .def_property_readonly("expert_bytes", [](py_runtime& self) {

@@ -75,7 +75,7 @@ status expert_store::set_part(expert_key key, int part, const void* src, size_t 
                             ffn_kind_name(spec_.kind) + " expert has " +
                             std::to_string(spec_.num_parts()) + " parts");
   }
-  const size_t want = spec_.part_elements(part) * dtype_size(spec_.dt);
+  const size_t want = spec_.part_bytes(part);
   if (bytes != want) {
     return invalid_argument(std::string("part '") + spec_.part_name(part) + "' needs " +
                             std::to_string(want) + " bytes, got " + std::to_string(bytes));

@@ -220,13 +220,20 @@ status runtime::impl::forward(const moe_args& a) {
       const int64_t n = plan.offsets[h.plan_index + 1] - r0;
       uint8_t* a_rows = act + static_cast<size_t>(r0 * U) * esz;
       uint8_t* y_rows = y + static_cast<size_t>(r0 * H) * esz;
-      result = be->gemm_nt(dt, n, U, H, xp + static_cast<size_t>(r0 * H) * esz, H, w, H, a_rows,
-                           U, a.stream);
+      const uint8_t* x_rows = xp + static_cast<size_t>(r0 * H) * esz;
+      if (sp.quantized()) {
+        result = be->gemm_nt_quantized(dt, n, U, H, x_rows, H, quantized_part(sp, w, 0), a_rows, U, a.stream);
+      } else {
+        result = be->gemm_nt(dt, n, U, H, x_rows, H, w, H, a_rows, U, a.stream);
+      }
       if (result.is_ok() && sp.has_bias) {  // gate and up biases are adjacent, like their rows
         result = be->add_bias(dt, a_rows, n, U, U, w + sp.part_offset(sp.first_bias_part()), a.stream);
       }
       if (result.is_ok()) result = be->activate(sp, a_rows, n, U, a.stream);
-      if (result.is_ok()) {
+      if (result.is_ok() && sp.quantized()) {
+        result = be->gemm_nt_quantized(dt, n, H, I, a_rows, U, quantized_part(sp, w, sp.down_part()), y_rows, H,
+                                       a.stream);
+      } else if (result.is_ok()) {
         result = be->gemm_nt(dt, n, H, I, a_rows, U, w + sp.part_offset(sp.down_part()), I, y_rows,
                              H, a.stream);
       }

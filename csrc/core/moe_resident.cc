@@ -34,6 +34,10 @@ status runtime::moe_forward_resident(const resident_args& a) {
                             std::to_string(m.cfg.num_experts) + ", got tokens=" + std::to_string(a.tokens) +
                             " top_k=" + std::to_string(a.top_k));
   }
+  if (m.cfg.spec.quantized()) {
+    return invalid_argument("moe_forward_resident: quantized experts (" +
+                            std::string(weight_format_name(m.cfg.spec.format)) + ") run through moe_forward");
+  }
   if (a.tokens == 0) return {};
   if (a.x == nullptr || a.out == nullptr || a.ids == nullptr || a.weights == nullptr) {
     return invalid_argument("moe_forward_resident: x, out, ids and weights must all be given");

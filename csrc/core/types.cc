@@ -1,5 +1,7 @@
 #include "pregated/types.h"
 
+#include "pregated/backend.h"
+
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -93,19 +95,60 @@ status expert_spec::validate() const {
   if (!(std::isfinite(alpha) && std::isfinite(limit) && limit > 0)) {
     return invalid_argument("the clamped kinds need a finite alpha and a limit > 0");
   }
+  if (quantized() && group_size != 32 && group_size != 64 && group_size != 128) {
+    return invalid_argument("quantized experts need a group size of 32, 64 or 128, got " +
+                            std::to_string(group_size));
+  }
   return {};
 }
 
-size_t expert_spec::part_elements(int part) const {
-  const size_t H = static_cast<size_t>(hidden), I = static_cast<size_t>(intermediate);
-  if (part < num_weights()) return H * I;
-  return part == num_parts() - 1 ? H : I;  // the last bias is down's (or out's)
+int64_t expert_spec::row_bytes(int64_t cols) const {
+  if (bits() == 3) return 3 * ((cols + 7) / 8);
+  return (cols * bits() + 7) / 8;
+}
+
+namespace {
+
+// Rows and columns of weight matrix w (0 gate/in, 1 up, last down/out).
+void matrix_shape(const expert_spec& sp, int w, int64_t* rows, int64_t* cols) {
+  const bool down = w == sp.down_part();
+  *rows = down ? sp.hidden : sp.intermediate;
+  *cols = down ? sp.intermediate : sp.hidden;
+}
+
+}  // namespace
+
+void expert_spec::part_shape(int part, int64_t* rows, int64_t* cols) const {
+  const int W = num_weights();
+  if (part >= first_bias_part()) {  // a bias vector: down's (or out's) is the last
+    *rows = part == num_parts() - 1 ? hidden : intermediate;
+    *cols = 0;
+    return;
+  }
+  int64_t r = 0, c = 0;
+  matrix_shape(*this, part % W, &r, &c);
+  *rows = r;
+  if (part < W) *cols = quantized() ? row_bytes(c) : c;
+  else *cols = groups(c);  // scales, zeros
+}
+
+const char* expert_spec::part_dtype(int part) const {
+  if (!quantized() || part >= first_bias_part()) return dtype_name(dt);
+  return part < num_weights() ? "uint8" : "float16";
+}
+
+size_t expert_spec::part_bytes(int part) const {
+  int64_t rows = 0, cols = 0;
+  part_shape(part, &rows, &cols);
+  const std::string t = part_dtype(part);
+  const size_t esz = t == "uint8" ? 1 : t == "float16" ? 2 : dtype_size(dt);
+  return static_cast<size_t>(rows) * static_cast<size_t>(cols == 0 ? 1 : cols) * esz;
 }
 
 size_t expert_spec::part_offset(int part) const {
-  size_t elements = 0;
-  for (int p = 0; p < part; ++p) elements += part_elements(p);
-  return elements * dtype_size(dt);
+  size_t offset = 0;
+  for (int p = 0; p < part; ++p) offset += part_bytes(p);
+  return offset;
 }
 
 size_t expert_spec::bytes() const {
@@ -113,22 +156,35 @@ size_t expert_spec::bytes() const {
   return (used + expert_block_align - 1) / expert_block_align * expert_block_align;
 }
 
-void expert_spec::part_shape(int part, int64_t* rows, int64_t* cols) const {
-  if (part >= num_weights()) {  // a bias vector
-    *rows = static_cast<int64_t>(part_elements(part));
-    *cols = 0;
-    return;
-  }
-  const bool last = part == down_part();  // down / out: [H, I]
-  *rows = last ? hidden : intermediate;
-  *cols = last ? intermediate : hidden;
-}
-
 const char* expert_spec::part_name(int part) const {
   static const char* gated[] = {"gate", "up", "down", "gate_bias", "up_bias", "down_bias"};
   static const char* plain[] = {"in", "out", "in_bias", "out_bias"};
+  static const char* gated_q[] = {"gate", "up", "down", "gate.scale", "up.scale", "down.scale",
+                                  "gate.zero", "up.zero", "down.zero", "gate_bias", "up_bias", "down_bias"};
+  static const char* plain_q[] = {"in", "out", "in.scale", "out.scale", "in.zero", "out.zero", "in_bias", "out_bias"};
   if (part < 0 || part >= num_parts()) return "?";
+  if (quantized()) return ffn_is_gated(kind) ? gated_q[part] : plain_q[part];
   return ffn_is_gated(kind) ? gated[part] : plain[part];
+}
+
+const char* weight_format_name(weight_format f) {
+  switch (f) {
+    case weight_format::weight_format_dense: return "dense";
+    case weight_format::weight_format_int8: return "int8";
+    case weight_format::weight_format_int4: return "int4";
+    case weight_format::weight_format_int3: return "int3";
+    case weight_format::weight_format_int2: return "int2";
+  }
+  return "?";
+}
+
+status parse_weight_format(const std::string& name, weight_format* out) {
+  for (weight_format f : {weight_format::weight_format_dense, weight_format::weight_format_int8,
+                          weight_format::weight_format_int4, weight_format::weight_format_int3,
+                          weight_format::weight_format_int2}) {
+    if (name == weight_format_name(f)) { *out = f; return {}; }
+  }
+  return invalid_argument("unknown expert weight format '" + name + "': use dense, int8, int4, int3 or int2");
 }
 
 const char* eviction_policy_name(eviction_policy p) {
@@ -184,6 +240,20 @@ std::string format_bytes(int64_t bytes) {
   char buf[64];
   std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.2f %s", v, units[u]);
   return buf;
+}
+
+quantized_matrix quantized_part(const expert_spec& sp, const uint8_t* block, int weight) {
+  int64_t rows = 0, cols = 0;
+  matrix_shape(sp, weight, &rows, &cols);
+  quantized_matrix q;
+  q.bits = sp.bits();
+  q.group_size = sp.group_size;
+  q.codes = block + sp.part_offset(weight);
+  q.row_bytes = sp.row_bytes(cols);
+  q.scales = reinterpret_cast<const uint16_t*>(block + sp.part_offset(sp.scale_part(weight)));
+  q.zeros = reinterpret_cast<const uint16_t*>(block + sp.part_offset(sp.zero_part(weight)));
+  q.groups = sp.groups(cols);
+  return q;
 }
 
 }  // namespace pregated

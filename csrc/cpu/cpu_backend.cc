@@ -292,6 +292,10 @@ class cpu_backend final : public backend {
                  const void* b, int64_t ldb, void* c, int64_t ldc, void*) override {
     return cpu::gemm_nt(dt, m, n, k, a, lda, b, ldb, c, ldc);
   }
+  status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+                           const quantized_matrix& b, void* c, int64_t ldc, void*) override {
+    return cpu::gemm_nt_quantized(dt, m, n, k, a, lda, b, c, ldc);
+  }
 
   status gather_rows(dtype dt, void* dst, const void* src, const int32_t* rows, int64_t n_rows,
                      int64_t width, void*) override {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "half.h"
+#include "quantized_rows.h"
 #include "small_rows.h"
 #include "thread_pool.h"
 
@@ -138,6 +139,49 @@ status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t
       std::vector<float> b32(static_cast<size_t>(nb * k));
       widen(dt, b16 + j0 * ldb, nb, k, ldb, b32.data());
       sgemm_single(m, nb, k, af, af_ld, b32.data(), k, cf + j0, cf_ld);
+    });
+  }
+  if (dt != dtype::dtype_f32) narrow(dt, cf, m, n, cf_ld, c, ldc);
+  return {};
+}
+
+status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+                         const quantized_matrix& b, void* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return {};
+  thread_pool& pool = thread_pool::shared();
+  std::vector<float> a32(static_cast<size_t>(m * k));  // A compact fp32
+  if (dt == dtype::dtype_f32) {
+    for (int64_t i = 0; i < m; ++i) {
+      std::copy(static_cast<const float*>(a) + i * lda, static_cast<const float*>(a) + i * lda + k, a32.begin() + i * k);
+    }
+  } else {
+    widen(dt, a, m, k, lda, a32.data());
+  }
+  std::vector<float> c32;
+  float* cf = static_cast<float*>(c);
+  int64_t cf_ld = ldc;
+  if (dt != dtype::dtype_f32) {
+    c32.resize(static_cast<size_t>(m * n));
+    cf = c32.data();
+    cf_ld = n;
+  }
+  if (m <= small_rows_max) {  // decode: codes read once, dequantized in registers
+    std::vector<float> sums(static_cast<size_t>(m * b.groups));
+    quantized_group_sums(m, k, a32.data(), b.group_size, b.groups, sums.data());
+    const int64_t tasks = tasks_for(n, b.row_bytes);
+    const int64_t per = (n + tasks - 1) / tasks;
+    pool.run(tasks, [&](int64_t t) {
+      const int64_t j0 = t * per, j1 = std::min(n, j0 + per);
+      if (j0 < j1) quantized_rows(m, k, a32.data(), sums.data(), b, j0, j1, cf, cf_ld);
+    });
+  } else {  // prefill: tiles of B dequantized to fp32 (about 1 MiB per task), then sgemm
+    const int64_t tile = std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(k, 1));
+    const int64_t tiles = (n + tile - 1) / tile;
+    pool.run(tiles, [&](int64_t t) {
+      const int64_t j0 = t * tile, nb = std::min(tile, n - j0);
+      std::vector<float> b32(static_cast<size_t>(nb * k));
+      dequantize_rows(b, k, j0, j0 + nb, b32.data());
+      sgemm_single(m, nb, k, a32.data(), k, b32.data(), k, cf + j0, cf_ld);
     });
   }
   if (dt != dtype::dtype_f32) narrow(dt, cf, m, n, cf_ld, c, ldc);

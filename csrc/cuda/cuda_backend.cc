@@ -210,6 +210,26 @@ class cuda_backend final : public backend {
     return {};
   }
 
+  status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+                           const quantized_matrix& b, void* c, int64_t ldc, void* stream) override {
+    if (m <= 0 || n <= 0) return {};
+    PREGATED_CUDA_CHECK(cudaSetDevice(device_));
+    if (m <= 8) {  // decode: the codes read once, dequantized in registers
+      PREGATED_CUDA_CHECK(cuda::launch_quantized_gemv(dt, m, n, k, a, lda, b, c, ldc, as_stream(stream)));
+      return {};
+    }
+    // prefill: B dequantized into stream-ordered scratch, then cuBLAS
+    void* w = nullptr;
+    PREGATED_RETURN_IF_ERROR(alloc_workspace(static_cast<size_t>(n * k) * dtype_size(dt), stream, &w));
+    status st;
+    if (cudaError_t e = cuda::launch_dequantize(dt, b, n, k, w, as_stream(stream)); e != cudaSuccess) {
+      st = internal_error(std::string("dequantize: ") + cudaGetErrorString(e));
+    }
+    if (st.is_ok()) st = gemm_nt(dt, m, n, k, a, lda, w, k, c, ldc, stream);
+    free_workspace(w, stream);
+    return st;
+  }
+
   status gather_rows(dtype dt, void* dst, const void* src, const int32_t* rows, int64_t n_rows,
                      int64_t width, void* stream) override {
     if (n_rows == 0) return {};

@@ -277,4 +277,95 @@ cudaError_t launch_add_row_bias(dtype dt, void* data, int64_t rows, int64_t widt
   return cudaGetLastError();
 }
 
+namespace {
+
+__device__ __forceinline__ float code_at(const uint8_t* row, int bits, int64_t c) {
+  if (bits == 8) return static_cast<float>(row[c]);
+  if (bits == 3) {
+    const uint8_t* u = row + 3 * (c / 8);
+    const uint32_t word = u[0] | (static_cast<uint32_t>(u[1]) << 8) | (static_cast<uint32_t>(u[2]) << 16);
+    return static_cast<float>((word >> (3 * (c % 8))) & 7u);
+  }
+  const int per = 8 / bits;
+  return static_cast<float>((row[c / per] >> (bits * (c % per))) & ((1u << bits) - 1));
+}
+
+__device__ __forceinline__ float weight_at(const quantized_matrix& b, int64_t j, int64_t c) {
+  const int64_t g = j * b.groups + c / b.group_size;
+  const float s = __half2float(__ushort_as_half(b.scales[g])), z = __half2float(__ushort_as_half(b.zeros[g]));
+  return (code_at(b.codes + j * b.row_bytes, b.bits, c) - z) * s;
+}
+
+template <typename T>
+__global__ void quantized_gemv_kernel(int64_t m, int64_t k, const T* a, int64_t lda, quantized_matrix b, T* c,
+                                      int64_t ldc) {
+  const int64_t j = blockIdx.x;
+  float acc[8] = {};
+  for (int64_t t = threadIdx.x; t < k; t += blockDim.x) {
+    const float w = weight_at(b, j, t);
+    for (int64_t i = 0; i < m; ++i) acc[i] += to_f32(a[i * lda + t]) * w;
+  }
+  __shared__ float part[8][32];
+  for (int64_t i = 0; i < m; ++i) {
+    float v = acc[i];
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    if ((threadIdx.x & 31) == 0) part[i][threadIdx.x >> 5] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < m) {
+    float v = 0;
+    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) v += part[threadIdx.x][w];
+    c[threadIdx.x * ldc + j] = from_f32<T>(v);
+  }
+}
+
+template <typename T>
+__global__ void dequantize_kernel(quantized_matrix b, int64_t n, int64_t k, T* dst) {
+  const int64_t total = n * k;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    dst[i] = from_f32<T>(weight_at(b, i / k, i % k));
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_quantized_gemv(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+                                  const quantized_matrix& b, void* c, int64_t ldc, cudaStream_t stream) {
+  const int threads = 256;
+  switch (dt) {
+    case dtype::dtype_f32:
+      quantized_gemv_kernel<float><<<static_cast<unsigned>(n), threads, 0, stream>>>(
+          m, k, static_cast<const float*>(a), lda, b, static_cast<float*>(c), ldc);
+      break;
+    case dtype::dtype_f16:
+      quantized_gemv_kernel<__half><<<static_cast<unsigned>(n), threads, 0, stream>>>(
+          m, k, static_cast<const __half*>(a), lda, b, static_cast<__half*>(c), ldc);
+      break;
+    case dtype::dtype_bf16:
+      quantized_gemv_kernel<__nv_bfloat16><<<static_cast<unsigned>(n), threads, 0, stream>>>(
+          m, k, static_cast<const __nv_bfloat16*>(a), lda, b, static_cast<__nv_bfloat16*>(c), ldc);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dequantize(dtype dt, const quantized_matrix& b, int64_t n, int64_t k, void* dst,
+                              cudaStream_t stream) {
+  const int threads = 256;
+  const int grid = grid_for(n * k, threads);
+  switch (dt) {
+    case dtype::dtype_f32:
+      dequantize_kernel<float><<<grid, threads, 0, stream>>>(b, n, k, static_cast<float*>(dst));
+      break;
+    case dtype::dtype_f16:
+      dequantize_kernel<__half><<<grid, threads, 0, stream>>>(b, n, k, static_cast<__half*>(dst));
+      break;
+    case dtype::dtype_bf16:
+      dequantize_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(b, n, k, static_cast<__nv_bfloat16*>(dst));
+      break;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace pregated::cuda

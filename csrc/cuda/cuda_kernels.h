@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "pregated/backend.h"
 #include "pregated/types.h"
 
 namespace pregated::cuda {
@@ -39,6 +40,12 @@ cudaError_t launch_resident_tables(const expert_spec& sp, const uint8_t* slab, s
                                    const int32_t* slot_of, const void* x, const int32_t* ids,
                                    int64_t rows, int64_t top_k, uint8_t* act, uint8_t* y,
                                    resident_tables t, cudaStream_t stream);
+// C[m, n] = A[m, k] * dequantize(B)[n, k]^T for m <= 8 (one block per row of B, codes read once).
+cudaError_t launch_quantized_gemv(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+                                  const quantized_matrix& b, void* c, int64_t ldc, cudaStream_t stream);
+// dst[n, k] (dt) = dequantize(B).
+cudaError_t launch_dequantize(dtype dt, const quantized_matrix& b, int64_t n, int64_t k, void* dst,
+                              cudaStream_t stream);
 // data_r[j] += bias_r[j] for rows r, j < width; row r at data + r * ld (elements).
 cudaError_t launch_add_row_bias(dtype dt, void* data, int64_t rows, int64_t width, int64_t ld,
                                 const void* const* bias, cudaStream_t stream);

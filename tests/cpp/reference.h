@@ -51,8 +51,7 @@ inline pregated::status fill_store(pregated::runtime& rt, const toy_model& m) {
       const float* w = m.expert(l, e).data();
       for (int p = 0; p < m.spec.num_parts(); ++p) {
         const size_t off = m.spec.part_offset(p) / sizeof(float);
-        PREGATED_RETURN_IF_ERROR(rt.store().set_part({l, e}, p, w + off,
-                                                     m.spec.part_elements(p) * sizeof(float)));
+        PREGATED_RETURN_IF_ERROR(rt.store().set_part({l, e}, p, w + off, m.spec.part_bytes(p)));
       }
     }
   }

@@ -273,6 +273,10 @@ class slab_limit_backend final : public backend {
                  int64_t k, int64_t width, void* s) override {
     return inner_->combine(dt, out, y, row_of, w, t, k, width, s);
   }
+  status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+                           const quantized_matrix& b, void* c, int64_t ldc, void* s) override {
+    return inner_->gemm_nt_quantized(dt, m, n, k, a, lda, b, c, ldc, s);
+  }
   status expert_ffn_resident(const expert_spec& sp, const uint8_t* slab, size_t slot_bytes, const int32_t* slot_of,
                              const void* x, const int32_t* ids, const float* w, int64_t t, int64_t k, void* out,
                              void* ws, void* s) override {

@@ -18,6 +18,23 @@
 
 namespace pregated {
 
+// A quantized weight matrix B [n, k] in an expert's block (see expert_spec): its codes, and the
+// fp16 scale and zero of each group of group_size columns.
+struct quantized_matrix {
+  int bits = 0;
+  int64_t group_size = 0;
+  const uint8_t* codes = nullptr;  // [n, row_bytes]
+  int64_t row_bytes = 0;
+  const uint16_t* scales = nullptr;  // [n, groups] fp16
+  const uint16_t* zeros = nullptr;   // [n, groups] fp16
+  int64_t groups = 0;
+};
+
+// Weight matrix w (0 gate/in, ..., last down/out) of the quantized expert whose block starts at
+// `block`. Gate and up are adjacent in every section, so the view of w = 0 with n = 2I rows is
+// the first GEMM's whole [gate; up] matrix.
+quantized_matrix quantized_part(const expert_spec& sp, const uint8_t* block, int weight);
+
 // A point in a stream that other work can wait for.
 class backend_event {
  public:
@@ -78,6 +95,10 @@ class backend {
   // C[m, n] = A[m, k] * B[n, k]^T; row-major, leading dimensions in elements, fp32 accumulate.
   virtual status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
                          const void* b, int64_t ldb, void* c, int64_t ldc, void* stream) = 0;
+  // The same with B quantized: C[m, n] = A[m, k] * dequantize(B)[n, k]^T (A and C in dt).
+  virtual status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* a,
+                                   int64_t lda, const quantized_matrix& b, void* c, int64_t ldc,
+                                   void* stream) = 0;
   // dst[r, :] = src[rows[r], :] for r < n_rows; rows is a device int32 array.
   virtual status gather_rows(dtype dt, void* dst, const void* src, const int32_t* rows,
                              int64_t n_rows, int64_t width, void* stream) = 0;

@@ -39,12 +39,29 @@ bool ffn_is_gated(ffn_kind kind);
 const char* ffn_kind_name(ffn_kind kind);
 status parse_ffn_kind(const std::string& name, ffn_kind* out);
 
+// How an expert's weight matrices are stored: in the compute dtype, or as group-wise integer
+// codes (packed little-endian along each row; int3 packs 8 codes in 3 bytes) with an fp16 scale
+// and zero per group of group_size weights along the input dimension: w = (code - zero) * scale.
+enum class weight_format {
+  weight_format_dense = 0,
+  weight_format_int8 = 8,
+  weight_format_int4 = 4,
+  weight_format_int3 = 3,
+  weight_format_int2 = 2,
+};
+
+const char* weight_format_name(weight_format f);
+status parse_weight_format(const std::string& name, weight_format* out);
+
 // The shape of one expert. H = hidden size, I = intermediate size.
 // Host and slot layout of one expert, one contiguous block, padded to a multiple of
 // expert_block_align bytes (so every slot and every store block starts aligned):
 //   gated:     gate [I, H] | up [I, H] | down [H, I] [| gate_bias [I] | up_bias [I] | down_bias [H]]
 //   non-gated: in   [I, H] | out [H, I]              [| in_bias [I]   | out_bias [H]]
-// gate and up are adjacent (one [2I, H] GEMM), and so are their biases.
+// gate and up are adjacent (one [2I, H] GEMM), and so are their biases. A quantized expert holds
+// each matrix as codes [rows, row_bytes(cols)], then every matrix's scales [rows, groups(cols)],
+// then every matrix's zeros, then the biases (parts "gate", "up", "down", "gate.scale", ...,
+// "down.zero", biases): gate and up stay adjacent in each section.
 constexpr size_t expert_block_align = 256;
 
 struct expert_spec {
@@ -55,23 +72,35 @@ struct expert_spec {
   bool has_bias = false;
   float alpha = 1.702f;      // gated_swiglu_oai only
   float limit = 7.0f;        // gated_swiglu_oai and gated_silu_clamped only
+  weight_format format = weight_format::weight_format_dense;
+  int64_t group_size = 64;   // quantized formats: weights per scale and zero (32, 64 or 128)
 
   status validate() const;
-  // Weight matrices (3 gated, 2 otherwise); bias vectors follow them.
+  bool quantized() const { return format != weight_format::weight_format_dense; }
+  int bits() const { return static_cast<int>(format); }  // of a quantized format
+  // Weight matrices (3 gated, 2 otherwise); then (quantized) their scales and zeros; then biases.
   int num_weights() const { return ffn_is_gated(kind) ? 3 : 2; }
-  int num_parts() const { return has_bias ? 2 * num_weights() : num_weights(); }
-  // The down (or out) projection's part index, and the first bias part's.
+  int num_parts() const { return num_weights() * ((quantized() ? 3 : 1) + (has_bias ? 1 : 0)); }
+  // The down (or out) projection's part index, its scales' and zeros' (quantized), the first bias.
   int down_part() const { return num_weights() - 1; }
-  int first_bias_part() const { return num_weights(); }
+  int scale_part(int weight) const { return num_weights() + weight; }
+  int zero_part(int weight) const { return 2 * num_weights() + weight; }
+  int first_bias_part() const { return num_weights() * (quantized() ? 3 : 1); }
   // Rows of the first GEMM's weight: 2I for gated experts, I otherwise.
   int64_t up_rows() const { return ffn_is_gated(kind) ? 2 * intermediate : intermediate; }
+  // Quantized matrices: bytes of one row of codes with `cols` columns, and its groups.
+  int64_t row_bytes(int64_t cols) const;
+  int64_t groups(int64_t cols) const { return (cols + group_size - 1) / group_size; }
   // Bytes of one expert's block, padding included.
   size_t bytes() const;
-  // Byte offset and element count of part p inside one expert's block.
+  // Byte offset and size of part p inside one expert's block.
   size_t part_offset(int part) const;
-  size_t part_elements(int part) const;
-  // Shape of part p: rows x cols for a matrix; rows x 0 for a bias vector.
+  size_t part_bytes(int part) const;
+  // Shape of part p: rows x cols of a matrix (codes: rows x row bytes, scales and zeros: rows x
+  // groups); rows x 0 for a bias vector. Its element type: "uint8" (codes), "float16" (scales,
+  // zeros), else the compute dtype's name.
   void part_shape(int part, int64_t* rows, int64_t* cols) const;
+  const char* part_dtype(int part) const;
   const char* part_name(int part) const;
 };
 

@@ -1,0 +1,128 @@
+"""Quantized experts (int8, int4, int3, int2; groups of 32, 64, 128 along the input dimension):
+quantize -> dequantize within the format's bound, HQQ better than round-to-nearest, and the
+runtime's kernels against a plain PyTorch "dequantize, then matmul" reference."""
+
+import pytest
+import torch
+
+import pregated
+from moe_reference import moe_reference, parts_of, random_experts, random_routing, relative_error
+from pregated.quantize import BITS, QuantSpec, dequantize, pack, quantize, unpack
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("fmt", list(BITS))
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("cols", [128, 200, 37])  # whole groups, a short last group, less than a group
+def test_round_trip_within_the_format_bound(fmt, group, cols):
+    spec = QuantSpec(BITS[fmt], group)
+    w = torch.randn(24, cols, generator=torch.Generator().manual_seed(cols))
+    codes, scale, zero = quantize(w, spec)
+    assert int(codes.max()) < 2 ** spec.bits and scale.dtype == torch.float16 and scale.shape == (24, spec.groups(cols))
+    packed = pack(codes, spec.bits)
+    assert packed.shape == (24, spec.row_bytes(cols)) and torch.equal(unpack(packed, spec.bits, cols), codes)
+    err = (w - dequantize(codes, scale, zero, group)).abs()
+    half_step = scale.float().repeat_interleave(group, 1)[:, :cols] / 2
+    assert (err <= half_step * 1.02 + 2e-3 * w.abs()).all(), f"{fmt} g{group}: error beyond half a step"
+
+
+@pytest.mark.parametrize("fmt", list(BITS))
+def test_hqq_lowers_the_reconstruction_error(fmt):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    errs = {}
+    for method in ("rtn", "hqq"):
+        codes, scale, zero = quantize(w, QuantSpec(BITS[fmt], 64, method))
+        errs[method] = float(((w - dequantize(codes, scale, zero, 64)) ** 2).mean())
+    assert errs["hqq"] < errs["rtn"], errs
+
+
+def quantized_runtime(weights, ffn, dtype, fmt, group, device="cpu", slots=None):
+    """A runtime holding `weights` quantized; returns it and the dequantized weights (the reference)."""
+    spec = QuantSpec(BITS[fmt], group)
+    layers, experts = len(weights), len(weights[0])
+    inter, hidden = weights[0][0][parts_of(ffn)[0]].shape
+    has_bias = any(p.endswith("_bias") for p in weights[0][0])
+    dname = str(dtype).replace("torch.", "")
+    one = pregated.expert_bytes(hidden, inter, ffn, dname, has_bias, fmt, group)
+    rt = pregated.Runtime(layers, experts, hidden, inter, ffn=ffn, dtype=dname, device=device, has_bias=has_bias,
+                          expert_format=fmt, group_size=group, expert_memory=None if slots is None else slots * one)
+    deq = []
+    for l, layer in enumerate(weights):
+        deq.append([])
+        for e, parts in enumerate(layer):
+            d = {}
+            for name, w in parts.items():
+                if name.endswith("_bias"):
+                    rt.set_expert(l, e, name, w)
+                    d[name] = w
+                    continue
+                codes, scale, zero = quantize(w.float(), spec)
+                rt.set_expert(l, e, name, pack(codes, spec.bits))
+                rt.set_expert(l, e, f"{name}.scale", scale)
+                rt.set_expert(l, e, f"{name}.zero", zero)
+                d[name] = dequantize(codes, scale, zero, group)
+            deq[-1].append(d)
+    return rt, deq
+
+
+# bf16 activations are rounded between the GEMMs; int2's coarse codes add nothing to that
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt,group", [("int8", 64), ("int4", 32), ("int4", 128), ("int3", 64), ("int2", 64)])
+def test_quantized_forward_against_dequantize_then_matmul(device, dtype, fmt, group):
+    H, I, E = 72, 40, 6  # not multiples of 64: short last groups
+    weights = random_experts(2, E, H, I, "gated_silu", torch.float32, seed=7)
+    rt, deq = quantized_runtime(weights, "gated_silu", dtype, fmt, group, device=device, slots=4)
+    for T in (1, 3, 8, 64, 512):
+        for K in (1, 2):
+            x = torch.randn(T, H).to(dtype)
+            ids, w = random_routing(T, K, E, seed=T + K)
+            out = rt.forward(1, x.to(device), ids, w)
+            err = relative_error(out, moe_reference(deq[1], x, ids, w, "gated_silu"))
+            assert err < TOL[dtype], f"T={T} K={K}: {err:.2e}"
+    rt.check()
+    rt.close()
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+@pytest.mark.parametrize("fmt", list(BITS))
+def test_cpu_decode_kernels_for_every_format(isa, fmt):
+    """T <= 8 uses the few-row kernels: each path this CPU can run, K up to 8, with biases."""
+    from pregated import _core
+
+    best = _core.cpu_kernel_isa()
+    if not _core._force_cpu_kernel(isa):
+        pytest.skip(f"this CPU cannot run the {isa} path (it runs {best})")
+    try:
+        weights = random_experts(1, 8, 80, 48, "gated_swiglu_oai", torch.float32, seed=3, has_bias=True)
+        rt, deq = quantized_runtime(weights, "gated_swiglu_oai", torch.float32, fmt, 32)
+        for T in range(1, 9):
+            for K in (1, 2, 8):
+                x = torch.randn(T, 80)
+                ids, w = random_routing(T, K, 8, seed=T * 10 + K)
+                err = relative_error(rt.forward(0, x, ids, w), moe_reference(deq[0], x, ids, w, "gated_swiglu_oai"))
+                assert err < 1e-5, f"{isa} {fmt} T={T} K={K}: {err:.2e}"
+        rt.close()
+    finally:
+        _core._force_cpu_kernel(best)
+
+
+def test_packed_bytes_and_clear_errors():
+    bf16 = pregated.expert_bytes(512, 1536, "gated_silu", "bfloat16")
+    for fmt, bits in BITS.items():
+        packed = pregated.expert_bytes(512, 1536, "gated_silu", "bfloat16", False, fmt, 64)
+        assert packed / bf16 == pytest.approx((bits + 0.5) / 16, rel=0.02)  # fp16 scale + zero per 64
+    with pytest.raises(ValueError, match="group size of 32, 64 or 128, got 48"):
+        pregated.Runtime(1, 2, 64, 32, dtype="float32", expert_format="int4", group_size=48)
+    with pytest.raises(ValueError, match="unknown expert weight format 'int5'"):
+        pregated.Runtime(1, 2, 64, 32, dtype="float32", expert_format="int5")
+    rt = pregated.Runtime(1, 2, 64, 32, dtype="float32", expert_format="int4", group_size=32)
+    with pytest.raises(ValueError, match=r"weight 'gate' must be torch.uint8"):
+        rt.set_expert(0, 0, "gate", torch.zeros(32, 64))
+    with pytest.raises(ValueError, match=r"weight 'gate.scale' must have shape \[32, 2\] \(rows, groups\)"):
+        rt.set_expert(0, 0, "gate.scale", torch.zeros(32, 3, dtype=torch.float16))
+    rt.close()
