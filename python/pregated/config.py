@@ -50,6 +50,8 @@ class ModelConfig:
     pad_token_id: int | None = None
     is_encoder_decoder: bool = False
     dense_parameters: int = 0      # every parameter but the routed experts'
+    expert_format: str = "dense"   # or int8 / int4 / int3 / int2: the expert store's packed codes
+    group_size: int = 64           # quantized formats: weights per scale and zero
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_experts", "top_k",
@@ -75,7 +77,7 @@ class ModelConfig:
         from . import _core
 
         return _core.expert_bytes(self.hidden_size, self.moe_intermediate_size, self.ffn,
-                                  dtype_name(self.dtype), self.has_bias)
+                                  dtype_name(self.dtype), self.has_bias, self.expert_format, self.group_size)
 
     def all_expert_bytes(self) -> int:
         return self.expert_bytes() * self.num_routed_experts

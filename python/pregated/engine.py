@@ -21,6 +21,7 @@ from .modeling import dense_bytes, describe, drop_expert_parameters
 from .moe import MoEExecutor, check_eviction, check_routing, resolve_policy
 from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
+from .quantize import expert_quantization, store_writer
 from .prompts import as_token_ids, check_chat_messages, check_token_ids, encode_prompt, split_batch
 from .synthetic import SyntheticModel
 from .taps import BlockTaps
@@ -75,11 +76,16 @@ class Engine:
         `pregated calibrate` (a trained pre-gate).
     routing : "exact" (default: every block routes with its own router; the pre-gate only
         prefetches) or "pregate" (block i+1 computes with the experts the pre-gate chose).
+    expert_dtype : None (the experts in `dtype`) or "int8", "int4", "int3", "int2": experts
+        quantized when loaded, group-wise (`group_size` 32, 64 or 128 along the input dimension),
+        by round-to-nearest (`quantize="rtn"`) or with HQQ's refinement (`quantize="hqq"`); they
+        stay packed in the store, on the wire and in the slots. Dense layers keep `dtype`.
     quiet : no progress bar while loading (it is shown only when stderr is a terminal anyway).
     """
 
     def __init__(self, model: str, *, device=None, dtype=None, policy: str | None = None,
                  expert_memory=None, eviction: str = "lru", pregate=None, routing: str = "exact",
+                 expert_dtype: str | None = None, group_size: int = 64, quantize: str = "rtn",
                  quiet: bool = False):
         if isinstance(model, (SyntheticModel, LoadedModel)):
             source = model
@@ -96,6 +102,9 @@ class Engine:
         self.model = source.build(self.dtype)
         self.blocks, self.layout, self.cfg = describe(self.hf_config, self.model, self.dtype)
         cfg = self.cfg
+        self.quant = expert_quantization(expert_dtype, group_size, quantize)
+        if self.quant is not None:
+            cfg.expert_format, cfg.group_size = self.quant.name, self.quant.group_size
         self.policy, self.expert_memory = resolve_policy(policy, expert_memory, cfg)
         check_eviction(self.policy, eviction)
         check_routing(routing)
@@ -104,13 +113,14 @@ class Engine:
         self.runtime = _core.Runtime(
             cfg.num_moe_layers, lay.num_experts, lay.hidden, lay.intermediate, ffn=lay.ffn,
             dtype=dtype_name(self.dtype), device=self.device, expert_memory=self.expert_memory,
-            eviction=eviction, has_bias=lay.has_bias, alpha=lay.alpha, limit=lay.limit)
+            eviction=eviction, has_bias=lay.has_bias, alpha=lay.alpha, limit=lay.limit,
+            expert_format=cfg.expert_format, group_size=cfg.group_size)
         self._handle = register_runtime(self.runtime)
         try:
             meta_state = dict(self.model.state_dict())
             drop_expert_parameters(self.blocks, lay)
             with progress_bar(source.parameters(), not quiet) as bar:
-                source.load(self.model, self.blocks, lay, meta_state, self.runtime.set_expert,
+                source.load(self.model, self.blocks, lay, meta_state, store_writer(self.runtime, self.quant),
                             self.device, self.dtype, bar)
             self.taps = BlockTaps(self.blocks)
             self.pregate = SpeculativePregate(self.blocks, self.taps)

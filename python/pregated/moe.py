@@ -144,7 +144,7 @@ class MoEExecutor:
         """Every expert is pinned in a slot (gpu-only) and nothing needs the routing on the host
         (exact routing, no pre-gate scoring, no recording): the block runs on the device alone."""
         return (self.policy == "gpu-only" and self.routing == "exact" and not self.score_pregate
-                and self.recorder is None)
+                and self.recorder is None and self.cfg.expert_format == "dense")
 
     def _block(self, m: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.resident():

@@ -50,12 +50,6 @@ class QuantSpec:
         return -(-cols * self.bits // 8)
 
 
-def quant_spec(expert_dtype: str, group_size: int = 64, method: str = "rtn") -> QuantSpec:
-    if expert_dtype not in BITS:
-        raise ValueError(f"expert_dtype {expert_dtype!r} is not a quantized format: use {', '.join(BITS)}")
-    return QuantSpec(BITS[expert_dtype], group_size, method)
-
-
 def _grouped(w: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w [rows, cols] -> ([rows, groups, g] padded by repeating each row's last value, mask of real
     columns) so a short last group takes its range from its own values."""
@@ -168,3 +162,32 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
     codes = (word[..., None] >> shifts) & ((1 << bits) - 1)
     return codes.view(rows, -1)[:, :cols].to(torch.uint8)
+
+
+def expert_quantization(expert_dtype, group_size: int = 64, method: str = "rtn") -> QuantSpec | None:
+    """Engine's expert_dtype / group_size / quantize arguments -> a QuantSpec, or None for experts
+    kept in the model's dtype."""
+    if expert_dtype is None or expert_dtype in ("dense", "model"):
+        return None
+    if expert_dtype not in BITS:
+        raise ValueError(f"expert_dtype {expert_dtype!r} is not supported: use int8, int4, int3 or int2 "
+                         "(or None to keep the model's dtype)")
+    return QuantSpec(BITS[expert_dtype], group_size, method)
+
+
+def store_writer(runtime, spec: QuantSpec | None):
+    """set_expert(m, e, part, tensor) for loaders: weight parts are quantized and packed on the
+    way into the store when `spec` is given; biases (and everything without a spec) go as they are."""
+    if spec is None:
+        return runtime.set_expert
+
+    def write(m: int, e: int, part: str, w: torch.Tensor) -> None:
+        if part.endswith("_bias"):
+            runtime.set_expert(m, e, part, w)
+            return
+        codes, scale, zero = quantize(w.float(), spec)
+        runtime.set_expert(m, e, part, pack(codes, spec.bits))
+        runtime.set_expert(m, e, f"{part}.scale", scale)
+        runtime.set_expert(m, e, f"{part}.zero", zero)
+
+    return write
