@@ -23,14 +23,15 @@ import torch
 from . import _core
 from .config import dtype_name
 
-FIELDS = ("model", "layers", "policy", "baseline", "expert_memory_bytes", "expert_bytes_total", "batch",
+FIELDS = ("model", "layers", "policy", "baseline", "expert_dtype", "expert_memory_bytes", "expert_bytes_total",
+          "experts_resident", "batch",
           "prompt_len", "new_tokens", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s",
           "peak_device_bytes", "bytes_h2d_per_token", "hit_rate", "prefetch_precision", "prefetch_recall",
           "stall_s_per_token", "efficiency")
 POLICY_ORDER = ("gpu-only", "on-demand", "prefetch-all", "pregated")
 
 
-def add_bench_command(sub) -> None:
+def add_bench_command(sub, add_quantization_args) -> None:
     p = sub.add_parser("bench", help="benchmark policies and budgets (and HF baselines) on one machine",
                        description="Runs every --policy under every --expert-memory on a model folder or a "
                                    "synthetic model, plus GPU-only when it fits and the HF baselines asked "
@@ -58,6 +59,7 @@ def add_bench_command(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "none"])
+    add_quantization_args(p, many=False)
     p.add_argument("--save", default=None, metavar="DIR", help="write the synthetic model as a HF checkpoint")
     p.add_argument("--out", default="bench.json", help="JSON results file (default bench.json)")
     p.add_argument("--plot", default=None, help="PNG plot file (default: --out with .png)")
@@ -314,6 +316,7 @@ def run_bench(args, log=print) -> dict:
 
     from .engine import Engine, _resolve_device
     from .moe import POLICIES, min_expert_memory
+    from .quantize import expert_quantization
     from .synthetic import SyntheticModel
 
     device = _resolve_device(args.device)
@@ -332,6 +335,9 @@ def run_bench(args, log=print) -> dict:
     else:
         from .modeling import summarize
         cfg0 = summarize(args.model, args.dtype)[1]
+    quant = expert_quantization(args.expert_dtype, args.group_size, args.quantize)
+    if quant is not None:  # budgets in % are of the packed bytes
+        cfg0.expert_format, cfg0.group_size = quant.name, quant.group_size
     budgets = parse_budgets(args.expert_memory, cfg0.all_expert_bytes())
     _check_footprint(args, cfg0, device)
     machine = machine_info(device)
@@ -339,6 +345,7 @@ def run_bench(args, log=print) -> dict:
     # Open with the smallest slab; it is resized for each configuration.
     engine = Engine(source, device=device, dtype=args.dtype, policy="on-demand",
                     expert_memory=min_expert_memory("on-demand", cfg0), eviction=args.eviction,
+                    expert_dtype=args.expert_dtype, group_size=args.group_size, quantize=args.quantize,
                     quiet=args.quiet)
     cfg = engine.cfg
     one, total = cfg.expert_bytes(), cfg.all_expert_bytes()
@@ -355,12 +362,14 @@ def run_bench(args, log=print) -> dict:
     try:
         for policy, budget in tqdm(plan, desc="bench", disable=args.quiet or not sys.stderr.isatty(), leave=False):
             base = {"model": name, "layers": cfg.num_layers, "policy": None, "baseline": None,
+                    "expert_dtype": cfg.expert_format if cfg.expert_format != "dense" else dtype_name(cfg.dtype),
                     "expert_memory_bytes": budget, "expert_bytes_total": total,
                     "expert_memory_fraction": budget / total, "batch": args.batch, "prompt_len": args.prompt_len,
                     "new_tokens": args.new_tokens, "eviction": args.eviction, "efficiency": None}
             try:
                 if policy in ("hf", "hf-gpu", "hf-accelerate"):
                     base["baseline"] = policy
+                    base["expert_dtype"] = dtype_name(cfg.dtype)  # transformers runs the checkpoint's experts
                     if saved is None:
                         saved = args.save or args.model or tempfile.mkdtemp(prefix="pregated-bench-")
                         if args.synthetic and not os.path.isfile(os.path.join(saved, "config.json")):
@@ -382,6 +391,7 @@ def run_bench(args, log=print) -> dict:
                         budget = base["expert_memory_bytes"] = minimum
                         base["expert_memory_fraction"] = budget / total
                     engine.reconfigure(policy=policy, expert_memory=budget, eviction=ev)
+                    base["experts_resident"] = min(engine.runtime.num_slots, cfg.num_routed_experts)
                     base.update(run_engine(engine, prompts, args.new_tokens))
                     if policy == "gpu-only":
                         gpu_only_tps = base["decode_tokens_per_s"]
@@ -448,14 +458,15 @@ def _fmt(v, spec, scale=1.0):
 
 
 def format_table(result: dict) -> str:
-    rows = [f"{'model':<16} {'policy':<14} {'budget':>10} {'%':>5} {'decode t/s':>10} {'prefill t/s':>11} "
+    rows = [f"{'model':<16} {'policy':<14} {'experts':<8} {'budget':>10} {'%':>5} {'fit':>5} {'decode t/s':>10} {'prefill t/s':>11} "
             f"{'TTFT ms':>8} {'MiB/tok':>8} {'hit':>5} {'prec':>5} {'recall':>6} {'stall ms/t':>10} "
             f"{'eff':>5} {'peak GiB':>8}"]
     for r in result["runs"]:
         label = r["baseline"] or r["policy"]
         raised = "expert_memory_requested" in r
-        head = (f"{r['model'][:16]:<16} {label:<14} {_core.format_bytes(r['expert_memory_bytes']):>10} "
-                f"{100 * r['expert_memory_fraction']:>4.0f}{'*' if raised else ' '} ")
+        head = (f"{r['model'][:16]:<16} {label:<14} {r.get('expert_dtype') or '-':<8} "
+                f"{_core.format_bytes(r['expert_memory_bytes']):>10} "
+                f"{100 * r['expert_memory_fraction']:>4.0f}{'*' if raised else ' '} {_fmt(r.get('experts_resident'), '.0f'):>5} ")
         if r.get("error"):
             rows.append(head + f"skipped: {r['error']}")
             continue

@@ -8,6 +8,7 @@ import sys
 import time
 
 from . import _core
+from .cli_tools import add_quantization_args, add_tool_commands
 
 POLICY_HELP = ("how experts reach the device: gpu-only (all resident), on-demand (load after routing), "
                "prefetch-all (load all of block i+1 during block i), pregated (load the predicted experts "
@@ -29,6 +30,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing", default="exact", choices=["exact", "pregate"],
                    help="exact: each block routes with its own router (default); pregate: block i+1 "
                         "uses the experts the pre-gate chose at block i (the paper's algorithm)")
+    add_quantization_args(p, many=False)
     p.add_argument("--per-block", action="store_true", help="print statistics per MoE block")
     p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
 
@@ -79,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-memory", default=None, metavar="BYTES",
                    help="also say how many experts fit in this much device memory, e.g. 8GiB")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    add_quantization_args(p, many=False, method=False)
     p.set_defaults(func=cmd_info)
 
-    from .cli_tools import add_tool_commands
-    add_tool_commands(sub, _add_engine_args)
+    add_tool_commands(sub)
     return parser
 
 
@@ -120,7 +122,8 @@ def _open_engine(args, folder: str):
 
     return Engine(folder, device=args.device, dtype=args.dtype, policy=args.policy,
                   expert_memory=args.expert_memory, eviction=args.eviction, pregate=args.pregate,
-                  routing=args.routing, quiet=args.quiet)
+                  routing=args.routing, expert_dtype=args.expert_dtype, group_size=args.group_size,
+                  quantize=args.quantize, quiet=args.quiet)
 
 
 def _stream(engine, prompt, args) -> tuple[object, float]:
@@ -195,6 +198,8 @@ def cmd_demo(args) -> int:
     t = time.perf_counter()
     build_demo(folder, force=args.rebuild)
     cfg = summarize(folder)[1]
+    if args.expert_dtype:
+        cfg.expert_format, cfg.group_size = args.expert_dtype, args.group_size
     one = cfg.expert_bytes()
     if args.expert_memory is None:  # a tight budget: 6 of the 32 experts
         args.expert_memory = 6 * one
@@ -218,6 +223,7 @@ def cmd_info(args) -> int:
     from .loading import Loader
     from .modeling import build_model, describe
     from .moe import min_expert_memory, parse_expert_memory
+    from .quantize import BITS
 
     hf_config = read_hf_config(args.model)
     dtype = dtype_from_name(args.dtype) if args.dtype else checkpoint_dtype(hf_config)
@@ -225,6 +231,11 @@ def cmd_info(args) -> int:
     blocks, layout, cfg = describe(hf_config, model, dtype)
     Loader(model, Checkpoint(args.model), blocks, layout, dict(model.state_dict()))  # every expert is there
     text = hf_config.get_text_config()
+    packed = {}
+    for name in BITS:
+        cfg.expert_format, cfg.group_size = name, args.group_size
+        packed[name] = cfg.expert_bytes()
+    cfg.expert_format = args.expert_dtype or "dense"
     one = cfg.expert_bytes()
     n_experts = cfg.num_routed_experts
     dense = cfg.dense_parameters * cfg.dtype.itemsize
@@ -239,7 +250,11 @@ def cmd_info(args) -> int:
     print(f"experts      {cfg.num_experts} per MoE layer, {cfg.top_k} per token, hidden {cfg.hidden_size}, "
           f"intermediate {cfg.moe_intermediate_size}, {cfg.ffn}{' with biases' if cfg.has_bias else ''}"
           + (f", shared expert {shared}" if shared else ""))
-    print(f"bytes        {fb(one)} per expert, {fb(cfg.all_expert_bytes())} all experts, {fb(dense)} dense (on the device)")
+    kind = f"{cfg.expert_format}, group {cfg.group_size}" if args.expert_dtype else str(cfg.dtype)
+    print(f"bytes        {fb(one)} per expert ({kind}), {fb(cfg.all_expert_bytes())} all experts, "
+          f"{fb(dense)} dense (on the device)")
+    print(f"quantized    per expert with --expert-dtype, group {args.group_size}: "
+          + ", ".join(f"{name} {fb(b)}" for name, b in packed.items()))
     minimum = {p: fb(min_expert_memory(p, cfg)) for p in ("on-demand", "pregated", "gpu-only")}
     print(f"minimum      on-demand {minimum['on-demand']}, pregated / prefetch-all {minimum['pregated']}, "
           f"gpu-only {minimum['gpu-only']} of expert memory")

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from . import _core
+
 
 def _read_text(path: str) -> str:
     if not os.path.exists(path):
@@ -23,7 +25,25 @@ def _read_text(path: str) -> str:
     return text
 
 
-def add_tool_commands(sub, add_engine_args) -> None:
+def add_quantization_args(p, many: bool, method: bool = True) -> None:
+    """--expert-dtype (one, or several with `many`), --group-size, and --quantize with `method`."""
+    choices = ["int8", "int4", "int3", "int2"]
+    if many:
+        p.add_argument("--expert-dtype", nargs="+", default=None, choices=choices, metavar="DTYPE",
+                       help="compare experts quantized to these formats (int8 int4 int3 int2) with the "
+                            "unquantized model: perplexity, top-1 agreement, mean KL divergence")
+    else:
+        p.add_argument("--expert-dtype", default=None, choices=choices,
+                       help="quantize the experts when loading: int8, int4, int3 or int2, group-wise "
+                            "(default: keep the model's dtype; dense layers always keep it)")
+    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128],
+                   help="quantized experts: weights per scale and zero along the input dimension (default 64)")
+    if method:
+        p.add_argument("--quantize", default="rtn", choices=["rtn", "hqq"],
+                       help="quantized experts: round-to-nearest (default) or HQQ's refined zeros")
+
+
+def add_tool_commands(sub) -> None:
     p = sub.add_parser("calibrate", help="fit a trained pre-gate on calibration text",
                        description="Runs the model over the text, fits for every MoE block a predictor of "
                                    "the next block's experts (starting from the speculative pre-gate) on "
@@ -43,10 +63,14 @@ def add_tool_commands(sub, add_engine_args) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("eval", help="perplexity with exact routing and with routing by pre-gate",
+    p = sub.add_parser("eval", help="quality cost of routing by pre-gate, or of quantized experts",
                        description="Perplexity of the text under routing 'exact' and routing 'pregate' "
                                    "(with the speculative pre-gate, and the trained one when --pregate is "
-                                   "given), so the quality cost of routing by pre-gate is measured.")
+                                   "given), so the quality cost of routing by pre-gate is measured. With "
+                                   "--expert-dtype: perplexity, top-1 agreement with the unquantized model's "
+                                   "next token and mean KL divergence of the next-token distributions for "
+                                   "each quantized format instead (exact routing; the unquantized "
+                                   "distributions are held in host memory: tokens x vocabulary x 4 bytes).")
     p.add_argument("--model", required=True, help="model folder in Hugging Face layout")
     p.add_argument("--data", required=True, help="evaluation text file (UTF-8)")
     p.add_argument("--pregate", default=None, metavar="DIR", help="trained pre-gate folder to evaluate too")
@@ -56,12 +80,13 @@ def add_tool_commands(sub, add_engine_args) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--expert-memory", default=None, metavar="BYTES", help="device memory for expert slots")
+    add_quantization_args(p, many=True)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
     p.set_defaults(func=cmd_eval)
 
     from .bench import add_bench_command
-    add_bench_command(sub)
+    add_bench_command(sub, add_quantization_args)
 
 
 def cmd_calibrate(args) -> int:
@@ -98,7 +123,60 @@ def evaluate(model: str, text: str, *, pregate=None, window=None, max_tokens=Non
         return {"model": model, "tokens": len(ids), "window": window, "results": rows}
 
 
+def evaluate_expert_dtypes(model: str, text: str, expert_dtypes, *, group_size=64, quantize="rtn",
+                           window=None, max_tokens=None, device=None, dtype=None, expert_memory=None,
+                           quiet=True) -> dict:
+    """The quality cost of each quantized expert format against the unquantized experts."""
+    from .modeling import summarize
+    from .pregate import fit_window
+    from .quality import expert_dtype_quality
+    from .tokenizer import Tokenizer
+
+    cfg = summarize(model, dtype)[1]
+    window = fit_window(window, 512, cfg.max_position_embeddings)
+    ids = Tokenizer(model).encode(text)[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("the evaluation text has fewer than 2 tokens")
+
+    def progress(name):
+        if not quiet:
+            print(f"evaluating {name} experts", file=sys.stderr)
+
+    rows = expert_dtype_quality(model, ids, expert_dtypes, window=window, group_size=group_size,
+                                quantize=quantize, progress=progress, device=device, dtype=dtype,
+                                expert_memory=expert_memory, quiet=quiet)
+    return {"model": model, "tokens": len(ids), "window": window, "group_size": group_size,
+            "quantize": quantize, "results": rows}
+
+
+def format_quality(res: dict) -> str:
+    lines = [f"{res['tokens']} tokens, windows of {res['window']}; group size {res['group_size']}, "
+             f"{res['quantize']}; exact routing",
+             f"{'experts':<8} {'bytes/expert':>12} {'perplexity':>10} {'vs model':>9} {'top-1 agree':>11} {'mean KL':>9}"]
+    base = res["results"][0]["perplexity"]
+    for r in res["results"]:
+        lines.append(f"{r['expert_dtype']:<8} {_core.format_bytes(r['expert_bytes']):>12} {r['perplexity']:>10.3f} "
+                     f"{r['perplexity'] / base - 1:>+9.2%} {r['top1_agreement']:>11.3f} {r['mean_kl']:>9.4f}")
+    return "\n".join(lines)
+
+
+def _write_json(path, res) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+
+
 def cmd_eval(args) -> int:
+    if args.expert_dtype:
+        if args.pregate:
+            raise ValueError("--pregate and --expert-dtype measure different things: give one of them")
+        res = evaluate_expert_dtypes(args.model, _read_text(args.data), args.expert_dtype,
+                                     group_size=args.group_size, quantize=args.quantize, window=args.window,
+                                     max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
+                                     expert_memory=args.expert_memory, quiet=args.quiet)
+        print(format_quality(res))
+        _write_json(args.json, res)
+        return 0
     res = evaluate(args.model, _read_text(args.data), pregate=args.pregate, window=args.window,
                    max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
                    expert_memory=args.expert_memory, quiet=args.quiet)
@@ -117,7 +195,5 @@ def cmd_eval(args) -> int:
         print(f"{r['routing']:<8} {r['pregate']:<12} {r['perplexity']:>10.3f} {r['perplexity'] / exact - 1:>+9.2%} | "
               f"{f(r['pregate_precision']):>9} {f(r['pregate_recall']):>7} | "
               f"{f(r['prefetch_precision']):>9} {f(r['prefetch_recall']):>7}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+    _write_json(args.json, res)
     return 0

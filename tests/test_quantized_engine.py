@@ -1,0 +1,135 @@
+"""Quantized experts through the Engine: greedy tokens of int8 experts against the unquantized
+experts, int4 logits against transformers running the same checkpoint with its expert weights
+replaced by their dequantized int4 values, and the bytes every policy moves."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from pregated.engine import Engine
+from pregated.quantize import QuantSpec, dequantize, quantize
+from tiny_models import reference_model
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
+PROMPT = list(range(5, 45))
+
+
+def greedy(folder, **kw) -> list[int]:
+    with Engine(folder, device="cpu", quiet=True, **kw) as eng:
+        eng.eos_ids = set()  # random weights may emit eos
+        return eng.generate(PROMPT[:6], max_new_tokens=32).token_ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_greedy_tokens_equal_the_unquantized_experts_float32(family, checkpoint_factory):
+    folder = checkpoint_factory(family)
+    assert greedy(folder, expert_dtype="int8") == greedy(folder)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_greedy_tokens_are_bf16_choices(family, checkpoint_factory):
+    """In bf16 a random tiny model has near-ties that bf16 rounding alone flips, so one flipped
+    tie makes the free-running continuations part. Teacher-forced on the int8 continuation, every
+    token int8 chose is bf16's own argmax on the same prefix, except near-ties (top two logits
+    within 5% of the logits' rms), at most 4 of the 32."""
+    folder = checkpoint_factory(family, dtype=torch.bfloat16)
+    seq = PROMPT[:6] + greedy(folder, expert_dtype="int8")
+    with Engine(folder, device="cpu", quiet=True) as eng:
+        logits = eng.logits(seq)[5:-1].float()
+    chosen = torch.tensor(seq[6:])
+    scale = logits.norm(dim=-1) / logits.shape[-1] ** 0.5
+    gap = (logits.max(-1).values - logits.gather(-1, chosen[:, None]).squeeze(-1)) / scale
+    assert (gap <= 0.05).all(), f"int8 chose a token far from bf16's choice: gaps / rms {gap}"
+    assert int((gap > 0).sum()) <= 4, f"{int((gap > 0).sum())} of 32 steps were not bf16's argmax"
+
+
+def dequantized_reference(folder: str, spec: QuantSpec):
+    """transformers' model of `folder` with every routed expert weight replaced by its quantized
+    and dequantized value (plain PyTorch, groups along each weight's input dimension)."""
+    model = reference_model(folder)
+    with torch.no_grad():
+        for module in model.modules():
+            if not type(module).__name__.endswith("Experts"):
+                continue
+            transposed = bool(getattr(module, "is_transposed", False))  # [E, in, out] rather than [E, out, in]
+            for name, p in module.named_parameters(recurse=False):
+                if p.ndim != 3:
+                    continue  # biases stay as they are
+                for e in range(p.shape[0]):
+                    w = p[e].T if transposed else p[e]
+                    codes, scale, zero = quantize(w.float(), spec)
+                    d = dequantize(codes, scale, zero, spec.group_size).to(p.dtype)
+                    p[e].copy_(d.T if transposed else d)
+    return model
+
+
+@pytest.mark.parametrize("family,group", [("mixtral", 64), ("qwen3_moe", 32), ("olmoe", 128), ("gpt_oss", 64)])
+def test_int4_logits_match_transformers_on_dequantized_weights(family, group, checkpoint_factory):
+    """Stated tolerance: per-token relative error of the logits below 1e-4 (float32 throughout;
+    the two differ only in summation order), and the same greedy continuation."""
+    folder = checkpoint_factory(family)
+    ref = dequantized_reference(folder, QuantSpec(4, group))
+    with torch.no_grad():
+        want = ref(torch.tensor([PROMPT])).logits[0].float()
+    budget = None
+    for policy in ("gpu-only", "pregated"):
+        with Engine(folder, device="cpu", quiet=True, expert_dtype="int4", group_size=group, policy=policy,
+                    expert_memory=budget) as eng:
+            got = eng.logits(PROMPT).float()
+            eng.runtime.check()
+            budget = 2 * eng.cfg.top_k * eng.cfg.expert_bytes()  # the smallest pregated budget, next
+        err = (got - want).norm(dim=-1) / want.norm(dim=-1)
+        assert err.max() < 1e-4, f"{policy}: max per-token relative error {err.max():.2e}"
+
+
+def test_int4_against_dequantized_reference_is_not_the_unquantized_model(checkpoint_factory):
+    """The comparison above can fail: the unquantized model is far from int4's logits."""
+    folder = checkpoint_factory("mixtral")
+    with torch.no_grad():
+        dense = reference_model(folder)(torch.tensor([PROMPT])).logits[0].float()
+    with Engine(folder, device="cpu", quiet=True, expert_dtype="int4") as eng:
+        got = eng.logits(PROMPT).float()
+    assert ((got - dense).norm(dim=-1) / dense.norm(dim=-1)).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def int4_exact_folder(checkpoint_factory, tmp_path_factory):
+    """A mixtral checkpoint whose expert weights are already int4 values (group 64): quantizing
+    them again loses nothing, so the int4 and the float32 experts compute the same function and
+    route every token alike, and their bytes can be compared for the same routing."""
+    folder = str(tmp_path_factory.mktemp("int4-exact"))
+    model = dequantized_reference(checkpoint_factory("mixtral"), QuantSpec(4, 64))
+    model.save_pretrained(folder)
+    src = checkpoint_factory("mixtral")
+    for f in os.listdir(src):  # the tokenizer travels along
+        if f.startswith("tokenizer") or f == "special_tokens_map.json":
+            shutil.copy(os.path.join(src, f), folder)
+    return folder
+
+
+@pytest.mark.parametrize("policy", ["on-demand", "prefetch-all", "pregated"])
+def test_int4_moves_the_packed_bytes_of_the_same_copies(policy, int4_exact_folder):
+    """Same routing, same copies; every copy moves one packed expert; so bytes per token under
+    int4 are bf16's x (4 + 32 / group) / 16 within 5% (row padding and short groups are the rest)."""
+    runs = {}
+    for fmt in (None, "int4"):
+        kw = {"expert_dtype": fmt, "group_size": 64} if fmt else {}
+        with Engine(int4_exact_folder, device="cpu", quiet=True, **kw) as probe:
+            one = probe.cfg.expert_bytes()
+        with Engine(int4_exact_folder, device="cpu", quiet=True, policy=policy, expert_memory=6 * one,
+                    **kw) as eng:
+            eng.generate(PROMPT[:8], max_new_tokens=12)
+            s = eng.stats()
+            eng.runtime.check()
+            copies = s["expert_misses"] + s["prefetch_issued"]
+            assert s["bytes_h2d"] == copies * one, "a copy moved other than one expert's bytes"
+            runs[fmt] = (copies, s["bytes_h2d"], one, eng.cfg)
+    (dense_copies, dense_bytes, dense_one, cfg), (q_copies, q_bytes, _, _) = runs[None], runs["int4"]
+    assert dense_copies == q_copies > 0, "int4 and float32 experts routed differently on int4-exact weights"
+    cfg.dtype = torch.bfloat16
+    bf16_bytes = dense_copies * cfg.expert_bytes()
+    assert cfg.expert_bytes() * 2 == dense_one
+    want = bf16_bytes * (4 + 32 / 64) / 16
+    assert abs(q_bytes / want - 1) < 0.05, f"int4 moved {q_bytes} bytes, bf16 {bf16_bytes}: {q_bytes / bf16_bytes:.4f}"
