@@ -44,6 +44,25 @@ def check_result(res: dict) -> None:
             assert r["prefetch_precision"] is None
 
 
+def test_bench_expert_dtypes_side_by_side(tmp_path):
+    """--expert-dtype model int4: the same budgets (in % of the model's own expert bytes) for both;
+    int4 fits more experts in them and moves fewer bytes per token."""
+    out = tmp_path / "q.json"
+    assert main(["bench", "--synthetic", "tiny", "--device", "cpu", "--out", str(out), "--new-tokens", "6",
+                 "--prompt-len", "8", "--policy", "on-demand", "--expert-memory", "25%", "--expert-dtype",
+                 "model", "int4", "--group-size", "32"]) == 0
+    res = json.loads(out.read_text())
+    check_result(res)
+    rows = {(r["expert_dtype"], r["policy"]): r for r in res["runs"]}
+    assert set(rows) == {("bfloat16", "gpu-only"), ("bfloat16", "on-demand"), ("int4", "gpu-only"), ("int4", "on-demand")}
+    dense, q = rows["bfloat16", "on-demand"], rows["int4", "on-demand"]
+    assert q["expert_memory_bytes"] == dense["expert_memory_bytes"] and q["expert_memory_fraction"] == 0.25
+    ratio = rows["int4", "gpu-only"]["expert_bytes_total"] / rows["bfloat16", "gpu-only"]["expert_bytes_total"]
+    assert ratio == pytest.approx((4 + 32 / 32) / 16, rel=0.05)  # fp16 scale and zero per 32 weights
+    assert q["experts_resident"] >= 3 * dense["experts_resident"]
+    assert q["bytes_h2d_per_token"] < dense["bytes_h2d_per_token"]
+
+
 def test_bench_smoke_on_cpu(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert main(["bench", "--synthetic", "tiny", "--device", "cpu", "--out", str(out), "--new-tokens", "6",

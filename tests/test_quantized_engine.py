@@ -22,27 +22,51 @@ def greedy(folder, **kw) -> list[int]:
         return eng.generate(PROMPT[:6], max_new_tokens=32).token_ids
 
 
+@pytest.fixture
+def kernels():
+    """kernels(isa): run the CPU backend's decode kernels on `isa` ("best": this CPU's best) until
+    the test ends; skips when this CPU cannot."""
+    from pregated import _core
+
+    best = _core.cpu_kernel_isa()
+
+    def use(isa):
+        if not _core._force_cpu_kernel(best if isa == "best" else isa):
+            pytest.skip(f"this CPU cannot run the {isa} kernels")
+        return _core.cpu_kernel_isa()
+
+    yield use
+    _core._force_cpu_kernel(best)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_int8_greedy_tokens_equal_the_unquantized_experts_float32(family, checkpoint_factory):
+def test_int8_greedy_tokens_equal_the_unquantized_experts_float32(family, checkpoint_factory, kernels):
+    """With fp32 activations (the portable kernels) the 32 greedy tokens are identical."""
+    kernels("portable")
     folder = checkpoint_factory(family)
     assert greedy(folder, expert_dtype="int8") == greedy(folder)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_int8_greedy_tokens_are_bf16_choices(family, checkpoint_factory):
-    """In bf16 a random tiny model has near-ties that bf16 rounding alone flips, so one flipped
-    tie makes the free-running continuations part. Teacher-forced on the int8 continuation, every
-    token int8 chose is bf16's own argmax on the same prefix, except near-ties (top two logits
-    within 5% of the logits' rms), at most 4 of the 32."""
-    folder = checkpoint_factory(family, dtype=torch.bfloat16)
+def test_int8_greedy_tokens_are_the_unquantized_choices(family, dtype, checkpoint_factory, kernels):
+    """With the CPU's best kernels (AVX2: activations rounded to int8 per group) and in bf16,
+    rounding alone can flip a near-tie of a random tiny model, and one flipped tie makes the
+    free-running continuations part. Teacher-forced on the int8 continuation, every token int8
+    chose is the unquantized experts' own argmax on the same prefix, except near-ties, at most 4
+    of the 32: top two logits within 15% of the logits' rms (a router's near-tie that the
+    rounding flips sends one token of the context to another expert; the cached keys and values
+    of that token then differ a little from the unquantized model's)."""
+    kernels("best")
+    folder = checkpoint_factory(family, dtype=dtype)
     seq = PROMPT[:6] + greedy(folder, expert_dtype="int8")
     with Engine(folder, device="cpu", quiet=True) as eng:
         logits = eng.logits(seq)[5:-1].float()
     chosen = torch.tensor(seq[6:])
     scale = logits.norm(dim=-1) / logits.shape[-1] ** 0.5
     gap = (logits.max(-1).values - logits.gather(-1, chosen[:, None]).squeeze(-1)) / scale
-    assert (gap <= 0.05).all(), f"int8 chose a token far from bf16's choice: gaps / rms {gap}"
-    assert int((gap > 0).sum()) <= 4, f"{int((gap > 0).sum())} of 32 steps were not bf16's argmax"
+    assert (gap <= 0.15).all(), f"int8 chose a token far from the unquantized choice: gaps / rms {gap}"
+    assert int((gap > 0).sum()) <= 4, f"{int((gap > 0).sum())} of 32 steps were not the unquantized argmax"
 
 
 def dequantized_reference(folder: str, spec: QuantSpec):
@@ -65,10 +89,13 @@ def dequantized_reference(folder: str, spec: QuantSpec):
     return model
 
 
+@pytest.mark.parametrize("isa", ["portable", "best"])
 @pytest.mark.parametrize("family,group", [("mixtral", 64), ("qwen3_moe", 32), ("olmoe", 128), ("gpt_oss", 64)])
-def test_int4_logits_match_transformers_on_dequantized_weights(family, group, checkpoint_factory):
-    """Stated tolerance: per-token relative error of the logits below 1e-4 (float32 throughout;
-    the two differ only in summation order), and the same greedy continuation."""
+def test_int4_logits_match_transformers_on_dequantized_weights(family, group, isa, checkpoint_factory, kernels):
+    """Stated tolerance, per-token relative error of the logits: below 1e-4 with the portable
+    kernels (float32 throughout; only the summation order differs), below 2e-2 with the CPU's
+    best kernels (the AVX2 decode kernel rounds activations to int8 per group)."""
+    tol = 1e-4 if kernels(isa) == "portable" else 2e-2
     folder = checkpoint_factory(family)
     ref = dequantized_reference(folder, QuantSpec(4, group))
     with torch.no_grad():
@@ -81,7 +108,7 @@ def test_int4_logits_match_transformers_on_dequantized_weights(family, group, ch
             eng.runtime.check()
             budget = 2 * eng.cfg.top_k * eng.cfg.expert_bytes()  # the smallest pregated budget, next
         err = (got - want).norm(dim=-1) / want.norm(dim=-1)
-        assert err.max() < 1e-4, f"{policy}: max per-token relative error {err.max():.2e}"
+        assert err.max() < tol, f"{policy}: max per-token relative error {err.max():.2e}"
 
 
 def test_int4_against_dequantized_reference_is_not_the_unquantized_model(checkpoint_factory):
@@ -110,9 +137,11 @@ def int4_exact_folder(checkpoint_factory, tmp_path_factory):
 
 
 @pytest.mark.parametrize("policy", ["on-demand", "prefetch-all", "pregated"])
-def test_int4_moves_the_packed_bytes_of_the_same_copies(policy, int4_exact_folder):
+def test_int4_moves_the_packed_bytes_of_the_same_copies(policy, int4_exact_folder, kernels):
     """Same routing, same copies; every copy moves one packed expert; so bytes per token under
-    int4 are bf16's x (4 + 32 / group) / 16 within 5% (row padding and short groups are the rest)."""
+    int4 are bf16's x (4 + 32 / group) / 16 within 5% (row padding and short groups are the rest).
+    The portable kernels keep fp32 activations, so int4-exact weights compute the same function."""
+    kernels("portable")
     runs = {}
     for fmt in (None, "int4"):
         kw = {"expert_dtype": fmt, "group_size": 64} if fmt else {}

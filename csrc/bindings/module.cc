@@ -7,6 +7,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "pregated/pregated.h"
@@ -396,6 +397,38 @@ PYBIND11_MODULE(_core, m) {
         "block runs on the CPU backend.");
   m.def("_force_cpu_kernel", [](const std::string& isa) { return cpu_kernel_force(isa); }, py::arg("isa"),
         "Tests: run the CPU backend's decode kernels on `isa`; False when this CPU cannot.");
+
+  m.def("_quantized_gemm", [](const py::object& a_obj, const py::object& codes_obj, const py::object& scale_obj,
+                              const py::object& zero_obj, int bits, int64_t group_size, const py::object& out_obj) {
+    tensor_info a = inspect(a_obj, "a"), codes = inspect(codes_obj, "codes"), scale = inspect(scale_obj, "scale"),
+                zero = inspect(zero_obj, "zero"), out = inspect(out_obj, "out");
+    expect_dims(a, "a", {-1, -1}, "m, k");
+    const int64_t m = a.shape[0], k = a.shape[1], n = codes.shape.empty() ? 0 : codes.shape[0];
+    const int64_t groups = (k + group_size - 1) / group_size;
+    expect_dims(codes, "codes", {n, -1}, "n, bytes of packed codes");
+    expect_dims(scale, "scale", {n, groups}, "n, groups");
+    expect_dims(zero, "zero", {n, groups}, "n, groups");
+    expect_dims(out, "out", {m, n}, "m, n");
+    for (const auto& [t, name, dt] : {std::tuple{&a, "a", "float32"}, {&codes, "codes", "uint8"},
+                                      {&scale, "scale", "float16"}, {&zero, "zero", "float16"},
+                                      {&out, "out", "float32"}}) {
+      expect_device(*t, name, "cpu");
+      expect_dtype(*t, name, dt);
+      expect_contiguous(*t, name);
+    }
+    quantized_matrix q;
+    q.bits = bits;
+    q.group_size = group_size;
+    q.codes = reinterpret_cast<const uint8_t*>(codes.data);
+    q.row_bytes = codes.shape[1];
+    q.scales = reinterpret_cast<const uint16_t*>(scale.data);
+    q.zeros = reinterpret_cast<const uint16_t*>(zero.data);
+    q.groups = groups;
+    static const std::unique_ptr<backend> be = make_cpu_backend();
+    throw_if_error(be->gemm_nt_quantized(dtype::dtype_f32, m, n, k, reinterpret_cast<const void*>(a.data), k, q,
+                                reinterpret_cast<void*>(out.data), n, nullptr));
+  }, py::arg("a"), py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group_size"),
+        py::arg("out"), "Tests: out = a @ dequantize(codes, scale, zero).T on the CPU backend's kernels.");
 
   m.def("expert_bytes", [](int64_t hidden, int64_t intermediate, const std::string& ffn,
                            const std::string& dt, bool has_bias, const std::string& expert_format,

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "half.h"
+#include "quantized_int8.h"
 #include "quantized_rows.h"
 #include "small_rows.h"
 #include "thread_pool.h"
@@ -165,7 +166,15 @@ status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* 
     cf = c32.data();
     cf_ld = n;
   }
-  if (m <= small_rows_max) {  // decode: codes read once, dequantized in registers
+  if (m <= small_rows_max && int8_rows_usable(b)) {  // decode: integer dot products on codes read once
+    const int8_rows_input in = prepare_int8_rows(m, k, a32.data(), b);
+    const int64_t tasks = tasks_for(n, b.row_bytes);
+    const int64_t per = (n + tasks - 1) / tasks;
+    pool.run(tasks, [&](int64_t t) {
+      const int64_t j0 = t * per, j1 = std::min(n, j0 + per);
+      if (j0 < j1) int8_rows(in, b, j0, j1, cf, cf_ld);
+    });
+  } else if (m <= small_rows_max) {  // decode: codes read once, dequantized in registers
     std::vector<float> sums(static_cast<size_t>(m * b.groups));
     quantized_group_sums(m, k, a32.data(), b.group_size, b.groups, sums.data());
     const int64_t tasks = tasks_for(n, b.row_bytes);

@@ -59,7 +59,9 @@ def add_bench_command(sub, add_quantization_args) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "none"])
-    add_quantization_args(p, many=False)
+    add_quantization_args(p, many=True, help="expert dtypes to run, one after the other: model (the checkpoint's "
+                          "or --dtype), int8, int4, int3, int2 (default: model); --expert-memory percentages "
+                          "are of the model's own expert bytes, so every dtype gets the same device memory")
     p.add_argument("--save", default=None, metavar="DIR", help="write the synthetic model as a HF checkpoint")
     p.add_argument("--out", default="bench.json", help="JSON results file (default bench.json)")
     p.add_argument("--plot", default=None, help="PNG plot file (default: --out with .png)")
@@ -335,85 +337,100 @@ def run_bench(args, log=print) -> dict:
     else:
         from .modeling import summarize
         cfg0 = summarize(args.model, args.dtype)[1]
-    quant = expert_quantization(args.expert_dtype, args.group_size, args.quantize)
-    if quant is not None:  # budgets in % are of the packed bytes
-        cfg0.expert_format, cfg0.group_size = quant.name, quant.group_size
-    budgets = parse_budgets(args.expert_memory, cfg0.all_expert_bytes())
+    formats = list(dict.fromkeys(args.expert_dtype or ["model"]))
+    for fmt in formats:
+        if fmt != "model":
+            expert_quantization(fmt, args.group_size, args.quantize)  # a bad group size fails here, not later
+    # Budgets in % are of the model's own (unquantized) expert bytes, so rows of different expert
+    # dtypes at the same % have the same device memory.
+    model_total = cfg0.all_expert_bytes()
+    budgets = parse_budgets(args.expert_memory, model_total)
     _check_footprint(args, cfg0, device)
     machine = machine_info(device)
     log(f"machine: {machine['gpu'] or machine['cpu']}, h2d {machine['h2d_gbps']:.1f} GB/s")
-    # Open with the smallest slab; it is resized for each configuration.
-    engine = Engine(source, device=device, dtype=args.dtype, policy="on-demand",
-                    expert_memory=min_expert_memory("on-demand", cfg0), eviction=args.eviction,
-                    expert_dtype=args.expert_dtype, group_size=args.group_size, quantize=args.quantize,
-                    quiet=args.quiet)
-    cfg = engine.cfg
-    one, total = cfg.expert_bytes(), cfg.all_expert_bytes()
-    log(f"model: {name}, {cfg.num_layers} layers, {cfg.num_experts} experts x {_core.format_bytes(one)} = "
-        f"{_core.format_bytes(total)} of experts (ready in {time.perf_counter() - t0:.1f} s)")
-    prompts = _prompts(cfg, args.batch, args.prompt_len)
-    plan = []
-    if not args.no_gpu_only:
-        plan.append(("gpu-only", total))
-    plan += [(p, b) for b in budgets for p in policies if p != "gpu-only"]
-    plan += [(bl, b) for bl in args.baseline for b in (budgets if bl == "hf-accelerate" else [total])]
-    runs, gpu_only_tps, timeline = [], None, None
-    saved = None
+
+    def bench_format(fmt: str, baselines: list[str], saved: list):
+        """Every planned run with the experts in `fmt` ("model": the model's dtype)."""
+        # Open with the smallest slab; it is resized for each configuration.
+        engine = Engine(source, device=device, dtype=args.dtype, policy="on-demand",
+                        expert_memory=min_expert_memory("on-demand", cfg0), eviction=args.eviction,
+                        expert_dtype=None if fmt == "model" else fmt, group_size=args.group_size,
+                        quantize=args.quantize, quiet=args.quiet)
+        cfg = engine.cfg
+        one, total = cfg.expert_bytes(), cfg.all_expert_bytes()
+        log(f"model: {name}, {cfg.num_layers} layers, {cfg.num_experts} experts x {_core.format_bytes(one)} = "
+            f"{_core.format_bytes(total)} of experts (ready in {time.perf_counter() - t0:.1f} s)")
+        prompts = _prompts(cfg, args.batch, args.prompt_len)
+        plan = []
+        if not args.no_gpu_only:
+            plan.append(("gpu-only", total))
+        plan += [(p, min(b, total)) for b in budgets for p in policies if p != "gpu-only"]
+        plan += [(bl, b) for bl in baselines for b in (budgets if bl == "hf-accelerate" else [total])]
+        runs, gpu_only_tps, timeline = [], None, None
+        try:
+            for policy, budget in tqdm(plan, desc="bench", disable=args.quiet or not sys.stderr.isatty(), leave=False):
+                base = {"model": name, "layers": cfg.num_layers, "policy": None, "baseline": None,
+                        "expert_dtype": cfg.expert_format if cfg.expert_format != "dense" else dtype_name(cfg.dtype),
+                        "expert_memory_bytes": budget, "experts_resident": None, "expert_bytes_total": total,
+                        "expert_memory_fraction": budget / model_total, "batch": args.batch, "prompt_len": args.prompt_len,
+                        "new_tokens": args.new_tokens, "eviction": args.eviction, "efficiency": None}
+                try:
+                    if policy in ("hf", "hf-gpu", "hf-accelerate"):
+                        base["baseline"] = policy
+                        base["expert_dtype"] = dtype_name(cfg.dtype)  # transformers runs the checkpoint's experts
+                        if saved[0] is None:
+                            saved[0] = args.save or args.model or tempfile.mkdtemp(prefix="pregated-bench-")
+                            if args.synthetic and not os.path.isfile(os.path.join(saved[0], "config.json")):
+                                log(f"writing the synthetic checkpoint to {saved[0]} for the HF baselines")
+                                source.save(saved[0], dtype=engine.dtype)
+                        if policy in ("hf", "hf-gpu") and not _fits_on_device(engine, total):
+                            raise RuntimeError("the model does not fit on the device")
+                        n = args.baseline_tokens or args.new_tokens
+                        base["new_tokens"] = n
+                        base.update(run_hf(saved[0], policy, device, engine.dtype, engine.dense_bytes + budget, prompts, n))
+                    else:
+                        base["policy"] = policy
+                        if policy == "gpu-only" and not _fits_on_device(engine, total):
+                            raise RuntimeError("the experts do not fit on the device")
+                        ev = "lru" if policy == "gpu-only" and args.eviction == "none" else args.eviction
+                        minimum = min_expert_memory(policy, cfg)
+                        if policy != "gpu-only" and budget < minimum:  # the table marks the row
+                            base["expert_memory_requested"] = budget
+                            budget = base["expert_memory_bytes"] = minimum
+                            base["expert_memory_fraction"] = budget / model_total
+                        engine.reconfigure(policy=policy, expert_memory=budget, eviction=ev)
+                        base["experts_resident"] = min(engine.runtime.num_slots, cfg.num_routed_experts)
+                        base.update(run_engine(engine, prompts, args.new_tokens))
+                        if policy == "gpu-only":
+                            gpu_only_tps = base["decode_tokens_per_s"]
+                        if args.timeline and policy == "pregated" and timeline is None:
+                            timeline = {"model": name, "policy": policy, "expert_memory_bytes": budget,
+                                        "events": engine.trace_decode_step(prompts[0], warmup_tokens=3)}
+                            timeline["summary"] = timeline_summary(timeline["events"], cfg.num_moe_layers)
+                            timeline.update(host_times(timeline["events"]))
+                            log(f"timeline: host {timeline['block_host_s_median'] * 1e6:.0f} us per MoE block (median), "
+                                f"{timeline['step_host_s'] * 1e3:.2f} ms per decode step"
+                                + (" (the CPU backend computes in the host thread)" if device == "cpu" else ""))
+                except (RuntimeError, ValueError, MemoryError) as e:
+                    base["error"] = str(e)
+                    log(f"{policy} at {_core.format_bytes(budget)}: skipped: {e}")
+                runs.append(base)
+        finally:  # also on Ctrl-C and unexpected errors: no device memory held
+            engine.close()
+        for r in runs:
+            if r.get("policy") and not r.get("error"):
+                r["efficiency"], r["limit_tokens_per_s"] = efficiency(r, gpu_only_tps, machine["h2d_gbps"])
+        return runs, timeline
+
+    runs, timeline, saved = [], None, [None]
     try:
-        for policy, budget in tqdm(plan, desc="bench", disable=args.quiet or not sys.stderr.isatty(), leave=False):
-            base = {"model": name, "layers": cfg.num_layers, "policy": None, "baseline": None,
-                    "expert_dtype": cfg.expert_format if cfg.expert_format != "dense" else dtype_name(cfg.dtype),
-                    "expert_memory_bytes": budget, "expert_bytes_total": total,
-                    "expert_memory_fraction": budget / total, "batch": args.batch, "prompt_len": args.prompt_len,
-                    "new_tokens": args.new_tokens, "eviction": args.eviction, "efficiency": None}
-            try:
-                if policy in ("hf", "hf-gpu", "hf-accelerate"):
-                    base["baseline"] = policy
-                    base["expert_dtype"] = dtype_name(cfg.dtype)  # transformers runs the checkpoint's experts
-                    if saved is None:
-                        saved = args.save or args.model or tempfile.mkdtemp(prefix="pregated-bench-")
-                        if args.synthetic and not os.path.isfile(os.path.join(saved, "config.json")):
-                            log(f"writing the synthetic checkpoint to {saved} for the HF baselines")
-                            source.save(saved, dtype=engine.dtype)
-                    if policy in ("hf", "hf-gpu") and not _fits_on_device(engine, total):
-                        raise RuntimeError("the model does not fit on the device")
-                    n = args.baseline_tokens or args.new_tokens
-                    base["new_tokens"] = n
-                    base.update(run_hf(saved, policy, device, engine.dtype, engine.dense_bytes + budget, prompts, n))
-                else:
-                    base["policy"] = policy
-                    if policy == "gpu-only" and not _fits_on_device(engine, total):
-                        raise RuntimeError("the experts do not fit on the device")
-                    ev = "lru" if policy == "gpu-only" and args.eviction == "none" else args.eviction
-                    minimum = min_expert_memory(policy, cfg)
-                    if policy != "gpu-only" and budget < minimum:  # the table marks the row
-                        base["expert_memory_requested"] = budget
-                        budget = base["expert_memory_bytes"] = minimum
-                        base["expert_memory_fraction"] = budget / total
-                    engine.reconfigure(policy=policy, expert_memory=budget, eviction=ev)
-                    base["experts_resident"] = min(engine.runtime.num_slots, cfg.num_routed_experts)
-                    base.update(run_engine(engine, prompts, args.new_tokens))
-                    if policy == "gpu-only":
-                        gpu_only_tps = base["decode_tokens_per_s"]
-                    if args.timeline and policy == "pregated" and timeline is None:
-                        timeline = {"model": name, "policy": policy, "expert_memory_bytes": budget,
-                                    "events": engine.trace_decode_step(prompts[0], warmup_tokens=3)}
-                        timeline["summary"] = timeline_summary(timeline["events"], cfg.num_moe_layers)
-                        timeline.update(host_times(timeline["events"]))
-                        log(f"timeline: host {timeline['block_host_s_median'] * 1e6:.0f} us per MoE block (median), "
-                            f"{timeline['step_host_s'] * 1e3:.2f} ms per decode step"
-                            + (" (the CPU backend computes in the host thread)" if device == "cpu" else ""))
-            except (RuntimeError, ValueError, MemoryError) as e:
-                base["error"] = str(e)
-                log(f"{policy} at {_core.format_bytes(budget)}: skipped: {e}")
-            runs.append(base)
-    finally:  # also on Ctrl-C and unexpected errors: no device memory held, no checkpoint left behind
-        engine.close()
-        if saved and not args.save and not args.model:
-            shutil.rmtree(saved, ignore_errors=True)
-    for r in runs:
-        if r.get("policy") and not r.get("error"):
-            r["efficiency"], r["limit_tokens_per_s"] = efficiency(r, gpu_only_tps, machine["h2d_gbps"])
+        for i, fmt in enumerate(formats):
+            got, tl = bench_format(fmt, args.baseline if i == 0 else [], saved)
+            runs += got
+            timeline = timeline or tl
+    finally:  # no checkpoint left behind, also on Ctrl-C
+        if saved[0] and not args.save and not args.model:
+            shutil.rmtree(saved[0], ignore_errors=True)
     result = {"machine": machine, "command": shlex.join(["pregated"] + sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "runs": runs}
@@ -477,7 +494,8 @@ def format_table(result: dict) -> str:
                     f"{_fmt(r['efficiency'], '.2f'):>5} {_fmt(r['peak_device_bytes'], '.2f', 2**-30):>8}")
     raised = [r for r in result["runs"] if "expert_memory_requested" in r]
     if raised:
-        asked = sorted({f"{100 * r['expert_memory_requested'] / r['expert_bytes_total']:.0f}%" for r in raised})
+        asked = sorted({f"{100 * r['expert_memory_requested'] * r['expert_memory_fraction'] / r['expert_memory_bytes']:.0f}%"
+                        for r in raised})
         rows.append(f"* budget raised to the policy's minimum (asked: {', '.join(asked)} of the expert bytes); "
                     "budget and % are what the run used")
     m = result["machine"]

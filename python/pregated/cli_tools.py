@@ -25,15 +25,13 @@ def _read_text(path: str) -> str:
     return text
 
 
-def add_quantization_args(p, many: bool, method: bool = True) -> None:
+def add_quantization_args(p, many: bool, method: bool = True, help: str | None = None) -> None:
     """--expert-dtype (one, or several with `many`), --group-size, and --quantize with `method`."""
-    choices = ["int8", "int4", "int3", "int2"]
     if many:
-        p.add_argument("--expert-dtype", nargs="+", default=None, choices=choices, metavar="DTYPE",
-                       help="compare experts quantized to these formats (int8 int4 int3 int2) with the "
-                            "unquantized model: perplexity, top-1 agreement, mean KL divergence")
+        p.add_argument("--expert-dtype", nargs="+", default=None, choices=["model", "int8", "int4", "int3", "int2"],
+                       metavar="DTYPE", help=help)
     else:
-        p.add_argument("--expert-dtype", default=None, choices=choices,
+        p.add_argument("--expert-dtype", default=None, choices=["int8", "int4", "int3", "int2"],
                        help="quantize the experts when loading: int8, int4, int3 or int2, group-wise "
                             "(default: keep the model's dtype; dense layers always keep it)")
     p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128],
@@ -80,7 +78,8 @@ def add_tool_commands(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--expert-memory", default=None, metavar="BYTES", help="device memory for expert slots")
-    add_quantization_args(p, many=True)
+    add_quantization_args(p, many=True, help="compare experts quantized to these formats (int8 int4 int3 int2) "
+                          "with the model's own experts: perplexity, top-1 agreement, mean KL divergence")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
     p.set_defaults(func=cmd_eval)
@@ -170,7 +169,8 @@ def cmd_eval(args) -> int:
     if args.expert_dtype:
         if args.pregate:
             raise ValueError("--pregate and --expert-dtype measure different things: give one of them")
-        res = evaluate_expert_dtypes(args.model, _read_text(args.data), args.expert_dtype,
+        res = evaluate_expert_dtypes(args.model, _read_text(args.data),
+                                     [d for d in args.expert_dtype if d != "model"],
                                      group_size=args.group_size, quantize=args.quantize, window=args.window,
                                      max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
                                      expert_memory=args.expert_memory, quiet=args.quiet)

@@ -1,0 +1,190 @@
+#include "quantized_int8.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "half.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PREGATED_X86 1
+#endif
+
+namespace pregated::cpu {
+
+namespace {
+
+constexpr int64_t chunk_bytes = 32;  // one 256-bit load of codes
+
+// Codes per chunk: 32 (int8), 64 (int4), 128 (int2). A chunk of b-bit codes is read as 8 / b
+// "planes" of 32 bytes: plane p holds, in byte t, code (8 / b) * t + p of the chunk.
+int64_t chunk_codes(int bits) { return chunk_bytes * 8 / bits; }
+
+#ifdef PREGATED_X86
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Lane l of a chunk's 8 int32 partial sums covers codes [l * CH / 8, (l + 1) * CH / 8) of it.
+template <int BITS, int M>
+__attribute__((target("avx2,fma,f16c"))) void rows_avx2(const int8_rows_input& in, const quantized_matrix& b,
+                                                       int64_t j0, int64_t j1, float* c, int64_t ldc) {
+  constexpr int P = 8 / BITS;
+  constexpr int64_t CH = chunk_bytes * P;
+  const int64_t G = b.group_size, kpad = in.kpad, chunks = kpad / CH, srow = in.groups_pad + 8;
+  const int64_t whole = b.row_bytes / chunk_bytes;  // chunks lying inside a row
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  // G < CH: lane l belongs to group (chunk's first group) + l * CH / (8 G)
+  alignas(32) int32_t lanes[8];
+  for (int l = 0; l < 8; ++l) lanes[l] = static_cast<int32_t>(l * CH / (8 * G));
+  const __m256i lane_group = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+  std::vector<float> cs(static_cast<size_t>(M * srow), 0.0f);  // scale_w * scale_a per row and group
+  alignas(32) uint8_t tail[chunk_bytes];
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint8_t* row = b.codes + j * b.row_bytes;
+    float zterm[M] = {};
+    for (int64_t g = 0; g < b.groups; ++g) {
+      const float sw = _cvtsh_ss(b.scales[j * b.groups + g]);
+      const float z = _cvtsh_ss(b.zeros[j * b.groups + g]) - (BITS == 8 ? 128.0f : 0.0f);
+      for (int i = 0; i < M; ++i) {
+        const float s = sw * in.scale[i * srow + g];
+        cs[i * srow + g] = s;
+        zterm[i] += s * z * static_cast<float>(in.sum[i * in.groups_pad + g]);
+      }
+    }
+    __m256 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const uint8_t* src = row + ch * chunk_bytes;
+      if (ch >= whole) {  // the row's last bytes: never read past them
+        std::memset(tail, 0, sizeof tail);
+        const int64_t left = b.row_bytes - ch * chunk_bytes;
+        if (left > 0) std::memcpy(tail, src, static_cast<size_t>(left));
+        src = tail;
+      }
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      const int64_t g0 = ch * CH / G;
+      __m256 sc[M];
+      for (int i = 0; i < M; ++i) {
+        sc[i] = G >= CH ? _mm256_set1_ps(cs[i * srow + g0])
+                        : _mm256_i32gather_ps(cs.data() + i * srow + g0, lane_group, 4);
+      }
+      if constexpr (BITS == 8) {  // codes - 128 as int8; |x| * sign(a, x) keeps vpmaddubsw in range
+        const __m256i x = _mm256_xor_si256(raw, _mm256_set1_epi8(static_cast<char>(0x80)));
+        const __m256i ax = _mm256_abs_epi8(x);
+        for (int i = 0; i < M; ++i) {
+          const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in.q.data() + i * kpad + ch * CH));
+          const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(av, x)), ones);
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), sc[i], acc[i]);
+        }
+      } else {
+        __m256i plane[P];
+        for (int p = 0; p < P; ++p) plane[p] = _mm256_and_si256(_mm256_srli_epi16(raw, p * BITS), mask);
+        for (int i = 0; i < M; ++i) {
+          const int8_t* q = in.q.data() + i * kpad + ch * CH;
+          // (2^BITS - 1) * 127 * 2 per plane, at most 4 planes: within int16
+          __m256i s16 = _mm256_maddubs_epi16(plane[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+          for (int p = 1; p < P; ++p) {
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(
+                                            plane[p], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * p))));
+          }
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), sc[i], acc[i]);
+        }
+      }
+    }
+    for (int i = 0; i < M; ++i) c[i * ldc + j] = hsum(acc[i]) - zterm[i];
+  }
+}
+
+template <int BITS>
+void rows_m(const int8_rows_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c,
+            int64_t ldc) {
+  switch (in.m) {
+    case 1: return rows_avx2<BITS, 1>(in, b, j0, j1, c, ldc);
+    case 2: return rows_avx2<BITS, 2>(in, b, j0, j1, c, ldc);
+    case 3: return rows_avx2<BITS, 3>(in, b, j0, j1, c, ldc);
+    case 4: return rows_avx2<BITS, 4>(in, b, j0, j1, c, ldc);
+    case 5: return rows_avx2<BITS, 5>(in, b, j0, j1, c, ldc);
+    case 6: return rows_avx2<BITS, 6>(in, b, j0, j1, c, ldc);
+    case 7: return rows_avx2<BITS, 7>(in, b, j0, j1, c, ldc);
+    default: return rows_avx2<BITS, 8>(in, b, j0, j1, c, ldc);
+  }
+}
+
+#endif  // PREGATED_X86
+
+}  // namespace
+
+bool int8_rows_usable(const quantized_matrix& b) {
+#ifdef PREGATED_X86
+  static const bool avx2 = cpu_has_avx2();
+  return avx2 && std::strcmp(cpu_kernel_isa(), "portable") != 0 && (b.bits == 8 || b.bits == 4 || b.bits == 2);
+#else
+  (void)b;
+  return false;
+#endif
+}
+
+int8_rows_input prepare_int8_rows(int64_t m, int64_t k, const float* a, const quantized_matrix& b) {
+  int8_rows_input in;
+  const int64_t ch = chunk_codes(b.bits), planes = 8 / b.bits, G = b.group_size;
+  in.m = m;
+  in.kpad = (k + ch - 1) / ch * ch;
+  in.groups_pad = (in.kpad + G - 1) / G;
+  const int64_t srow = in.groups_pad + 8;
+  in.q.assign(static_cast<size_t>(m * in.kpad), 0);
+  in.scale.assign(static_cast<size_t>(m * srow), 0.0f);
+  in.sum.assign(static_cast<size_t>(m * in.groups_pad), 0);
+  std::vector<int8_t> natural(static_cast<size_t>(in.kpad));
+  for (int64_t i = 0; i < m; ++i) {
+    const float* ai = a + i * k;
+    std::fill(natural.begin(), natural.end(), int8_t{0});
+    for (int64_t g = 0; g < b.groups; ++g) {
+      const int64_t c0 = g * G, n = std::min(G, k - c0);
+      float amax = 0.0f;
+      for (int64_t t = 0; t < n; ++t) amax = std::max(amax, std::fabs(ai[c0 + t]));
+      const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        const int v = static_cast<int>(std::lrint(ai[c0 + t] * inv));
+        natural[static_cast<size_t>(c0 + t)] = static_cast<int8_t>(std::clamp(v, -127, 127));
+        sum += natural[static_cast<size_t>(c0 + t)];
+      }
+      in.scale[static_cast<size_t>(i * srow + g)] = scale;
+      in.sum[static_cast<size_t>(i * in.groups_pad + g)] = sum;
+    }
+    int8_t* q = in.q.data() + i * in.kpad;
+    for (int64_t base = 0; base < in.kpad; base += ch) {
+      for (int64_t p = 0; p < planes; ++p) {
+        for (int64_t t = 0; t < chunk_bytes; ++t) q[base + chunk_bytes * p + t] = natural[static_cast<size_t>(base + planes * t + p)];
+      }
+    }
+  }
+  return in;
+}
+
+void int8_rows(const int8_rows_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c,
+               int64_t ldc) {
+#ifdef PREGATED_X86
+  switch (b.bits) {
+    case 8: return rows_m<8>(in, b, j0, j1, c, ldc);
+    case 4: return rows_m<4>(in, b, j0, j1, c, ldc);
+    case 2: return rows_m<2>(in, b, j0, j1, c, ldc);
+    default: break;
+  }
+#endif
+  (void)in, (void)b, (void)j0, (void)j1, (void)c, (void)ldc;
+}
+
+}  // namespace pregated::cpu
