@@ -35,6 +35,42 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The scale of each lane of a chunk: one group's, or (groups shorter than the chunk) lane l's
+// group is the chunk's first + lanes[l].
+__attribute__((target("avx2,fma"))) inline __m256 chunk_scales(const float* cs, bool one_group, __m256i lanes) {
+  return one_group ? _mm256_broadcast_ss(cs) : _mm256_i32gather_ps(cs, lanes, 4);
+}
+
+// The codes of one chunk as vpmaddubsw wants them. int8: codes - 128 as int8 (v[0]) and its
+// absolute value (v[1]); |x| * sign(a, x) keeps the products in range. Fewer bits: planes.
+template <int BITS>
+__attribute__((target("avx2,fma"))) inline void prepare_codes(__m256i raw, __m256i* v) {
+  if constexpr (BITS == 8) {
+    v[0] = _mm256_xor_si256(raw, _mm256_set1_epi8(static_cast<char>(0x80)));
+    v[1] = _mm256_abs_epi8(v[0]);
+  } else {
+    const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+    for (int p = 0; p < 8 / BITS; ++p) v[p] = _mm256_and_si256(_mm256_srli_epi16(raw, p * BITS), mask);
+  }
+}
+
+// One chunk of codes against one row's int8 activations: 8 int32 partial sums.
+template <int BITS>
+__attribute__((target("avx2,fma"))) inline __m256i chunk_dot(const __m256i* v, const int8_t* q) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (BITS == 8) {
+    const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(v[1], _mm256_sign_epi8(av, v[0])), ones);
+  } else {
+    // (2^BITS - 1) * 127 * 2 per plane, at most 4 planes: within int16
+    __m256i s16 = _mm256_maddubs_epi16(v[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+    for (int p = 1; p < 8 / BITS; ++p) {
+      s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(v[p], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * p))));
+    }
+    return _mm256_madd_epi16(s16, ones);
+  }
+}
+
 // Lane l of a chunk's 8 int32 partial sums covers codes [l * CH / 8, (l + 1) * CH / 8) of it.
 template <int BITS, int M>
 __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const int8_rows_input& in, const quantized_matrix& b,
@@ -43,8 +79,7 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const int8_rows_input& i
   constexpr int64_t CH = chunk_bytes * P;
   const int64_t G = b.group_size, kpad = in.kpad, chunks = kpad / CH, srow = in.groups_pad + 8;
   const int64_t whole = b.row_bytes / chunk_bytes;  // chunks lying inside a row
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  const int64_t span = G >= CH ? G / CH : 1;  // chunks summed in int32 before their scale
   // G < CH: lane l belongs to group (chunk's first group) + l * CH / (8 G)
   alignas(32) int32_t lanes[8];
   for (int l = 0; l < 8; ++l) lanes[l] = static_cast<int32_t>(l * CH / (8 * G));
@@ -53,57 +88,49 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const int8_rows_input& i
   alignas(32) uint8_t tail[chunk_bytes];
   for (int64_t j = j0; j < j1; ++j) {
     const uint8_t* row = b.codes + j * b.row_bytes;
-    float zterm[M] = {};
-    for (int64_t g = 0; g < b.groups; ++g) {
-      const float sw = _cvtsh_ss(b.scales[j * b.groups + g]);
-      const float z = _cvtsh_ss(b.zeros[j * b.groups + g]) - (BITS == 8 ? 128.0f : 0.0f);
+    // Eight groups at a time: cs = scale_w * scale_a, and the zero term
+    // sum_g scale_w * zero * (scale_a * sum of q) in lanes.
+    __m256 acc[M], zt[M];
+    for (int i = 0; i < M; ++i) acc[i] = zt[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < b.groups; g += 8) {
+      const uint16_t* sp = b.scales + j * b.groups + g;
+      const uint16_t* zp = b.zeros + j * b.groups + g;
+      alignas(16) uint16_t s16[8] = {}, z16[8] = {};
+      if (g + 8 > b.groups) {  // the row's last groups: never read past them
+        std::memcpy(s16, sp, static_cast<size_t>(b.groups - g) * 2);
+        std::memcpy(z16, zp, static_cast<size_t>(b.groups - g) * 2);
+        sp = s16, zp = z16;
+      }
+      const __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp)));
+      __m256 z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zp)));
+      if constexpr (BITS == 8) z = _mm256_sub_ps(z, _mm256_set1_ps(128.0f));
+      const __m256 wz = _mm256_mul_ps(sw, z);
       for (int i = 0; i < M; ++i) {
-        const float s = sw * in.scale[i * srow + g];
-        cs[i * srow + g] = s;
-        zterm[i] += s * z * static_cast<float>(in.sum[i * in.groups_pad + g]);
+        _mm256_storeu_ps(cs.data() + i * srow + g, _mm256_mul_ps(sw, _mm256_loadu_ps(in.scale.data() + i * srow + g)));
+        zt[i] = _mm256_fmadd_ps(wz, _mm256_loadu_ps(in.scaled_sum.data() + i * srow + g), zt[i]);
       }
     }
-    __m256 acc[M];
-    for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      const uint8_t* src = row + ch * chunk_bytes;
-      if (ch >= whole) {  // the row's last bytes: never read past them
-        std::memset(tail, 0, sizeof tail);
-        const int64_t left = b.row_bytes - ch * chunk_bytes;
-        if (left > 0) std::memcpy(tail, src, static_cast<size_t>(left));
-        src = tail;
+    for (int64_t ch0 = 0; ch0 < chunks; ch0 += span) {  // chunks of one group, or one chunk
+      __m256i isum[M];
+      for (int i = 0; i < M; ++i) isum[i] = _mm256_setzero_si256();
+      for (int64_t ch = ch0; ch < std::min(chunks, ch0 + span); ++ch) {
+        const uint8_t* src = row + ch * chunk_bytes;
+        if (ch >= whole) {  // the row's last bytes: never read past them
+          std::memset(tail, 0, sizeof tail);
+          const int64_t left = b.row_bytes - ch * chunk_bytes;
+          if (left > 0) std::memcpy(tail, src, static_cast<size_t>(left));
+          src = tail;
+        }
+        __m256i v[P > 2 ? P : 2];
+        prepare_codes<BITS>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), v);
+        for (int i = 0; i < M; ++i) isum[i] = _mm256_add_epi32(isum[i], chunk_dot<BITS>(v, in.q.data() + i * kpad + ch * CH));
       }
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-      const int64_t g0 = ch * CH / G;
-      __m256 sc[M];
+      const float* cs0 = cs.data() + ch0 * CH / G;  // row i's scales at cs0 + i * srow
       for (int i = 0; i < M; ++i) {
-        sc[i] = G >= CH ? _mm256_set1_ps(cs[i * srow + g0])
-                        : _mm256_i32gather_ps(cs.data() + i * srow + g0, lane_group, 4);
-      }
-      if constexpr (BITS == 8) {  // codes - 128 as int8; |x| * sign(a, x) keeps vpmaddubsw in range
-        const __m256i x = _mm256_xor_si256(raw, _mm256_set1_epi8(static_cast<char>(0x80)));
-        const __m256i ax = _mm256_abs_epi8(x);
-        for (int i = 0; i < M; ++i) {
-          const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in.q.data() + i * kpad + ch * CH));
-          const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(av, x)), ones);
-          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), sc[i], acc[i]);
-        }
-      } else {
-        __m256i plane[P];
-        for (int p = 0; p < P; ++p) plane[p] = _mm256_and_si256(_mm256_srli_epi16(raw, p * BITS), mask);
-        for (int i = 0; i < M; ++i) {
-          const int8_t* q = in.q.data() + i * kpad + ch * CH;
-          // (2^BITS - 1) * 127 * 2 per plane, at most 4 planes: within int16
-          __m256i s16 = _mm256_maddubs_epi16(plane[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-          for (int p = 1; p < P; ++p) {
-            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(
-                                            plane[p], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * p))));
-          }
-          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), sc[i], acc[i]);
-        }
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), chunk_scales(cs0 + i * srow, G >= CH, lane_group), acc[i]);
       }
     }
-    for (int i = 0; i < M; ++i) c[i * ldc + j] = hsum(acc[i]) - zterm[i];
+    for (int i = 0; i < M; ++i) c[i * ldc + j] = hsum(_mm256_sub_ps(acc[i], zt[i]));
   }
 }
 
@@ -145,7 +172,7 @@ int8_rows_input prepare_int8_rows(int64_t m, int64_t k, const float* a, const qu
   const int64_t srow = in.groups_pad + 8;
   in.q.assign(static_cast<size_t>(m * in.kpad), 0);
   in.scale.assign(static_cast<size_t>(m * srow), 0.0f);
-  in.sum.assign(static_cast<size_t>(m * in.groups_pad), 0);
+  in.scaled_sum.assign(static_cast<size_t>(m * srow), 0.0f);
   std::vector<int8_t> natural(static_cast<size_t>(in.kpad));
   for (int64_t i = 0; i < m; ++i) {
     const float* ai = a + i * k;
@@ -162,7 +189,7 @@ int8_rows_input prepare_int8_rows(int64_t m, int64_t k, const float* a, const qu
         sum += natural[static_cast<size_t>(c0 + t)];
       }
       in.scale[static_cast<size_t>(i * srow + g)] = scale;
-      in.sum[static_cast<size_t>(i * in.groups_pad + g)] = sum;
+      in.scaled_sum[static_cast<size_t>(i * srow + g)] = scale * static_cast<float>(sum);
     }
     int8_t* q = in.q.data() + i * in.kpad;
     for (int64_t base = 0; base < in.kpad; base += ch) {

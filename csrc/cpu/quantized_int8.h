@@ -19,7 +19,7 @@ struct int8_rows_input {
   int64_t groups_pad = 0;            // groups of kpad; scale rows carry 8 more (zeros)
   std::vector<int8_t> q;             // [m, kpad]
   std::vector<float> scale;          // [m, groups_pad + 8]: A ~= q * scale per group
-  std::vector<int32_t> sum;          // [m, groups_pad]: sum of q per group
+  std::vector<float> scaled_sum;     // [m, groups_pad + 8]: scale * (sum of q) per group
 };
 
 // Whether the int8 kernel runs b's format on this CPU (AVX2 chosen; 8, 4 or 2 bits).
