@@ -11,6 +11,7 @@ import pytest
 
 from pregated.bench import FIELDS
 from pregated.cli import main
+from pregated.suite import DRY_SUITE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MACHINE = ("gpu", "driver", "cuda", "torch", "cpu", "host_memory_bytes", "h2d_gbps")
@@ -122,5 +123,6 @@ def test_gpu_check_dry_run(tmp_path):
     assert len(merged) == 1
     res = json.loads((results / merged[0]).read_text())
     check_result(res)
-    assert not res["failed"] and len(res["commands"]) == 2 and res["timelines"]
+    assert not res["failed"] and len(res["commands"]) == len(DRY_SUITE) and res["timelines"]
+    assert {r.get("expert_dtype") for r in res["runs"] if not r["baseline"]} >= {"int4"}
     assert os.path.isfile(results / merged[0].replace(".json", ".png")) == HAVE_MATPLOTLIB

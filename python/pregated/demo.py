@@ -63,7 +63,9 @@ def demo_folder() -> str:
     return os.path.join(cache_root(), f"demo-mixtral-v{DEMO_VERSION}")
 
 
-def _train_tokenizer(folder: str, vocab_size: int = 1024) -> int:
+def train_tokenizer(folder: str, vocab_size: int = 1024, texts: list[str] | None = None) -> int:
+    """A byte-pair tokenizer trained on `texts` (default: the demo's corpus), written into
+    `folder` with its config and chat template; returns its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     # Metaspace (SentencePiece-like) rather than byte-level: every token of the vocabulary is
@@ -73,7 +75,7 @@ def _train_tokenizer(folder: str, vocab_size: int = 1024) -> int:
     tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
                                   show_progress=False)
-    tok.train_from_iterator([CORPUS] * 8, trainer)
+    tok.train_from_iterator(texts or [CORPUS] * 8, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
@@ -126,7 +128,7 @@ def build_demo(folder: str | None = None, seed: int = 0, force: bool = False) ->
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     cfg = dict(DEMO_CONFIG)
-    cfg["vocab_size"] = _train_tokenizer(tmp)
+    cfg["vocab_size"] = train_tokenizer(tmp)
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1)
     with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:

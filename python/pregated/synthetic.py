@@ -176,7 +176,7 @@ class SyntheticModel:
         from tqdm.auto import tqdm
 
         from .checkpoint import ShardWriter
-        from .demo import _train_tokenizer
+        from .demo import train_tokenizer
         from .modeling import build_model, describe
 
         os.makedirs(folder, exist_ok=True)
@@ -205,5 +205,5 @@ class SyntheticModel:
         raw["architectures"] = [type(model).__name__]
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
             json.dump(raw, f, indent=1)
-        _train_tokenizer(folder, vocab_size=min(1024, cfg.vocab_size))
+        train_tokenizer(folder, vocab_size=min(1024, cfg.vocab_size))
         return folder
