@@ -60,3 +60,20 @@ def mixtral_folder(checkpoint_factory):
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture
+def kernels():
+    """kernels(isa): run the CPU backend's decode kernels on `isa` ("best": this CPU's best) until
+    the test ends; skips when this CPU cannot."""
+    from pregated import _core
+
+    best = _core.cpu_kernel_isa()
+
+    def use(isa):
+        if not _core._force_cpu_kernel(best if isa == "best" else isa):
+            pytest.skip(f"this CPU cannot run the {isa} kernels")
+        return _core.cpu_kernel_isa()
+
+    yield use
+    _core._force_cpu_kernel(best)

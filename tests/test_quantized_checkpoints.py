@@ -1,7 +1,8 @@
 """Checkpoints that ship quantized weights (FP8 with block scales, as DeepSeek-V3 and the Qwen3
 FP8 releases do; MXFP4 experts, as GPT-OSS does) are dequantized into the model and the expert
 store at load: the logits equal transformers' on the same weights dequantized, and a format
-pregated does not read is refused by name."""
+pregated does not read is refused by name. Packed integer formats (GPTQ, AWQ, compressed-tensors):
+test_packed_checkpoints.py."""
 
 import json
 import os
@@ -101,7 +102,8 @@ def test_mxfp4_expert_checkpoint(checkpoint_factory, tmp_path):
 
 
 def test_other_quantized_formats_are_refused(mixtral_folder, tmp_path):
-    folder = rewrite(mixtral_folder, tmp_path / "gptq", tensors_of(mixtral_folder),
-                     {"quant_method": "gptq", "bits": 4, "group_size": 128})
-    with pytest.raises(ValueError, match="ships weights quantized with 'gptq'; pregated reads checkpoints quantized with fp8, mxfp4"):
+    folder = rewrite(mixtral_folder, tmp_path / "bnb", tensors_of(mixtral_folder),
+                     {"quant_method": "bitsandbytes", "load_in_4bit": True})
+    with pytest.raises(ValueError, match=r"ships weights quantized with 'bitsandbytes'; pregated reads checkpoints "
+                                         r"quantized with fp8, mxfp4 \(dequantized at load\), gptq, awq, compressed-tensors"):
         Engine(folder, device="cpu", quiet=True)

@@ -22,23 +22,6 @@ def greedy(folder, **kw) -> list[int]:
         return eng.generate(PROMPT[:6], max_new_tokens=32).token_ids
 
 
-@pytest.fixture
-def kernels():
-    """kernels(isa): run the CPU backend's decode kernels on `isa` ("best": this CPU's best) until
-    the test ends; skips when this CPU cannot."""
-    from pregated import _core
-
-    best = _core.cpu_kernel_isa()
-
-    def use(isa):
-        if not _core._force_cpu_kernel(best if isa == "best" else isa):
-            pytest.skip(f"this CPU cannot run the {isa} kernels")
-        return _core.cpu_kernel_isa()
-
-    yield use
-    _core._force_cpu_kernel(best)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_int8_greedy_tokens_equal_the_unquantized_experts_float32(family, checkpoint_factory, kernels):
     """With fp32 activations (the portable kernels) the 32 greedy tokens are identical."""

@@ -17,6 +17,11 @@ import struct
 import torch
 from safetensors.torch import save_file
 
+from .packed_checkpoint import TENSORS, PackedFormat, PackedFormatError, packed_format
+from .packed_checkpoint import shape_of as packed_shape
+from .packed_checkpoint import unpack as unpack_packed
+from .quantize import dequantize
+
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -80,7 +85,8 @@ class _Shard:
         self.file.close()
 
 
-QUANTIZED_FORMATS = ("fp8", "mxfp4")
+QUANTIZED_FORMATS = ("fp8", "mxfp4")  # dequantized as read
+PACKED_FORMATS = ("gptq", "awq", "compressed-tensors")  # integer codes, kept packed for experts
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -143,11 +149,19 @@ class Checkpoint:
         self._quantized: dict[str, tuple[str, str, str]] = {}  # name -> (format, data key, scale key)
         q = _quantization(folder)
         method = q.get("quant_method")
-        if method is not None and method not in QUANTIZED_FORMATS:
+        if method is not None and method not in QUANTIZED_FORMATS + PACKED_FORMATS:
             raise CheckpointError(
                 f"{folder} ships weights quantized with '{method}'; pregated reads checkpoints quantized with "
-                f"{', '.join(QUANTIZED_FORMATS)} (dequantized at load) or unquantized ones: dequantize it first "
+                f"{', '.join(QUANTIZED_FORMATS)} (dequantized at load), {', '.join(PACKED_FORMATS)} (int8/int4/int2 "
+                "codes in groups of 32/64/128, loaded packed) or unquantized ones: dequantize it first "
                 "(for example with transformers' dequantize()) and save it again")
+        self.packed_format: PackedFormat | None = None
+        self._packed: dict[str, dict[str, str]] = {}  # shown name X.weight -> {suffix: stored key}
+        if method in PACKED_FORMATS:
+            try:
+                self.packed_format = packed_format(q)
+            except PackedFormatError as e:
+                raise CheckpointError(f"{folder}: {e}") from None
         block = q.get("weight_block_size")
         self._fp8_block = tuple(block) if block else None
         for name in list(self._file_of):
@@ -159,6 +173,44 @@ class Checkpoint:
         for name, (fmt, data, scale) in self._quantized.items():
             self._file_of[name] = self._file_of.pop(data) if fmt == "mxfp4" else self._file_of[name]
             self._file_of.pop(scale)
+        if self.packed_format is not None:
+            self._find_packed()
+
+    def _find_packed(self) -> None:
+        """Shows each packed linear layer X (X.qweight + companions) as one tensor X.weight."""
+        data, required, optional = TENSORS[self.packed_format.method]
+        for name in [n for n in self._file_of if n.endswith(data)]:
+            prefix = name[:-len(data)]
+            parts = {data: name}
+            for suffix in required + optional:
+                if prefix + suffix in self._file_of:
+                    parts[suffix] = prefix + suffix
+                elif suffix in required:
+                    raise CheckpointError(f"'{name}' in {self._file_of[name]} has no '{prefix + suffix}': the "
+                                          "checkpoint is incomplete")
+            self._packed[prefix + ".weight"] = parts
+        for shown, parts in self._packed.items():
+            self._file_of[shown] = self._file_of[parts[data]]
+            for key in parts.values():
+                self._file_of.pop(key)
+
+    def packed_experts(self) -> PackedFormat | None:
+        """The format of the experts when the checkpoint ships them packed, else None."""
+        if self.packed_format is None or not any(".experts." in k for k in self._packed):
+            return None
+        return self.packed_format
+
+    def is_packed(self, name: str) -> bool:
+        """Whether `name` is a packed integer layer (`packed()` reads it without dequantizing)."""
+        return name in self._packed
+
+    def packed(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A packed layer as (codes uint8 [out, in], scale fp16, zero fp16 [out, groups])."""
+        parts = {suffix: self._read(key) for suffix, key in self._packed[name].items()}
+        try:
+            return unpack_packed(self.packed_format, parts, name[:-len(".weight")])
+        except PackedFormatError as e:
+            raise CheckpointError(f"{self.folder}: {e}") from None
 
     def _open(self, path: str) -> _Shard:
         shard = self._shards.get(path)
@@ -197,6 +249,10 @@ class Checkpoint:
         return shard, entry
 
     def shape(self, name: str) -> tuple[int, ...]:
+        parts = self._packed.get(name)
+        if parts is not None:
+            shapes = {suffix: self._entry(key)[1][1] for suffix, key in parts.items()}
+            return packed_shape(self.packed_format, shapes, lambda suffix: self._read(parts[suffix]))
         shape = self._entry(name)[1][1]
         q = self._quantized.get(name)
         if q is not None and q[0] == "mxfp4":  # [E, N, G, 16] packed -> [E, G * 32, N]
@@ -226,6 +282,9 @@ class Checkpoint:
     def get(self, name: str, shape=None) -> torch.Tensor:
         """One tensor, checked against `shape` when given."""
         self._check_shape(name, self.file_of(name), self.shape(name), shape)
+        if name in self._packed:
+            codes, scale, zero = self.packed(name)
+            return dequantize(codes, scale, zero, self.packed_format.group_size)
         return self._dequantized(name, None) if name in self._quantized else self._read(name)
 
     def get_row(self, name: str, index: int, shape=None) -> torch.Tensor:

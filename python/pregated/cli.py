@@ -199,7 +199,7 @@ def cmd_demo(args) -> int:
     build_demo(folder, force=args.rebuild)
     cfg = summarize(folder)[1]
     if args.expert_dtype:
-        cfg.expert_format, cfg.group_size = args.expert_dtype, args.group_size
+        cfg.expert_format, cfg.group_size = args.expert_dtype, args.group_size or 64
     one = cfg.expert_bytes()
     if args.expert_memory is None:  # a tight budget: 6 of the 32 experts
         args.expert_memory = 6 * one
@@ -223,19 +223,23 @@ def cmd_info(args) -> int:
     from .loading import Loader
     from .modeling import build_model, describe
     from .moe import min_expert_memory, parse_expert_memory
-    from .quantize import BITS
+    from .quantize import BITS, checkpoint_quantization, expert_quantization
 
     hf_config = read_hf_config(args.model)
     dtype = dtype_from_name(args.dtype) if args.dtype else checkpoint_dtype(hf_config)
     model = build_model(hf_config, dtype)
     blocks, layout, cfg = describe(hf_config, model, dtype)
-    Loader(model, Checkpoint(args.model), blocks, layout, dict(model.state_dict()))  # every expert is there
+    ckpt = Checkpoint(args.model)
+    Loader(model, ckpt, blocks, layout, dict(model.state_dict()))  # every expert is there
+    shipped = ckpt.packed_experts()
+    spec = (checkpoint_quantization(shipped, args.expert_dtype, args.group_size) if shipped
+            else expert_quantization(args.expert_dtype, args.group_size))
     text = hf_config.get_text_config()
     packed = {}
     for name in BITS:
-        cfg.expert_format, cfg.group_size = name, args.group_size
+        cfg.expert_format, cfg.group_size = name, args.group_size or 64
         packed[name] = cfg.expert_bytes()
-    cfg.expert_format = args.expert_dtype or "dense"
+    cfg.expert_format, cfg.group_size = (spec.name, spec.group_size) if spec else ("dense", 64)
     one = cfg.expert_bytes()
     n_experts = cfg.num_routed_experts
     dense = cfg.dense_parameters * cfg.dtype.itemsize
@@ -250,10 +254,12 @@ def cmd_info(args) -> int:
     print(f"experts      {cfg.num_experts} per MoE layer, {cfg.top_k} per token, hidden {cfg.hidden_size}, "
           f"intermediate {cfg.moe_intermediate_size}, {cfg.ffn}{' with biases' if cfg.has_bias else ''}"
           + (f", shared expert {shared}" if shared else ""))
-    kind = f"{cfg.expert_format}, group {cfg.group_size}" if args.expert_dtype else str(cfg.dtype)
+    kind = f"{cfg.expert_format}, group {cfg.group_size}" if spec else str(cfg.dtype)
+    if shipped:
+        kind += f", packed in the checkpoint ({shipped.method})"
     print(f"bytes        {fb(one)} per expert ({kind}), {fb(cfg.all_expert_bytes())} all experts, "
           f"{fb(dense)} dense (on the device)")
-    print(f"quantized    per expert with --expert-dtype, group {args.group_size}: "
+    print(f"quantized    per expert with --expert-dtype, group {args.group_size or 64}: "
           + ", ".join(f"{name} {fb(b)}" for name, b in packed.items()))
     minimum = {p: fb(min_expert_memory(p, cfg)) for p in ("on-demand", "pregated", "gpu-only")}
     print(f"minimum      on-demand {minimum['on-demand']}, pregated / prefetch-all {minimum['pregated']}, "

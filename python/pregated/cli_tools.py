@@ -34,8 +34,9 @@ def add_quantization_args(p, many: bool, method: bool = True, help: str | None =
         p.add_argument("--expert-dtype", default=None, choices=["int8", "int4", "int3", "int2"],
                        help="quantize the experts when loading: int8, int4, int3 or int2, group-wise "
                             "(default: keep the model's dtype; dense layers always keep it)")
-    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128],
-                   help="quantized experts: weights per scale and zero along the input dimension (default 64)")
+    p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
+                   help="quantized experts: weights per scale and zero along the input dimension (default 64; "
+                        "a checkpoint that ships packed experts keeps its own)")
     if method:
         p.add_argument("--quantize", default="rtn", choices=["rtn", "hqq"],
                        help="quantized experts: round-to-nearest (default) or HQQ's refined zeros")
@@ -171,7 +172,7 @@ def cmd_eval(args) -> int:
             raise ValueError("--pregate and --expert-dtype measure different things: give one of them")
         res = evaluate_expert_dtypes(args.model, _read_text(args.data),
                                      [d for d in args.expert_dtype if d != "model"],
-                                     group_size=args.group_size, quantize=args.quantize, window=args.window,
+                                     group_size=args.group_size or 64, quantize=args.quantize, window=args.window,
                                      max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
                                      expert_memory=args.expert_memory, quiet=args.quiet)
         print(format_quality(res))

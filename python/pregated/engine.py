@@ -21,7 +21,7 @@ from .modeling import dense_bytes, describe, drop_expert_parameters
 from .moe import MoEExecutor, check_eviction, check_routing, resolve_policy
 from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
-from .quantize import expert_quantization, store_writer
+from .quantize import checkpoint_quantization, expert_quantization, store_writer
 from .prompts import as_token_ids, check_chat_messages, check_token_ids, encode_prompt, split_batch
 from .synthetic import SyntheticModel
 from .taps import BlockTaps
@@ -85,7 +85,7 @@ class Engine:
 
     def __init__(self, model: str, *, device=None, dtype=None, policy: str | None = None,
                  expert_memory=None, eviction: str = "lru", pregate=None, routing: str = "exact",
-                 expert_dtype: str | None = None, group_size: int = 64, quantize: str = "rtn",
+                 expert_dtype: str | None = None, group_size: int | None = None, quantize: str = "rtn",
                  quiet: bool = False):
         if isinstance(model, (SyntheticModel, LoadedModel)):
             source = model
@@ -102,7 +102,11 @@ class Engine:
         self.model = source.build(self.dtype)
         self.blocks, self.layout, self.cfg = describe(self.hf_config, self.model, self.dtype)
         cfg = self.cfg
-        self.quant = expert_quantization(expert_dtype, group_size, quantize)
+        packed = source.packed_experts() if isinstance(source, CheckpointSource) else None
+        if packed is not None:
+            self.quant = checkpoint_quantization(packed, expert_dtype, group_size, quantize)
+        else:
+            self.quant = expert_quantization(expert_dtype, group_size, quantize)
         if self.quant is not None:
             cfg.expert_format, cfg.group_size = self.quant.name, self.quant.group_size
         self.policy, self.expert_memory = resolve_policy(policy, expert_memory, cfg)
@@ -120,8 +124,9 @@ class Engine:
             meta_state = dict(self.model.state_dict())
             drop_expert_parameters(self.blocks, lay)
             with progress_bar(source.parameters(), not quiet) as bar:
+                extra = {"set_packed": self.runtime.set_expert} if packed is not None else {}
                 source.load(self.model, self.blocks, lay, meta_state, store_writer(self.runtime, self.quant),
-                            self.device, self.dtype, bar)
+                            self.device, self.dtype, bar, **extra)
             self.taps = BlockTaps(self.blocks)
             self.pregate = SpeculativePregate(self.blocks, self.taps)
             self.moe = MoEExecutor(self.runtime, self._handle, cfg, self.policy, self.pregate, self.taps, routing)

@@ -87,11 +87,12 @@ class Loader:
 
     # --- dense weights ----------------------------------------------------------------------
 
-    def _convert(self, src: Source, target: str, keys: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-        """Runs transformers' converter over `keys` (one call, tensors read lazily)."""
+    def _convert(self, src: Source, target: str, keys: list[tuple[str, str]], read=None) -> dict[str, torch.Tensor]:
+        """Runs transformers' converter over `keys` (one call, tensors read lazily by `read`)."""
+        read = read or self.ckpt.get
         conv = deepcopy(src.converter)
         for pattern, key in keys:
-            conv.add_tensor(target, key, pattern, lambda key=key: self.ckpt.get(key))
+            conv.add_tensor(target, key, pattern, lambda key=key: read(key))
         out = conv.convert(target, model=self.model, config=self.model.config)
         return {name: (t[0] if isinstance(t, list) else t) for name, t in out.items()}
 
@@ -121,8 +122,9 @@ class Loader:
 
     # --- experts ----------------------------------------------------------------------------
 
-    def expert_slices(self, m: int, param: str):
-        """Yields (expert e, its slice of `param` in the model's layout) for block m."""
+    def expert_slices(self, m: int, param: str, read=None):
+        """Yields (expert e, its slice of `param` in the model's layout) for block m, reading
+        checkpoint tensors with `read` (default: as stored, or dequantized)."""
         src = self.plan.experts[(m, param)]
         E = self.layout.num_experts
         want = self.layout.param_shape(param)
@@ -152,22 +154,71 @@ class Loader:
         elif all(len(keys) == E for keys in per_pattern.values()):  # per expert: convert one at a time
             for e in range(E):
                 keys = [(p, ks[e]) for p, ks in per_pattern.items()]
-                t = self._convert(src, name, keys)[name]
+                t = self._convert(src, name, keys, read)[name]
                 yield e, check(t[0] if t.dim() == len(want) + 1 else t, e, [k for _, k in keys])
         else:  # any other converter: the whole layer at once, then its experts
-            t = self._convert(src, name, src.keys)[name]
+            t = self._convert(src, name, src.keys, read)[name]
             for e in range(E):
                 yield e, check(t[e], e, [k for _, k in src.keys])
 
-    def load_experts(self, set_expert, dtype: torch.dtype, progress=None) -> None:
-        """set_expert(m, e, part, tensor) for every part of every expert."""
+    def load_experts(self, set_expert, dtype: torch.dtype, progress=None, set_packed=None) -> None:
+        """set_expert(m, e, part, tensor) for every part of every expert; experts the checkpoint
+        ships packed go to set_packed(m, e, part, tensor) as packed codes, scales and zeros."""
         for m in range(len(self.blocks)):
             for param in self.layout.params:
+                keys = [k for _, k in self.plan.experts[(m, param)].keys]
+                packed = [self.ckpt.is_packed(k) for k in keys]
+                if any(packed):
+                    if not all(packed) or set_packed is None:
+                        raise CheckpointError(
+                            f"'{keys[packed.index(True)]}' in {self.ckpt.folder} is packed "
+                            f"({self.ckpt.packed_format.method}) but "
+                            + ("other tensors of the same experts are not" if not all(packed)
+                               else "these experts are being loaded unpacked"))
+                    self._load_packed(m, param, set_packed, progress)
+                    continue
                 for e, t in self.expert_slices(m, param):
                     for part, w in self.layout.store_parts(param, t).items():
                         set_expert(m, e, part, w.to(dtype).contiguous())
                     if progress is not None:
                         progress.update(t.numel())
+
+    def _load_packed(self, m: int, param: str, set_packed, progress=None) -> None:
+        """Packed experts into the store as they are: codes, and scales and zeros spread over
+        their groups' columns, go through the same conversions as a weight would (renames,
+        stacking, concatenation, transposes), then each part's scales and zeros are read back
+        per group."""
+        from .quantize import pack
+
+        gs, bits = self.ckpt.packed_format.group_size, self.ckpt.packed_format.bits
+        memo: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+        def component(key: str, i: int) -> torch.Tensor:
+            if key not in memo:
+                codes, scale, zero = self.ckpt.packed(key)
+                cols = codes.shape[1]
+                memo[key] = (codes, scale.repeat_interleave(gs, 1)[:, :cols], zero.repeat_interleave(gs, 1)[:, :cols])
+            return memo[key][i]
+
+        streams = [self.expert_slices(m, param, read=lambda k, i=i: component(k, i)) for i in range(3)]
+        for (e, codes), (_, scale), (_, zero) in zip(*streams):
+            memo.clear()
+            parts = [self.layout.store_parts(param, t) for t in (codes, scale, zero)]
+            for part, c in parts[0].items():
+                s, z = parts[1][part], parts[2][part]
+                s16, z16 = s[:, ::gs].contiguous(), z[:, ::gs].contiguous()
+                cols = c.shape[1]
+                if not (torch.equal(s16.repeat_interleave(gs, 1)[:, :cols], s)
+                        and torch.equal(z16.repeat_interleave(gs, 1)[:, :cols], z)):
+                    raise CheckpointError(
+                        f"the packed experts of {self.blocks[m].path}.{param} do not keep their groups of {gs} "
+                        "along the input in the model's layout: this family cannot load them packed; "
+                        "dequantize the checkpoint first")
+                set_packed(m, e, part, pack(c.contiguous(), bits))
+                set_packed(m, e, f"{part}.scale", s16)
+                set_packed(m, e, f"{part}.zero", z16)
+            if progress is not None:
+                progress.update(codes.numel())
 
 
 def set_tensor(model, name: str, value: torch.Tensor) -> None:
@@ -241,10 +292,16 @@ class CheckpointSource:
         """Parameters that loading will read (for the progress bar)."""
         return sum(_numel(self.checkpoint.shape(k)) for k in self.checkpoint.keys())
 
-    def load(self, model, blocks, layout, meta_state, set_expert, device, dtype, progress=None) -> None:
+    def packed_experts(self):
+        """The PackedFormat of experts the checkpoint ships packed (GPTQ, AWQ, compressed-tensors),
+        or None."""
+        return self.checkpoint.packed_experts()
+
+    def load(self, model, blocks, layout, meta_state, set_expert, device, dtype, progress=None,
+             set_packed=None) -> None:
         loader = Loader(model, self.checkpoint, blocks, layout, meta_state)
         filled = loader.load_dense(device, progress)
-        loader.load_experts(set_expert, dtype, progress)
+        loader.load_experts(set_expert, dtype, progress, set_packed)
         finish_on_device(model, device, filled)
         self.checkpoint = None  # unmap the files
 

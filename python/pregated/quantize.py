@@ -164,15 +164,28 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return codes.view(rows, -1)[:, :cols].to(torch.uint8)
 
 
-def expert_quantization(expert_dtype, group_size: int = 64, method: str = "rtn") -> QuantSpec | None:
-    """Engine's expert_dtype / group_size / quantize arguments -> a QuantSpec, or None for experts
-    kept in the model's dtype."""
+def expert_quantization(expert_dtype, group_size: int | None = 64, method: str = "rtn") -> QuantSpec | None:
+    """Engine's expert_dtype / group_size (None: 64) / quantize arguments -> a QuantSpec, or None
+    for experts kept in the model's dtype."""
     if expert_dtype is None or expert_dtype in ("dense", "model"):
         return None
+    group_size = 64 if group_size is None else group_size
     if expert_dtype not in BITS:
         raise ValueError(f"expert_dtype {expert_dtype!r} is not supported: use int8, int4, int3 or int2 "
                          "(or None to keep the model's dtype)")
     return QuantSpec(BITS[expert_dtype], group_size, method)
+
+
+def checkpoint_quantization(fmt, expert_dtype=None, group_size=None, method: str = "rtn") -> QuantSpec:
+    """The QuantSpec of experts a checkpoint ships packed (`fmt`, a PackedFormat): they load as
+    they are; asking for another format is refused rather than rounded a second time."""
+    if expert_dtype in (None, "model", fmt.name) and group_size in (None, fmt.group_size) and method == "rtn":
+        return QuantSpec(fmt.bits, fmt.group_size)
+    asked = f"expert_dtype={expert_dtype!r}, group_size={group_size!r}, quantize={method!r}"
+    raise ValueError(
+        f"this checkpoint ships its experts packed as {fmt.name} in groups of {fmt.group_size} ({fmt.method}) and "
+        f"pregated loads them as they are; {asked} would round them a second time: leave expert_dtype, "
+        f"group_size and quantize unset (or give expert_dtype={fmt.name!r}, group_size={fmt.group_size})")
 
 
 def store_writer(runtime, spec: QuantSpec | None):
