@@ -71,13 +71,36 @@ __attribute__((target("avx2,fma"))) inline __m256i chunk_dot(const __m256i* v, c
   }
 }
 
+// Group g of a row, its `span` chunks whole: part[i][a] += (int32 sums of the group's chunks) * cs.
+template <int BITS, int M, int A>
+__attribute__((target("avx2,fma"), always_inline)) inline void group_fma(const uint8_t* row, const int8_t* qa,
+                                                                         const float* cs, int64_t srow, int64_t kpad,
+                                                                         int64_t g, int64_t span, __m256 (&part)[M][A],
+                                                                         int a) {
+  constexpr int P = 8 / BITS;
+  constexpr int64_t CH = chunk_bytes * P;
+  __m256i isum[M];
+  for (int i = 0; i < M; ++i) isum[i] = _mm256_setzero_si256();
+  for (int64_t s = 0; s < span; ++s) {
+    const int64_t ch = g * span + s;
+    __m256i v[P > 2 ? P : 2];
+    prepare_codes<BITS>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + ch * chunk_bytes)), v);
+    for (int i = 0; i < M; ++i) isum[i] = _mm256_add_epi32(isum[i], chunk_dot<BITS>(v, qa + i * kpad + ch * CH));
+  }
+  for (int i = 0; i < M; ++i) {
+    part[i][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_broadcast_ss(cs + i * srow + g), part[i][a]);
+  }
+}
+
 // Lane l of a chunk's 8 int32 partial sums covers codes [l * CH / 8, (l + 1) * CH / 8) of it.
 template <int BITS, int M>
 __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const int8_rows_input& in, const quantized_matrix& b,
                                                        int64_t j0, int64_t j1, float* c, int64_t ldc) {
   constexpr int P = 8 / BITS;
   constexpr int64_t CH = chunk_bytes * P;
+  constexpr int A = M == 1 ? 4 : M == 2 ? 2 : 1;  // accumulators per row in the whole-group loop
   const int64_t G = b.group_size, kpad = in.kpad, chunks = kpad / CH, srow = in.groups_pad + 8;
+  const int8_t* qa = in.q.data();
   const int64_t whole = b.row_bytes / chunk_bytes;  // chunks lying inside a row
   const int64_t span = G >= CH ? G / CH : 1;  // chunks summed in int32 before their scale
   // G < CH: lane l belongs to group (chunk's first group) + l * CH / (8 G)
@@ -110,7 +133,26 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const int8_rows_input& i
         zt[i] = _mm256_fmadd_ps(wz, _mm256_loadu_ps(in.scaled_sum.data() + i * srow + g), zt[i]);
       }
     }
-    for (int64_t ch0 = 0; ch0 < chunks; ch0 += span) {  // chunks of one group, or one chunk
+    // Groups of whole chunks lying inside the row: int32 sums over the group's chunks, then one
+    // FMA per group into A accumulators taken in turn (few rows: the FMA's latency, not the
+    // loads, would set the pace with one).
+    int64_t ch0 = 0;
+    if (G >= CH && G % CH == 0) {
+      const int64_t full = std::min(b.groups, whole / span);
+      __m256 part[M][A];
+      for (int i = 0; i < M; ++i)
+        for (int a = 0; a < A; ++a) part[i][a] = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + A <= full; g += A) {
+#pragma GCC unroll 4
+        for (int a = 0; a < A; ++a) group_fma<BITS, M>(row, qa, cs.data(), srow, kpad, g + a, span, part, a);
+      }
+      for (; g < full; ++g) group_fma<BITS, M>(row, qa, cs.data(), srow, kpad, g, span, part, 0);
+      for (int i = 0; i < M; ++i)
+        for (int a = 0; a < A; ++a) acc[i] = _mm256_add_ps(acc[i], part[i][a]);
+      ch0 = full * span;
+    }
+    for (; ch0 < chunks; ch0 += span) {  // the rest: chunks of one group, or one chunk
       __m256i isum[M];
       for (int i = 0; i < M; ++i) isum[i] = _mm256_setzero_si256();
       for (int64_t ch = ch0; ch < std::min(chunks, ch0 + span); ++ch) {
@@ -123,7 +165,7 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const int8_rows_input& i
         }
         __m256i v[P > 2 ? P : 2];
         prepare_codes<BITS>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), v);
-        for (int i = 0; i < M; ++i) isum[i] = _mm256_add_epi32(isum[i], chunk_dot<BITS>(v, in.q.data() + i * kpad + ch * CH));
+        for (int i = 0; i < M; ++i) isum[i] = _mm256_add_epi32(isum[i], chunk_dot<BITS>(v, qa + i * kpad + ch * CH));
       }
       const float* cs0 = cs.data() + ch0 * CH / G;  // row i's scales at cs0 + i * srow
       for (int i = 0; i < M; ++i) {
