@@ -38,7 +38,7 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
 // The scale of each lane of a chunk: one group's, or (groups shorter than the chunk) lane l's
 // group is the chunk's first + lanes[l].
 __attribute__((target("avx2,fma"))) inline __m256 chunk_scales(const float* cs, bool one_group, __m256i lanes) {
-  return one_group ? _mm256_broadcast_ss(cs) : _mm256_i32gather_ps(cs, lanes, 4);
+  return one_group ? _mm256_broadcast_ss(cs) : _mm256_permutevar8x32_ps(_mm256_loadu_ps(cs), lanes);
 }
 
 // The codes of one chunk as vpmaddubsw wants them. int8: codes - 128 as int8 (v[0]) and its
@@ -71,24 +71,27 @@ __attribute__((target("avx2,fma"))) inline __m256i chunk_dot(const __m256i* v, c
   }
 }
 
-// Group g of a row, its `span` chunks whole: part[i][a] += (int32 sums of the group's chunks) * cs.
+// Unit u of a row, its chunks whole: part[i][a] += (int32 sums of the unit's chunks) * scales.
+// A unit is a group of `span` chunks (groups of at least a chunk), or one chunk whose lanes
+// belong to several groups (smaller groups: their scales permuted into the lanes).
 template <int BITS, int M, int A>
-__attribute__((target("avx2,fma"), always_inline)) inline void group_fma(const uint8_t* row, const int8_t* qa,
-                                                                         const float* cs, int64_t srow, int64_t kpad,
-                                                                         int64_t g, int64_t span, __m256 (&part)[M][A],
-                                                                         int a) {
+__attribute__((target("avx2,fma"), always_inline)) inline void unit_fma(const uint8_t* row, const int8_t* qa,
+                                                                        const float* cs, int64_t srow, int64_t kpad,
+                                                                        int64_t u, int64_t span, int64_t groups_per_unit,
+                                                                        __m256i lanes, __m256 (&part)[M][A], int a) {
   constexpr int P = 8 / BITS;
   constexpr int64_t CH = chunk_bytes * P;
   __m256i isum[M];
   for (int i = 0; i < M; ++i) isum[i] = _mm256_setzero_si256();
   for (int64_t s = 0; s < span; ++s) {
-    const int64_t ch = g * span + s;
+    const int64_t ch = u * span + s;
     __m256i v[P > 2 ? P : 2];
     prepare_codes<BITS>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + ch * chunk_bytes)), v);
     for (int i = 0; i < M; ++i) isum[i] = _mm256_add_epi32(isum[i], chunk_dot<BITS>(v, qa + i * kpad + ch * CH));
   }
   for (int i = 0; i < M; ++i) {
-    part[i][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_broadcast_ss(cs + i * srow + g), part[i][a]);
+    const __m256 sc = chunk_scales(cs + i * srow + u * groups_per_unit, groups_per_unit == 1, lanes);
+    part[i][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), sc, part[i][a]);
   }
 }
 
@@ -137,17 +140,18 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const int8_rows_input& i
     // FMA per group into A accumulators taken in turn (few rows: the FMA's latency, not the
     // loads, would set the pace with one).
     int64_t ch0 = 0;
-    if (G >= CH && G % CH == 0) {
-      const int64_t full = std::min(b.groups, whole / span);
+    if (G % CH == 0 || CH % G == 0) {
+      const int64_t per_unit = G >= CH ? 1 : CH / G;           // groups in a unit
+      const int64_t full = std::min(G >= CH ? b.groups : chunks, whole / span);  // units of whole chunks
       __m256 part[M][A];
       for (int i = 0; i < M; ++i)
         for (int a = 0; a < A; ++a) part[i][a] = _mm256_setzero_ps();
-      int64_t g = 0;
-      for (; g + A <= full; g += A) {
+      int64_t u = 0;
+      for (; u + A <= full; u += A) {
 #pragma GCC unroll 4
-        for (int a = 0; a < A; ++a) group_fma<BITS, M>(row, qa, cs.data(), srow, kpad, g + a, span, part, a);
+        for (int a = 0; a < A; ++a) unit_fma<BITS, M>(row, qa, cs.data(), srow, kpad, u + a, span, per_unit, lane_group, part, a);
       }
-      for (; g < full; ++g) group_fma<BITS, M>(row, qa, cs.data(), srow, kpad, g, span, part, 0);
+      for (; u < full; ++u) unit_fma<BITS, M>(row, qa, cs.data(), srow, kpad, u, span, per_unit, lane_group, part, 0);
       for (int i = 0; i < M; ++i)
         for (int a = 0; a < A; ++a) acc[i] = _mm256_add_ps(acc[i], part[i][a]);
       ch0 = full * span;
