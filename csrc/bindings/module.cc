@@ -430,6 +430,30 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("a"), py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group_size"),
         py::arg("out"), "Tests: out = a @ dequantize(codes, scale, zero).T on the CPU backend's kernels.");
 
+  m.def("cpu_linear", [](const py::object& x_obj, const py::object& w_obj, const py::object& out_obj) {
+    tensor_info x = inspect(x_obj, "x"), w = inspect(w_obj, "weight"), out = inspect(out_obj, "out");
+    expect_dims(x, "x", {-1, -1}, "rows, in");
+    const int64_t m = x.shape[0], k = x.shape[1];
+    expect_dims(w, "weight", {-1, k}, "out, in");
+    const int64_t n = w.shape[0];
+    expect_dims(out, "out", {m, n}, "rows, out");
+    for (const auto* t : {&x, &w, &out}) {
+      const char* name = t == &x ? "x" : t == &w ? "weight" : "out";
+      expect_device(*t, name, "cpu");
+      expect_dtype(*t, name, x.dtype);
+      expect_contiguous(*t, name);
+    }
+    dtype dt;
+    throw_if_error(parse_dtype(x.dtype, &dt));
+    static const std::unique_ptr<backend> be = make_cpu_backend();
+    py::gil_scoped_release nogil;
+    throw_if_error(be->gemm_nt(dt, m, n, k, reinterpret_cast<const void*>(x.data), k,
+                               reinterpret_cast<const void*>(w.data), k, reinterpret_cast<void*>(out.data), n,
+                               nullptr));
+  }, py::arg("x"), py::arg("weight"), py::arg("out"),
+        "out = x @ weight.T on the CPU backend's pool (float32, bfloat16 or float16; all three the same "
+        "dtype, contiguous): up to 8 rows read the weight once with the few-row kernels.");
+
   m.def("expert_bytes", [](int64_t hidden, int64_t intermediate, const std::string& ffn,
                            const std::string& dt, bool has_bias, const std::string& expert_format,
                            int64_t group_size) {

@@ -85,11 +85,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void rows_avx512(dtype dt, 
 
 // --- AVX2 -------------------------------------------------------------------------------------
 
-__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(dtype dt, const void* b, int64_t at) {
-  if (dt == dtype::dtype_f32) return _mm256_loadu_ps(static_cast<const float*>(b) + at);
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(b) + at));
-  if (dt == dtype::dtype_bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  return _mm256_cvtph_ps(h);
+template <dtype DT>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const void* b, int64_t at) {
+  if constexpr (DT == dtype::dtype_f32) {
+    return _mm256_loadu_ps(static_cast<const float*>(b) + at);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(b) + at));
+    if constexpr (DT == dtype::dtype_bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+  }
 }
 
 __attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
@@ -99,23 +103,43 @@ __attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int M>
-__attribute__((target("avx2,fma,f16c"))) void rows_avx2(dtype dt, int64_t k, const float* a,
-                                                        const void* b, int64_t ldb, int64_t j0,
-                                                        int64_t j1, float* c, int64_t ldc) {
+// A accumulators per row taken in turn: with one or two rows a single FMA chain (4 cycles a
+// link) would cap a core at 4-8 bytes of weights a cycle, below the memory's pace for bf16.
+template <int M, dtype DT>
+__attribute__((target("avx2,fma,f16c"))) void rows_avx2_t(int64_t k, const float* a, const void* b, int64_t ldb,
+                                                          int64_t j0, int64_t j1, float* c, int64_t ldc) {
+  constexpr int A = M == 1 ? 4 : M == 2 ? 2 : 1;
   for (int64_t j = j0; j < j1; ++j) {
-    __m256 acc[M];
-    for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+    __m256 acc[M][A];
+    for (int i = 0; i < M; ++i)
+      for (int u = 0; u < A; ++u) acc[i][u] = _mm256_setzero_ps();
     int64_t kk = 0;
+    for (; kk + 8 * A <= k; kk += 8 * A) {
+      for (int u = 0; u < A; ++u) {
+        const __m256 w = load8<DT>(b, j * ldb + kk + 8 * u);
+        for (int i = 0; i < M; ++i) acc[i][u] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * k + kk + 8 * u), w, acc[i][u]);
+      }
+    }
     for (; kk + 8 <= k; kk += 8) {
-      const __m256 w = load8(dt, b, j * ldb + kk);
-      for (int i = 0; i < M; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * k + kk), w, acc[i]);
+      const __m256 w = load8<DT>(b, j * ldb + kk);
+      for (int i = 0; i < M; ++i) acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * k + kk), w, acc[i][0]);
     }
     for (int i = 0; i < M; ++i) {
-      float s = sum8(acc[i]);
-      for (int64_t t = kk; t < k; ++t) s += a[i * k + t] * weight_at(dt, b, j * ldb + t);
+      for (int u = 1; u < A; ++u) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][u]);
+      float s = sum8(acc[i][0]);
+      for (int64_t t = kk; t < k; ++t) s += a[i * k + t] * weight_at(DT, b, j * ldb + t);
       c[i * ldc + j] = s;
     }
+  }
+}
+
+template <int M>
+void rows_avx2(dtype dt, int64_t k, const float* a, const void* b, int64_t ldb, int64_t j0, int64_t j1, float* c,
+               int64_t ldc) {
+  switch (dt) {
+    case dtype::dtype_f32: return rows_avx2_t<M, dtype::dtype_f32>(k, a, b, ldb, j0, j1, c, ldc);
+    case dtype::dtype_bf16: return rows_avx2_t<M, dtype::dtype_bf16>(k, a, b, ldb, j0, j1, c, ldc);
+    default: return rows_avx2_t<M, dtype::dtype_f16>(k, a, b, ldb, j0, j1, c, ldc);
   }
 }
 

@@ -21,6 +21,7 @@ from .modeling import dense_bytes, describe, drop_expert_parameters
 from .moe import MoEExecutor, check_eviction, check_routing, resolve_policy
 from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
+from .cpu_dense import decode_threads, use_cpu_pool_for_dense
 from .quantize import checkpoint_quantization, expert_quantization, store_writer
 from .prompts import as_token_ids, check_chat_messages, check_token_ids, encode_prompt, split_batch
 from .synthetic import SyntheticModel
@@ -127,6 +128,8 @@ class Engine:
                 extra = {"set_packed": self.runtime.set_expert} if packed is not None else {}
                 source.load(self.model, self.blocks, lay, meta_state, store_writer(self.runtime, self.quant),
                             self.device, self.dtype, bar, **extra)
+            if self.device == "cpu":
+                use_cpu_pool_for_dense(self.model)
             self.taps = BlockTaps(self.blocks)
             self.pregate = SpeculativePregate(self.blocks, self.taps)
             self.moe = MoEExecutor(self.runtime, self._handle, cfg, self.policy, self.pregate, self.taps, routing)
@@ -373,42 +376,43 @@ class Engine:
             trackers = [TextTracker(self.tokenizer, params.stop) for _ in range(B)]
             finish = [None] * B
             t_decode = time.perf_counter()
-            for step in range(params.max_new_tokens):
-                nxt = sample(logits, params, gen)
-                for b in range(B):
-                    if finish[b] is not None:
-                        continue
-                    tok = int(nxt[b])
-                    piece = trackers[b].add(tok)
-                    self._counters["tokens"] += 1
-                    if piece:
-                        yield b, piece
-                    if tok in self.eos_ids or trackers[b].stopped:
-                        finish[b] = "stop"
-                if all(f is not None for f in finish) or step == params.max_new_tokens - 1:
-                    break
-                active = torch.tensor([f is None for f in finish])[:, None]
-                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-                last_pos = last_pos + 1
-                tracing = self._trace_step is not None and step + 1 == self._trace_step
-                if tracing:
-                    self._sync()
-                    self.runtime.set_tracing(True)
-                    self.moe.host_seconds = [0.0] * self.cfg.num_moe_layers
-                    t_step = time.perf_counter()
-                out, cache = self._forward(nxt[:, None].to(self.device), mask, last_pos[:, None], cache, active)
-                logits = out[:, -1].float()
-                if tracing:
-                    host_step = time.perf_counter() - t_step  # before waiting for the device
-                    self._sync()
-                    self._last_trace = self.runtime.trace()
-                    self._last_trace.append({"kind": "host", "layer": -1, "expert": -1, "start_s": 0.0,
-                                             "end_s": host_step})
-                    self._last_trace += [{"kind": "host", "layer": m, "expert": -1, "start_s": 0.0, "end_s": s}
-                                         for m, s in enumerate(self.moe.host_seconds)]
-                    self.moe.host_seconds = None
-                    self.runtime.set_tracing(False)
-            self._sync()
+            with decode_threads(self.device):  # PyTorch's own threads off the pool's cores
+                for step in range(params.max_new_tokens):
+                    nxt = sample(logits, params, gen)
+                    for b in range(B):
+                        if finish[b] is not None:
+                            continue
+                        tok = int(nxt[b])
+                        piece = trackers[b].add(tok)
+                        self._counters["tokens"] += 1
+                        if piece:
+                            yield b, piece
+                        if tok in self.eos_ids or trackers[b].stopped:
+                            finish[b] = "stop"
+                    if all(f is not None for f in finish) or step == params.max_new_tokens - 1:
+                        break
+                    active = torch.tensor([f is None for f in finish])[:, None]
+                    mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+                    last_pos = last_pos + 1
+                    tracing = self._trace_step is not None and step + 1 == self._trace_step
+                    if tracing:
+                        self._sync()
+                        self.runtime.set_tracing(True)
+                        self.moe.host_seconds = [0.0] * self.cfg.num_moe_layers
+                        t_step = time.perf_counter()
+                    out, cache = self._forward(nxt[:, None].to(self.device), mask, last_pos[:, None], cache, active)
+                    logits = out[:, -1].float()
+                    if tracing:
+                        host_step = time.perf_counter() - t_step  # before waiting for the device
+                        self._sync()
+                        self._last_trace = self.runtime.trace()
+                        self._last_trace.append({"kind": "host", "layer": -1, "expert": -1, "start_s": 0.0,
+                                                 "end_s": host_step})
+                        self._last_trace += [{"kind": "host", "layer": m, "expert": -1, "start_s": 0.0, "end_s": s}
+                                             for m, s in enumerate(self.moe.host_seconds)]
+                        self.moe.host_seconds = None
+                        self.runtime.set_tracing(False)
+                self._sync()
             self._counters["decode_seconds"] += time.perf_counter() - t_decode
             results = []
             for b in range(B):

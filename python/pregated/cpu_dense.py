@@ -1,0 +1,67 @@
+"""Dense layers of a decode step on the CPU backend's pool.
+
+A decode step multiplies a few rows by every dense weight (attention projections, routers, the
+LM head): reading each weight once at the machine's memory bandwidth is all that matters. PyTorch's
+CPU matmul reads a float32 GEMV at about half of it here (8 GB/s against 16 on two cores, bf16
+5-13 GB/s) and wakes its own OpenMP team, which then spins against the pool that computes the
+experts. With few rows, `nn.Linear` layers of the dense model go through the runtime's few-row
+kernels on the same persistent pool; anything else (prefill, autograd, other dtypes) stays with
+PyTorch.
+
+During decode PyTorch's own intra-op threads are set to one (`decode_threads`): what is left to
+it (attention over a few rows, norms, elementwise ops) is too small to split, and an OpenMP team
+that spins after each parallel region takes the cores the pool needs. Prefill keeps them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+
+from . import _core
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_ROWS = 8  # the few-row kernels' limit (above it the backend tiles to sgemm: PyTorch's is as good)
+
+
+def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    w = self.weight
+    rows = x.numel() // max(x.shape[-1], 1)
+    if 0 < rows <= MAX_ROWS and x.dtype == w.dtype and x.device.type == "cpu" and not (
+            torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        out = torch.empty(rows, w.shape[0], dtype=x.dtype)
+        _core.cpu_linear(x.reshape(rows, -1).contiguous(), w, out)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], w.shape[0])
+    return torch.nn.functional.linear(x, w, self.bias)
+
+
+def use_cpu_pool_for_dense(model: torch.nn.Module) -> int:
+    """Routes few-row calls of every plain nn.Linear of `model` with a contiguous CPU weight in
+    float32/bfloat16/float16 through the CPU backend's kernels; returns how many."""
+    n = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if (type(module) is torch.nn.Linear and isinstance(w, torch.Tensor) and w.device.type == "cpu"
+                and w.dtype in DTYPES and w.is_contiguous()):
+            module.forward = types.MethodType(_forward, module)
+            n += 1
+    return n
+
+
+@contextlib.contextmanager
+def decode_threads(device: str):
+    """PyTorch's intra-op threads at one while a CPU decode loop runs (restored after, also when
+    the loop is left early); nothing on other devices."""
+    if device != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -1,0 +1,69 @@
+"""Dense layers of a CPU decode step on the runtime's pool (`cpu_dense.py`): the kernel against a
+float64 matmul, the Engine's nn.Linear layers routed only for few rows, PyTorch's thread count
+restored after decoding (also when a stream is left early)."""
+
+import pytest
+import torch
+
+from pregated import _core
+from pregated.cpu_dense import MAX_ROWS, use_cpu_pool_for_dense
+from pregated.engine import Engine
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # output rounded to its dtype
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 53), (200, 512), (1000, 72)])
+def test_cpu_linear_against_a_float64_matmul(dtype, rows, n, k, kernels):
+    for isa in ("portable", "best"):
+        kernels(isa)
+        g = torch.Generator().manual_seed(rows * n + k)
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        w = torch.randn(n, k, generator=g).to(dtype)
+        out = torch.full((rows, n), float("nan"), dtype=dtype)
+        _core.cpu_linear(x, w, out)
+        want = x.double() @ w.double().T
+        err = ((out.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+        assert err < TOL[dtype], (isa, err)
+
+
+def test_cpu_linear_refuses_bad_tensors():
+    x, w, out = torch.zeros(2, 8), torch.zeros(4, 8), torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="weight"):
+        _core.cpu_linear(x, torch.zeros(4, 9), out)
+    with pytest.raises(ValueError, match="out"):
+        _core.cpu_linear(x, w, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="bfloat16"):
+        _core.cpu_linear(x, w.bfloat16(), out)
+    with pytest.raises(ValueError, match="contiguous"):
+        _core.cpu_linear(torch.zeros(8, 2).T, w, out)
+
+
+def test_linear_layers_use_the_pool_for_few_rows_only(monkeypatch):
+    lin = torch.nn.Linear(16, 24)
+    plain = torch.nn.Linear(16, 24)
+    plain.load_state_dict(lin.state_dict())
+    assert use_cpu_pool_for_dense(torch.nn.Sequential(lin)) == 1
+    calls = []
+    real = _core.cpu_linear
+    monkeypatch.setattr(_core, "cpu_linear", lambda *a: (calls.append(a[0].shape[0]), real(*a)))
+    with torch.inference_mode():
+        for shape in [(1, 16), (2, 4, 16), (1, 1, 16), (3, 3, 16), (MAX_ROWS + 1, 16)]:
+            x = torch.randn(*shape)
+            assert torch.allclose(lin(x), plain(x), atol=1e-5), shape
+    assert calls == [1, 8, 1]  # 9 rows: PyTorch's
+    x = torch.randn(2, 16, requires_grad=True)  # autograd stays with PyTorch
+    lin(x).sum().backward()
+    assert x.grad is not None and calls == [1, 8, 1]
+
+
+def test_decode_restores_torch_threads(mixtral_folder):
+    before = torch.get_num_threads()
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
+        eng.generate("hello", max_new_tokens=4)
+        assert torch.get_num_threads() == before
+        stream = eng.generate("hello", max_new_tokens=16, stream=True)
+        next(iter(stream))
+        stream._pieces.close()  # a caller leaving the stream early
+        assert torch.get_num_threads() == before
