@@ -167,6 +167,16 @@ class py_runtime {
     throw_if_error(r.store().set_part({layer, expert}, p, reinterpret_cast<const void*>(t.data), bytes));
   }
 
+  // A block's input: [tokens, hidden] in the runtime's dtype, on its device, contiguous.
+  tensor_info inspect_x(const py::object& x_obj, const expert_spec& sp) const {
+    tensor_info x = inspect(x_obj, "x");
+    expect_device(x, "x", device_);
+    expect_dtype(x, "x", dtype_name(sp.dt));
+    expect_dims(x, "x", {-1, sp.hidden}, "tokens, hidden");
+    expect_contiguous(x, "x");
+    return x;
+  }
+
   py::bytes host_expert(int32_t layer, int32_t expert) {
     runtime& r = rt();
     throw_if_error(r.store().check_key({layer, expert}));
@@ -179,11 +189,7 @@ class py_runtime {
                      const py::object& next_experts) {
     runtime& r = rt();
     const expert_spec& sp = r.config().spec;
-    tensor_info x = inspect(x_obj, "x");
-    expect_device(x, "x", device_);
-    expect_dtype(x, "x", dtype_name(sp.dt));
-    expect_dims(x, "x", {-1, sp.hidden}, "tokens, hidden");
-    expect_contiguous(x, "x");
+    tensor_info x = inspect_x(x_obj, sp);
     const int64_t T = x.shape[0];
     tensor_info ids = inspect(ids_obj, "ids");
     if (ids.dtype != "int32" && ids.dtype != "int64" && ids.dtype != "int16" && ids.dtype != "uint8") {
@@ -235,11 +241,7 @@ class py_runtime {
                               const py::object& w_obj, const py::object& out_obj) {
     runtime& r = rt();
     const expert_spec& sp = r.config().spec;
-    tensor_info x = inspect(x_obj, "x");
-    expect_device(x, "x", device_);
-    expect_dtype(x, "x", dtype_name(sp.dt));
-    expect_dims(x, "x", {-1, sp.hidden}, "tokens, hidden");
-    expect_contiguous(x, "x");
+    tensor_info x = inspect_x(x_obj, sp);
     const int64_t T = x.shape[0];
     tensor_info ids = inspect(ids_obj, "ids");
     expect_device(ids, "ids", device_);

@@ -84,6 +84,14 @@ void sgemm_single(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, 
   sgemm_nt(m, n, k, a, lda, b, ldb, c, ldc);
 }
 
+// Where the fp32 result goes: C itself when it is fp32, else `c32` ([m, n], narrowed into C after).
+float* fp32_output(dtype dt, void* c, int64_t m, int64_t n, std::vector<float>* c32, int64_t* ld) {
+  if (dt == dtype::dtype_f32) return static_cast<float*>(c);
+  c32->resize(static_cast<size_t>(m * n));
+  *ld = n;
+  return c32->data();
+}
+
 }  // namespace
 
 status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
@@ -101,13 +109,8 @@ status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t
     af = a32.data();
     af_ld = k;
   }
-  float* cf = static_cast<float*>(c);
   int64_t cf_ld = ldc;
-  if (dt != dtype::dtype_f32) {
-    c32.resize(static_cast<size_t>(m * n));
-    cf = c32.data();
-    cf_ld = n;
-  }
+  float* cf = fp32_output(dt, c, m, n, &c32, &cf_ld);
   if (m <= small_rows_max) {  // decode: one pass over B, read in its own precision
     std::vector<float> a_packed;
     if (af_ld != k) {
@@ -159,13 +162,8 @@ status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* 
     widen(dt, a, m, k, lda, a32.data());
   }
   std::vector<float> c32;
-  float* cf = static_cast<float*>(c);
   int64_t cf_ld = ldc;
-  if (dt != dtype::dtype_f32) {
-    c32.resize(static_cast<size_t>(m * n));
-    cf = c32.data();
-    cf_ld = n;
-  }
+  float* cf = fp32_output(dt, c, m, n, &c32, &cf_ld);
   if (m <= small_rows_max && int8_rows_usable(b)) {  // decode: integer dot products on codes read once
     const int8_rows_input in = prepare_int8_rows(m, k, a32.data(), b);
     const int64_t tasks = tasks_for(n, b.row_bytes);

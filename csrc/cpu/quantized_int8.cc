@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "half.h"
+#include "simd_x86.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -26,13 +27,6 @@ int64_t chunk_codes(int bits) { return chunk_bytes * 8 / bits; }
 bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // The scale of each lane of a chunk: one group's, or (groups shorter than the chunk) lane l's
@@ -176,7 +170,7 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const int8_rows_input& i
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), chunk_scales(cs0 + i * srow, G >= CH, lane_group), acc[i]);
       }
     }
-    for (int i = 0; i < M; ++i) c[i * ldc + j] = hsum(_mm256_sub_ps(acc[i], zt[i]));
+    for (int i = 0; i < M; ++i) c[i * ldc + j] = hsum8(_mm256_sub_ps(acc[i], zt[i]));
   }
 }
 

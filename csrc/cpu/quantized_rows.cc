@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "half.h"
+#include "simd_x86.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -76,13 +77,6 @@ __attribute__((target("avx2,fma"))) inline __m256 codes8(const uint8_t* row, int
   }
 }
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // Per group: acc += scale * (A . codes) in vector lanes, zero term scale * zero * sum(A) in a
 // scalar; one horizontal sum per output.
 template <int BITS, int M>
@@ -113,7 +107,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(int64_t k, const float* a, co
         zterm[i] += s * (z * a_sums[i * b.groups + g] - rest);
       }
     }
-    for (int i = 0; i < M; ++i) c[i * ldc + j] = hsum(acc[i]) - zterm[i];
+    for (int i = 0; i < M; ++i) c[i * ldc + j] = hsum8(acc[i]) - zterm[i];
   }
 }
 

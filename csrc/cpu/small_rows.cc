@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "half.h"
+#include "simd_x86.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -96,13 +97,6 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const void* b, int6
   }
 }
 
-__attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // A accumulators per row taken in turn: with one or two rows a single FMA chain (4 cycles a
 // link) would cap a core at 4-8 bytes of weights a cycle, below the memory's pace for bf16.
 template <int M, dtype DT>
@@ -126,7 +120,7 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2_t(int64_t k, const float
     }
     for (int i = 0; i < M; ++i) {
       for (int u = 1; u < A; ++u) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][u]);
-      float s = sum8(acc[i][0]);
+      float s = hsum8(acc[i][0]);
       for (int64_t t = kk; t < k; ++t) s += a[i * k + t] * weight_at(DT, b, j * ldb + t);
       c[i * ldc + j] = s;
     }
