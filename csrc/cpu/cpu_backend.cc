@@ -4,6 +4,7 @@
 // cpu_backend_options::copy_delay_us >= 0, asynchronously by the backend's own copy thread after
 // that delay: then the runtime's waiting paths (copies in flight, stalls) run on the CPU as they
 // do on a GPU, in CI and under ThreadSanitizer.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -251,28 +252,64 @@ class cpu_backend final : public backend {
                              const int32_t* slot_of, const void* x, const int32_t* ids,
                              const float* weights, int64_t tokens, int64_t top_k, void* out,
                              void* ws, void* stream) override {
-    // The loop a GPU runs as batched GEMMs: each (token, expert) row on its expert's slot.
+    // What a GPU runs as batched GEMMs: the (token, expert) rows grouped by expert, each group
+    // on its expert's slot; groups of up to 8 rows (decode) go through the pool together, one
+    // pass for every expert's first weight and one for the second.
     const dtype dt = sp.dt;
     const size_t esz = dtype_size(dt);
     const int64_t H = sp.hidden, I = sp.intermediate, U = sp.up_rows(), R = tokens * top_k;
     auto* act = static_cast<uint8_t*>(ws);
     auto* y = act + ((static_cast<size_t>(R * U) * esz + 255) & ~size_t{255});
+    std::vector<int32_t> order(static_cast<size_t>(R));  // rows by expert; row_of[r]: r's place
+    for (int64_t r = 0; r < R; ++r) order[static_cast<size_t>(r)] = static_cast<int32_t>(r);
+    std::stable_sort(order.begin(), order.end(), [ids](int32_t p, int32_t q) { return ids[p] < ids[q]; });
     std::vector<int32_t> row_of(static_cast<size_t>(R));
-    for (int64_t r = 0; r < R; ++r) {
-      row_of[static_cast<size_t>(r)] = static_cast<int32_t>(r);
-      const int32_t slot = slot_of[ids[r]];
-      if (slot < 0) {
-        return internal_error("resident forward: expert " + std::to_string(ids[r]) + " has no ready slot");
+    std::vector<uint8_t> xg(static_cast<size_t>(R * H) * esz);  // x's rows in that order
+    for (int64_t p = 0; p < R; ++p) {
+      const int32_t r = order[static_cast<size_t>(p)];
+      row_of[static_cast<size_t>(r)] = static_cast<int32_t>(p);
+      std::memcpy(xg.data() + static_cast<size_t>(p * H) * esz,
+                  static_cast<const uint8_t*>(x) + static_cast<size_t>((r / top_k) * H) * esz, static_cast<size_t>(H) * esz);
+    }
+    struct group { int64_t start, m; const uint8_t* w; };
+    std::vector<group> groups;
+    for (int64_t p = 0; p < R;) {
+      const int32_t e = ids[order[static_cast<size_t>(p)]];
+      int64_t q = p;
+      while (q < R && ids[order[static_cast<size_t>(q)]] == e) ++q;
+      const int32_t slot = slot_of[e];
+      if (slot < 0) return internal_error("resident forward: expert " + std::to_string(e) + " has no ready slot");
+      groups.push_back({p, q - p, slab + static_cast<size_t>(slot) * slot_bytes});
+      p = q;
+    }
+    // One weight for every group: few-row groups in one pass, larger ones (prefill) alone.
+    auto project = [&](const uint8_t* a, int64_t lda, size_t part_offset, uint8_t* c, int64_t n, int64_t k) -> status {
+      std::vector<cpu::rows_item> items;
+      for (const group& g : groups) {
+        const uint8_t* a_g = a + static_cast<size_t>(g.start * lda) * esz;
+        uint8_t* c_g = c + static_cast<size_t>(g.start * n) * esz;
+        if (g.m <= cpu::small_rows_max) {
+          items.push_back({g.m, a_g, lda, g.w + part_offset, c_g, n});
+        } else {
+          PREGATED_RETURN_IF_ERROR(cpu::gemm_nt(dt, g.m, n, k, a_g, lda, g.w + part_offset, k, c_g, n));
+        }
       }
-      const uint8_t* w = slab + static_cast<size_t>(slot) * slot_bytes;
-      uint8_t* a_row = act + static_cast<size_t>(r * U) * esz;
-      uint8_t* y_row = y + static_cast<size_t>(r * H) * esz;
-      const auto* x_row = static_cast<const uint8_t*>(x) + static_cast<size_t>((r / top_k) * H) * esz;
-      PREGATED_RETURN_IF_ERROR(gemm_nt(dt, 1, U, H, x_row, H, w, H, a_row, U, stream));
-      if (sp.has_bias) PREGATED_RETURN_IF_ERROR(add_bias(dt, a_row, 1, U, U, w + sp.part_offset(sp.first_bias_part()), stream));
-      PREGATED_RETURN_IF_ERROR(activate(sp, a_row, 1, U, stream));
-      PREGATED_RETURN_IF_ERROR(gemm_nt(dt, 1, H, I, a_row, U, w + sp.part_offset(sp.down_part()), I, y_row, H, stream));
-      if (sp.has_bias) PREGATED_RETURN_IF_ERROR(add_bias(dt, y_row, 1, H, H, w + sp.part_offset(sp.num_parts() - 1), stream));
+      return cpu::gemm_nt_items(dt, items.data(), static_cast<int64_t>(items.size()), n, k);
+    };
+    PREGATED_RETURN_IF_ERROR(project(xg.data(), H, 0, act, U, H));
+    for (const group& g : groups) {
+      if (sp.has_bias) {
+        PREGATED_RETURN_IF_ERROR(add_bias(dt, act + static_cast<size_t>(g.start * U) * esz, g.m, U, U,
+                                          g.w + sp.part_offset(sp.first_bias_part()), stream));
+      }
+    }
+    PREGATED_RETURN_IF_ERROR(activate(sp, act, R, U, stream));
+    PREGATED_RETURN_IF_ERROR(project(act, U, sp.part_offset(sp.down_part()), y, H, I));
+    for (const group& g : groups) {
+      if (sp.has_bias) {
+        PREGATED_RETURN_IF_ERROR(add_bias(dt, y + static_cast<size_t>(g.start * H) * esz, g.m, H, H,
+                                          g.w + sp.part_offset(sp.num_parts() - 1), stream));
+      }
     }
     return combine(dt, out, y, row_of.data(), weights, tokens, top_k, H, stream);
   }

@@ -149,6 +149,54 @@ status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t
   return {};
 }
 
+status gemm_nt_items(dtype dt, const rows_item* items, int64_t count, int64_t n, int64_t k) {
+  if (count <= 0 || n <= 0) return {};
+  std::vector<int64_t> first(static_cast<size_t>(count) + 1, 0);  // each item's first row
+  for (int64_t i = 0; i < count; ++i) {
+    if (items[i].m < 1 || items[i].m > small_rows_max) {
+      return invalid_argument("gemm_nt_items: an item has " + std::to_string(items[i].m) + " rows; 1 to " +
+                              std::to_string(small_rows_max) + " are allowed");
+    }
+    first[static_cast<size_t>(i) + 1] = first[static_cast<size_t>(i)] + items[i].m;
+  }
+  const int64_t rows = first.back();
+  std::vector<float> a32(static_cast<size_t>(rows * k)), c32(static_cast<size_t>(rows * n));
+  for (int64_t i = 0; i < count; ++i) {
+    const rows_item& it = items[i];
+    float* dst = a32.data() + first[static_cast<size_t>(i)] * k;
+    if (dt == dtype::dtype_f32) {
+      for (int64_t r = 0; r < it.m; ++r) {
+        const float* src = static_cast<const float*>(it.a) + r * it.lda;
+        std::copy(src, src + k, dst + r * k);
+      }
+    } else {
+      widen(dt, it.a, it.m, k, it.lda, dst);
+    }
+  }
+  const int64_t esz = static_cast<int64_t>(dtype_size(dt)), total = count * n;
+  const int64_t tasks = tasks_for(total, k * esz);
+  const int64_t per = (total + tasks - 1) / tasks;
+  thread_pool::shared().run(tasks, [&](int64_t t) {
+    for (int64_t s = t * per, e = std::min(total, s + per); s < e;) {  // columns s..e of all items
+      const int64_t i = s / n, j0 = s % n, j1 = std::min(n, j0 + (e - s));
+      const size_t f = static_cast<size_t>(first[static_cast<size_t>(i)]);
+      small_rows(dt, items[i].m, k, a32.data() + f * static_cast<size_t>(k), items[i].b, k, j0, j1,
+                 c32.data() + f * static_cast<size_t>(n), n);
+      s += j1 - j0;
+    }
+  });
+  for (int64_t i = 0; i < count; ++i) {
+    const rows_item& it = items[i];
+    const float* src = c32.data() + first[static_cast<size_t>(i)] * n;
+    if (dt == dtype::dtype_f32) {
+      for (int64_t r = 0; r < it.m; ++r) std::copy(src + r * n, src + (r + 1) * n, static_cast<float*>(it.c) + r * it.ldc);
+    } else {
+      narrow(dt, src, it.m, n, n, it.c, it.ldc);
+    }
+  }
+  return {};
+}
+
 status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
                          const quantized_matrix& b, void* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return {};
