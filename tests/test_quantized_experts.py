@@ -76,7 +76,7 @@ ROUNDED_TOL = 3e-2
 def tolerance(dtype, fmt: str, device: str, isa: str | None = None) -> float:
     from pregated import _core
 
-    rounded = device == "cpu" and fmt != "int3" and (isa or _core.cpu_kernel_isa()) != "portable"
+    rounded = device == "cpu" and (isa or _core.cpu_kernel_isa()) != "portable"
     return max(TOL[dtype], ROUNDED_TOL) if rounded else TOL[dtype]
 
 
@@ -138,9 +138,9 @@ def round_activations(a: torch.Tensor, group: int) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", list(BITS))
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_cpu_gemm_kernels_against_dequantize_then_matmul(isa, fmt, group):
-    """Each CPU kernel on its own: up to 8 rows the decode kernels (AVX2 with int8, int4 and
-    int2 weights: activations rounded to int8 per group, compared with the same rounding done
-    in PyTorch; int3 and portable: fp32 activations), above 8 rows dequantized tiles + sgemm.
+    """Each CPU kernel on its own: up to 8 rows the decode kernels (AVX2: activations rounded to
+    int8 per group, compared with the same rounding done in PyTorch; portable: fp32
+    activations), above 8 rows dequantized tiles + sgemm.
     k not a multiple of the group or of the kernel's 32-byte chunk, float64 references."""
     from pregated import _core
 
@@ -159,7 +159,7 @@ def test_cpu_gemm_kernels_against_dequantize_then_matmul(isa, fmt, group):
                 a = torch.randn(m, k) * torch.linspace(0.1, 3, k)  # groups of different ranges
                 out = torch.zeros(m, n)
                 _core._quantized_gemm(a, packed, scale, zero, spec.bits, group, out)
-                rounded = m <= 8 and isa != "portable" and fmt != "int3"
+                rounded = m <= 8 and isa != "portable"
                 ref = (round_activations(a, group) if rounded else a).double() @ w.T
                 err = float((out.double() - ref).norm() / ref.norm())
                 assert err < 1e-5, f"{isa} {fmt} group {group} k={k} m={m}: {err:.2e}"

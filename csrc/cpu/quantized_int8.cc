@@ -16,11 +16,16 @@ namespace pregated::cpu {
 
 namespace {
 
-constexpr int64_t chunk_bytes = 32;  // one 256-bit load of codes
+constexpr int64_t chunk_bytes = 32;  // one 256-bit register of codes (a plane)
 
 // Codes per chunk: 32 (int8), 64 (int4), 128 (int2). A chunk of b-bit codes is read as 8 / b
-// "planes" of 32 bytes: plane p holds, in byte t, code (8 / b) * t + p of the chunk.
-int64_t chunk_codes(int bits) { return chunk_bytes * 8 / bits; }
+// "planes" of 32 bytes: plane p holds, in byte t, code (8 / b) * t + p of the chunk. int3: 64
+// codes in 24 bytes (8 units of 8 codes in 3 bytes) make two planes: plane p holds, in byte t,
+// code 8 (t / 4) + 4 p + t % 4. Either way lane l of the int32 sums covers the chunk's codes
+// [l CH / 8, (l + 1) CH / 8).
+constexpr int planes_of(int bits) { return bits == 3 ? 2 : 8 / bits; }
+constexpr int64_t stride_of(int bits) { return bits == 3 ? 24 : chunk_bytes; }  // bytes of a chunk in a row
+int64_t chunk_codes(int bits) { return chunk_bytes * planes_of(bits); }
 
 #ifdef PREGATED_X86
 
@@ -38,13 +43,32 @@ __attribute__((target("avx2,fma"))) inline __m256 chunk_scales(const float* cs, 
 // The codes of one chunk as vpmaddubsw wants them. int8: codes - 128 as int8 (v[0]) and its
 // absolute value (v[1]); |x| * sign(a, x) keeps the products in range. Fewer bits: planes.
 template <int BITS>
-__attribute__((target("avx2,fma"))) inline void prepare_codes(__m256i raw, __m256i* v) {
-  if constexpr (BITS == 8) {
-    v[0] = _mm256_xor_si256(raw, _mm256_set1_epi8(static_cast<char>(0x80)));
-    v[1] = _mm256_abs_epi8(v[0]);
+__attribute__((target("avx2,fma"))) inline void prepare_codes(const uint8_t* src, __m256i* v) {
+  if constexpr (BITS == 3) {
+    // 24 bytes, read exactly: units 0-3 (bytes 0-11) in the low lane, 4-7 (bytes 12-23) in the
+    // high one, each unit's 3 bytes in a dword; then the four codes of each half-unit in bytes.
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    const __m128i hi = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 16));
+    const __m256i both = _mm256_set_m128i(_mm_alignr_epi8(hi, lo, 12), lo);
+    const __m256i units = _mm256_shuffle_epi8(
+        both, _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                               0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1));
+    for (int p = 0; p < 2; ++p) {
+      const __m256i t = p == 0 ? units : _mm256_srli_epi32(units, 12);
+      __m256i x = _mm256_and_si256(t, _mm256_set1_epi32(0x7));
+      x = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(t, 5), _mm256_set1_epi32(0x700)));
+      x = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(t, 10), _mm256_set1_epi32(0x70000)));
+      v[p] = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(t, 15), _mm256_set1_epi32(0x7000000)));
+    }
   } else {
-    const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
-    for (int p = 0; p < 8 / BITS; ++p) v[p] = _mm256_and_si256(_mm256_srli_epi16(raw, p * BITS), mask);
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    if constexpr (BITS == 8) {
+      v[0] = _mm256_xor_si256(raw, _mm256_set1_epi8(static_cast<char>(0x80)));
+      v[1] = _mm256_abs_epi8(v[0]);
+    } else {
+      const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+      for (int p = 0; p < 8 / BITS; ++p) v[p] = _mm256_and_si256(_mm256_srli_epi16(raw, p * BITS), mask);
+    }
   }
 }
 
@@ -58,7 +82,7 @@ __attribute__((target("avx2,fma"))) inline __m256i chunk_dot(const __m256i* v, c
   } else {
     // (2^BITS - 1) * 127 * 2 per plane, at most 4 planes: within int16
     __m256i s16 = _mm256_maddubs_epi16(v[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-    for (int p = 1; p < 8 / BITS; ++p) {
+    for (int p = 1; p < planes_of(BITS); ++p) {
       s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(v[p], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * p))));
     }
     return _mm256_madd_epi16(s16, ones);
@@ -73,14 +97,14 @@ __attribute__((target("avx2,fma"), always_inline)) inline void unit_fma(const ui
                                                                         const float* cs, int64_t srow, int64_t kpad,
                                                                         int64_t u, int64_t span, int64_t groups_per_unit,
                                                                         __m256i lanes, __m256 (&part)[M][A], int a) {
-  constexpr int P = 8 / BITS;
-  constexpr int64_t CH = chunk_bytes * P;
+  constexpr int P = planes_of(BITS);
+  constexpr int64_t CH = chunk_bytes * P, SB = stride_of(BITS);
   __m256i isum[M];
   for (int i = 0; i < M; ++i) isum[i] = _mm256_setzero_si256();
   for (int64_t s = 0; s < span; ++s) {
     const int64_t ch = u * span + s;
     __m256i v[P > 2 ? P : 2];
-    prepare_codes<BITS>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + ch * chunk_bytes)), v);
+    prepare_codes<BITS>(row + ch * SB, v);
     for (int i = 0; i < M; ++i) isum[i] = _mm256_add_epi32(isum[i], chunk_dot<BITS>(v, qa + i * kpad + ch * CH));
   }
   for (int i = 0; i < M; ++i) {
@@ -93,12 +117,12 @@ __attribute__((target("avx2,fma"), always_inline)) inline void unit_fma(const ui
 template <int BITS, int M>
 __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const int8_rows_input& in, const quantized_matrix& b,
                                                        int64_t j0, int64_t j1, float* c, int64_t ldc) {
-  constexpr int P = 8 / BITS;
-  constexpr int64_t CH = chunk_bytes * P;
+  constexpr int P = planes_of(BITS);
+  constexpr int64_t CH = chunk_bytes * P, SB = stride_of(BITS);
   constexpr int A = M == 1 ? 4 : M == 2 ? 2 : 1;  // accumulators per row in the whole-group loop
   const int64_t G = b.group_size, kpad = in.kpad, chunks = kpad / CH, srow = in.groups_pad + 8;
   const int8_t* qa = in.q.data();
-  const int64_t whole = b.row_bytes / chunk_bytes;  // chunks lying inside a row
+  const int64_t whole = b.row_bytes / SB;  // chunks lying inside a row
   const int64_t span = G >= CH ? G / CH : 1;  // chunks summed in int32 before their scale
   // G < CH: lane l belongs to group (chunk's first group) + l * CH / (8 G)
   alignas(32) int32_t lanes[8];
@@ -154,15 +178,15 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const int8_rows_input& i
       __m256i isum[M];
       for (int i = 0; i < M; ++i) isum[i] = _mm256_setzero_si256();
       for (int64_t ch = ch0; ch < std::min(chunks, ch0 + span); ++ch) {
-        const uint8_t* src = row + ch * chunk_bytes;
+        const uint8_t* src = row + ch * SB;
         if (ch >= whole) {  // the row's last bytes: never read past them
           std::memset(tail, 0, sizeof tail);
-          const int64_t left = b.row_bytes - ch * chunk_bytes;
+          const int64_t left = b.row_bytes - ch * SB;
           if (left > 0) std::memcpy(tail, src, static_cast<size_t>(left));
           src = tail;
         }
         __m256i v[P > 2 ? P : 2];
-        prepare_codes<BITS>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), v);
+        prepare_codes<BITS>(src, v);
         for (int i = 0; i < M; ++i) isum[i] = _mm256_add_epi32(isum[i], chunk_dot<BITS>(v, qa + i * kpad + ch * CH));
       }
       const float* cs0 = cs.data() + ch0 * CH / G;  // row i's scales at cs0 + i * srow
@@ -196,7 +220,7 @@ void rows_m(const int8_rows_input& in, const quantized_matrix& b, int64_t j0, in
 bool int8_rows_usable(const quantized_matrix& b) {
 #ifdef PREGATED_X86
   static const bool avx2 = cpu_has_avx2();
-  return avx2 && std::strcmp(cpu_kernel_isa(), "portable") != 0 && (b.bits == 8 || b.bits == 4 || b.bits == 2);
+  return avx2 && std::strcmp(cpu_kernel_isa(), "portable") != 0 && (b.bits == 8 || b.bits == 4 || b.bits == 3 || b.bits == 2);
 #else
   (void)b;
   return false;
@@ -205,7 +229,7 @@ bool int8_rows_usable(const quantized_matrix& b) {
 
 int8_rows_input prepare_int8_rows(int64_t m, int64_t k, const float* a, const quantized_matrix& b) {
   int8_rows_input in;
-  const int64_t ch = chunk_codes(b.bits), planes = 8 / b.bits, G = b.group_size;
+  const int64_t ch = chunk_codes(b.bits), planes = planes_of(b.bits), G = b.group_size;
   in.m = m;
   in.kpad = (k + ch - 1) / ch * ch;
   in.groups_pad = (in.kpad + G - 1) / G;
@@ -234,7 +258,10 @@ int8_rows_input prepare_int8_rows(int64_t m, int64_t k, const float* a, const qu
     int8_t* q = in.q.data() + i * in.kpad;
     for (int64_t base = 0; base < in.kpad; base += ch) {
       for (int64_t p = 0; p < planes; ++p) {
-        for (int64_t t = 0; t < chunk_bytes; ++t) q[base + chunk_bytes * p + t] = natural[static_cast<size_t>(base + planes * t + p)];
+        for (int64_t t = 0; t < chunk_bytes; ++t) {
+          const int64_t code = b.bits == 3 ? 8 * (t / 4) + 4 * p + t % 4 : planes * t + p;
+          q[base + chunk_bytes * p + t] = natural[static_cast<size_t>(base + code)];
+        }
       }
     }
   }
@@ -247,6 +274,7 @@ void int8_rows(const int8_rows_input& in, const quantized_matrix& b, int64_t j0,
   switch (b.bits) {
     case 8: return rows_m<8>(in, b, j0, j1, c, ldc);
     case 4: return rows_m<4>(in, b, j0, j1, c, ldc);
+    case 3: return rows_m<3>(in, b, j0, j1, c, ldc);
     case 2: return rows_m<2>(in, b, j0, j1, c, ldc);
     default: break;
   }

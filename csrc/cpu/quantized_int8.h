@@ -1,8 +1,8 @@
-// The AVX2 decode kernel for int8, int4 and int2 expert weights: A rounded to int8 per weight
+// The AVX2 decode kernel for int8, int4, int3 and int2 expert weights: A rounded to int8 per weight
 // group (one scale per row and group, like llama.cpp's and KTransformers' CPU kernels), so 32
 // products take one instruction (vpmaddubsw) instead of four conversions and FMAs. The rounding
 // error, below 0.4% of each group's largest activation, is small beside the weights' own (int4:
-// about 1/30 of a group's range). int3 and the portable path keep fp32 activations.
+// about 1/30 of a group's range). The portable path keeps fp32 activations.
 #pragma once
 
 #include <cstdint>
@@ -22,7 +22,7 @@ struct int8_rows_input {
   std::vector<float> scaled_sum;     // [m, groups_pad + 8]: scale * (sum of q) per group
 };
 
-// Whether the int8 kernel runs b's format on this CPU (AVX2 chosen; 8, 4 or 2 bits).
+// Whether the int8 kernel runs b's format on this CPU (AVX2 chosen; 8, 4, 3 or 2 bits).
 bool int8_rows_usable(const quantized_matrix& b);
 
 int8_rows_input prepare_int8_rows(int64_t m, int64_t k, const float* a, const quantized_matrix& b);
