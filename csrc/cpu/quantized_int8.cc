@@ -92,15 +92,18 @@ __attribute__((target("avx2,fma"))) inline __m256i chunk_dot(const __m256i* v, c
 // Unit u of a row, its chunks whole: part[i][a] += (int32 sums of the unit's chunks) * scales.
 // A unit is a group of `span` chunks (groups of at least a chunk), or one chunk whose lanes
 // belong to several groups (smaller groups: their scales permuted into the lanes).
-template <int BITS, int M, int A>
+// SPAN > 0: the unit's chunk count known at compile time (the loop unrolled), else `span`.
+template <int BITS, int M, int A, int SPAN>
 __attribute__((target("avx2,fma"), always_inline)) inline void unit_fma(const uint8_t* row, const int8_t* qa,
                                                                         const float* cs, int64_t srow, int64_t kpad,
-                                                                        int64_t u, int64_t span, int64_t groups_per_unit,
+                                                                        int64_t u, int64_t span_rt, int64_t groups_per_unit,
                                                                         __m256i lanes, __m256 (&part)[M][A], int a) {
   constexpr int P = planes_of(BITS);
   constexpr int64_t CH = chunk_bytes * P, SB = stride_of(BITS);
+  const int64_t span = SPAN > 0 ? SPAN : span_rt;
   __m256i isum[M];
   for (int i = 0; i < M; ++i) isum[i] = _mm256_setzero_si256();
+#pragma GCC unroll 4
   for (int64_t s = 0; s < span; ++s) {
     const int64_t ch = u * span + s;
     __m256i v[P > 2 ? P : 2];
@@ -111,6 +114,19 @@ __attribute__((target("avx2,fma"), always_inline)) inline void unit_fma(const ui
     const __m256 sc = chunk_scales(cs + i * srow + u * groups_per_unit, groups_per_unit == 1, lanes);
     part[i][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), sc, part[i][a]);
   }
+}
+
+// Units [0, full) of a row into part (A accumulators per row taken in turn).
+template <int BITS, int M, int A, int SPAN>
+__attribute__((target("avx2,fma"))) void units_pass(const uint8_t* row, const int8_t* qa, const float* cs, int64_t srow,
+                                                    int64_t kpad, int64_t full, int64_t span, int64_t per_unit,
+                                                    __m256i lanes, __m256 (&part)[M][A]) {
+  int64_t u = 0;
+  for (; u + A <= full; u += A) {
+#pragma GCC unroll 4
+    for (int a = 0; a < A; ++a) unit_fma<BITS, M, A, SPAN>(row, qa, cs, srow, kpad, u + a, span, per_unit, lanes, part, a);
+  }
+  for (; u < full; ++u) unit_fma<BITS, M, A, SPAN>(row, qa, cs, srow, kpad, u, span, per_unit, lanes, part, 0);
 }
 
 // Lane l of a chunk's 8 int32 partial sums covers codes [l * CH / 8, (l + 1) * CH / 8) of it.
@@ -164,12 +180,12 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2(const int8_rows_input& i
       __m256 part[M][A];
       for (int i = 0; i < M; ++i)
         for (int a = 0; a < A; ++a) part[i][a] = _mm256_setzero_ps();
-      int64_t u = 0;
-      for (; u + A <= full; u += A) {
-#pragma GCC unroll 4
-        for (int a = 0; a < A; ++a) unit_fma<BITS, M>(row, qa, cs.data(), srow, kpad, u + a, span, per_unit, lane_group, part, a);
+      switch (span) {
+        case 1: units_pass<BITS, M, A, 1>(row, qa, cs.data(), srow, kpad, full, span, per_unit, lane_group, part); break;
+        case 2: units_pass<BITS, M, A, 2>(row, qa, cs.data(), srow, kpad, full, span, per_unit, lane_group, part); break;
+        case 4: units_pass<BITS, M, A, 4>(row, qa, cs.data(), srow, kpad, full, span, per_unit, lane_group, part); break;
+        default: units_pass<BITS, M, A, 0>(row, qa, cs.data(), srow, kpad, full, span, per_unit, lane_group, part);
       }
-      for (; u < full; ++u) unit_fma<BITS, M>(row, qa, cs.data(), srow, kpad, u, span, per_unit, lane_group, part, 0);
       for (int i = 0; i < M; ++i)
         for (int a = 0; a < A; ++a) acc[i] = _mm256_add_ps(acc[i], part[i][a]);
       ch0 = full * span;
