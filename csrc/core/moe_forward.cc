@@ -112,11 +112,12 @@ status runtime::impl::forward(const moe_args& a) {
     if (!failure.is_ok()) return failure;
     ls = &stats.layers[static_cast<size_t>(a.layer)];
     // Prefetches for this layer that have not started and that routing did not pick are no
-    // longer wanted.
+    // longer wanted (one whose copy has started stays queued until the copy is issued: it is
+    // counted as issued and left alone).
     for (int32_t i = 0; i < cache.num_slots(); ++i) {
       const slot_info& s = cache.slot(i);
-      if (s.state != slot_state::slot_state_queued || s.demanded || s.refs > 0 || s.pinned ||
-          s.key.layer != a.layer) {
+      if (s.state != slot_state::slot_state_queued || s.copied_as_prefetch || s.demanded || s.refs > 0 ||
+          s.pinned || s.key.layer != a.layer) {
         continue;
       }
       // plan.experts is sorted
