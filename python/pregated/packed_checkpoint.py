@@ -120,11 +120,6 @@ def _unpack_words(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return codes.reshape(w.shape[0], w.shape[1] * per)
 
 
-def _scales16(scale: torch.Tensor) -> torch.Tensor:
-    """Scales into fp16, the store's: bf16 and fp16 values in fp16's normal range convert exactly."""
-    return scale.to(torch.float16)
-
-
 def unpack(fmt: PackedFormat, t: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One linear layer's stored tensors (by suffix) -> (codes uint8 [out, in], scale fp16
     [out, groups], zero fp16 [out, groups])."""
@@ -171,7 +166,8 @@ def unpack(fmt: PackedFormat, t: dict[str, torch.Tensor], name: str) -> tuple[to
             f"'{name}' unpacks to {out} x {cols} weights with scales {list(scale.shape)} and zeros "
             f"{list(zero.shape)}, expected [{out}, {groups}] for groups of {gs}: the checkpoint does not "
             "match its quantization_config")
-    return codes.to(torch.uint8).contiguous(), _scales16(scale).contiguous(), zero.to(torch.float16).contiguous()
+    # fp16 scales, the store's: bf16 and fp16 values in fp16's normal range convert exactly
+    return codes.to(torch.uint8).contiguous(), scale.to(torch.float16).contiguous(), zero.to(torch.float16).contiguous()
 
 
 def shape_of(fmt: PackedFormat, shapes: dict[str, tuple[int, ...]], read) -> tuple[int, int]:
