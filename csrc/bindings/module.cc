@@ -69,6 +69,11 @@ py::dict layer_dict(const layer_stats& s) {
   d["prefetch_used"] = s.prefetch_used;
   d["prefetch_dropped"] = s.prefetch_dropped;
   d["stall_seconds"] = s.stall_seconds;
+  d["host_experts"] = s.host_experts;
+  d["host_bytes"] = s.host_bytes;
+  d["host_seconds"] = s.host_seconds;
+  d["host_wait_seconds"] = s.host_wait_seconds;
+  d["device_seconds"] = s.device_seconds;
   return d;
 }
 
@@ -289,6 +294,29 @@ class py_runtime {
     throw_if_error(r.prefetch(layer, e.data(), static_cast<int32_t>(e.size())));
   }
 
+  void set_host_lane(bool enabled, const std::string& plan, int32_t threads, int64_t hot_slots, double hot_decay,
+                     double hot_min, int32_t rebalance_every, double link_bandwidth, double host_bandwidth,
+                     double host_row_seconds) {
+    host_lane_config hc;
+    hc.enabled = enabled;
+    if (plan == "auto") hc.plan = lane_plan::lane_plan_auto;
+    else if (plan == "host") hc.plan = lane_plan::lane_plan_host;
+    else if (plan == "copy") hc.plan = lane_plan::lane_plan_copy;
+    else if (plan == "alternate") hc.plan = lane_plan::lane_plan_alternate;
+    else throw py::value_error("host lane plan '" + plan + "' is not one of auto, host, copy, alternate");
+    hc.threads = threads;
+    hc.hot_slots = hot_slots;
+    hc.hot_decay = hot_decay;
+    hc.hot_min = hot_min;
+    hc.rebalance_every = rebalance_every;
+    hc.costs.link_bytes_per_s = link_bandwidth;
+    hc.costs.host_bytes_per_s = host_bandwidth;
+    hc.costs.host_row_s = host_row_seconds;
+    runtime& r = rt();
+    py::gil_scoped_release nogil;
+    throw_if_error(r.set_host_lane(hc));
+  }
+
   py::dict stats() {
     runtime_stats s;
     {
@@ -299,6 +327,12 @@ class py_runtime {
     d["evictions"] = s.evictions;
     d["forwards"] = s.forwards;
     d["resident_forwards"] = s.resident_forwards;
+    d["hot_experts"] = s.hot_experts;
+    py::dict costs;
+    costs["link_bytes_per_s"] = s.costs.link_bytes_per_s;
+    costs["host_bytes_per_s"] = s.costs.host_bytes_per_s;
+    costs["host_row_s"] = s.costs.host_row_s;
+    d["costs"] = costs;
     py::list layers;
     for (const layer_stats& l : s.layers) layers.append(layer_dict(l));
     d["layers"] = layers;
@@ -316,6 +350,7 @@ class py_runtime {
       d["refs"] = s.refs;
       d["pinned"] = s.pinned;
       d["prefetched"] = s.prefetched;
+      d["hot"] = s.hot;
       out.append(d);
     }
     return out;
@@ -558,6 +593,14 @@ allocated after the first call, so it can be captured in a CUDA graph.)doc")
         py::gil_scoped_release nogil;
         throw_if_error(r.wait_idle());
       })
+      .def("set_host_lane", &py_runtime::set_host_lane, py::arg("enabled"), py::kw_only(),
+           py::arg("plan") = "auto", py::arg("threads") = 0, py::arg("hot_slots") = 0,
+           py::arg("hot_decay") = 0.9, py::arg("hot_min") = 1.0, py::arg("rebalance_every") = 8,
+           py::arg("link_bandwidth") = 0.0, py::arg("host_bandwidth") = 0.0, py::arg("host_row_seconds") = 0.0,
+           R"doc(Policy hybrid: experts not in a slot are copied or computed on the host lane (from the
+expert store), as `plan` says: auto (the cost model), host, copy or alternate (tests). The most
+routed experts, up to hot_slots, stay pinned. Bandwidths in bytes/s and host_row_seconds left at
+0 are measured. Drops the hot set; not while a forward runs.)doc")
       .def("stats", &py_runtime::stats)
       .def("reset_stats", [](py_runtime& self) {
         runtime& r = self.rt();

@@ -9,8 +9,14 @@
 //                 y = act W_down^T
 //     release slots (record their last use, so a later copy into them waits for the GEMMs)
 //   combine: out[t] = sum_k w[t, k] y[row_of[t, k]]
+//
+// With a host lane (policy hybrid), the experts that are not in a slot are first planned:
+// copied (as above) or computed on the host lane from the expert store, concurrently with the
+// device lane; their output rows join y before the combine.
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <deque>
 #include <string>
 #include <vector>
 
@@ -37,6 +43,19 @@ struct held_slot {
   int32_t slot;
   uint64_t generation;
   size_t plan_index;
+};
+
+using steady = std::chrono::steady_clock;
+
+double since(steady::time_point t0) { return std::chrono::duration<double>(steady::now() - t0).count(); }
+
+// A forward's work on the host lane: its jobs, their rows, and the host copies of the packed
+// rows where the device is not the host. Every job is waited for before the forward returns.
+struct host_work {
+  std::deque<host_lane::job> jobs;  // a deque: the lane holds pointers to its elements
+  std::vector<double> predicted;    // the cost model's seconds for each job
+  std::vector<std::pair<int64_t, int64_t>> rows;  // (first packed row, rows) of each expert
+  std::vector<uint8_t> x, y;        // [R, H] host copies (only where the device is not the host)
 };
 
 }  // namespace
@@ -76,11 +95,15 @@ status runtime::impl::forward(const moe_args& a) {
   }
   moe_plan plan;
   PREGATED_RETURN_IF_ERROR(make_moe_plan(a.ids, a.tokens, a.top_k, cfg.num_experts, &plan));
+  if (host_compute && !host_measured && cfg.host_lane.plan == lane_plan::lane_plan_auto) {
+    PREGATED_RETURN_IF_ERROR(measure_host());
+  }
+  const steady::time_point started = steady::now();
 
   const expert_spec& sp = cfg.spec;
   const dtype dt = sp.dt;
   const size_t esz = dtype_size(dt);
-  const int64_t H = sp.hidden, I = sp.intermediate, U = sp.up_rows();
+  const int64_t H = sp.hidden, U = sp.up_rows();
   const int64_t R = a.tokens * a.top_k;
   const size_t xp_bytes = align_up(static_cast<size_t>(R * H) * esz);
   const size_t act_bytes = align_up(static_cast<size_t>(R * U) * esz);
@@ -106,11 +129,48 @@ status runtime::impl::forward(const moe_args& a) {
   }
   PREGATED_RETURN_IF_ERROR(be->gather_rows(dt, xp, a.x, row_token_dev, R, H, a.stream));
 
-  layer_stats* ls = nullptr;
+  // The host lane's share: experts computed from the expert store instead of being copied.
+  std::vector<char> on_host(plan.experts.size(), 0);
+  host_work hw;
+  layer_stats* ls = &stats.layers[static_cast<size_t>(a.layer)];  // resize() cannot run meanwhile
+  auto send_to_host = [&](const std::vector<size_t>& which) -> status {
+    if (which.empty()) return {};
+    const size_t row_bytes = static_cast<size_t>(H) * esz;
+    const uint8_t* xs = xp;
+    uint8_t* ys = y;
+    if (!caps.device_is_host) {
+      if (hw.x.empty()) {  // the packed rows, once per forward, after the gather
+        hw.x.resize(static_cast<size_t>(R) * row_bytes);
+        hw.y.resize(hw.x.size());
+        PREGATED_RETURN_IF_ERROR(be->synchronize(a.stream));
+        PREGATED_RETURN_IF_ERROR(be->download_sync(hw.x.data(), xp, hw.x.size()));
+      }
+      xs = hw.x.data();
+      ys = hw.y.data();
+    }
+    host_lane::job& j = hw.jobs.emplace_back();
+    double predicted = 0;
+    for (size_t i : which) {
+      const int64_t r0 = plan.offsets[i], n = plan.offsets[i + 1] - r0;
+      j.items.push_back({store.expert({a.layer, plan.experts[i]}), xs + static_cast<size_t>(r0) * row_bytes,
+                         ys + static_cast<size_t>(r0) * row_bytes, n});
+      hw.rows.emplace_back(r0, n);
+      predicted += costs.host_seconds(static_cast<int64_t>(slot_bytes), n);
+    }
+    hw.predicted.push_back(predicted);
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      ls->host_experts += static_cast<int64_t>(which.size());
+      ls->host_bytes += static_cast<int64_t>(which.size() * slot_bytes);
+    }
+    host_compute->submit(&j);
+    return {};
+  };
+
+  std::vector<size_t> to_host;
   {
     std::lock_guard<std::mutex> lk(mu);
     if (!failure.is_ok()) return failure;
-    ls = &stats.layers[static_cast<size_t>(a.layer)];
     // Prefetches for this layer that have not started and that routing did not pick are no
     // longer wanted (one whose copy has started stays queued until the copy is issued: it is
     // counted as issued and left alone).
@@ -126,18 +186,41 @@ status runtime::impl::forward(const moe_args& a) {
         cache.clear(i);
       }
     }
+    if (host_compute) {
+      count_routing(a.layer, plan.experts);
+      std::vector<size_t> missing;
+      std::vector<int64_t> rows;
+      for (size_t i = 0; i < plan.experts.size(); ++i) {
+        if (cache.find({a.layer, plan.experts[i]}) >= 0) continue;  // in a slot or on its way
+        missing.push_back(i);
+        rows.push_back(plan.offsets[i + 1] - plan.offsets[i]);
+      }
+      const std::vector<lane> lanes =
+          plan_lanes(costs, cfg.host_lane.plan, static_cast<int64_t>(slot_bytes), link_backlog(), rows);
+      for (size_t j = 0; j < missing.size(); ++j) {
+        if (lanes[j] == lane::lane_host) {
+          on_host[missing[j]] = 1;
+          to_host.push_back(missing[j]);
+        }
+      }
+    }
   }
+  status result = send_to_host(to_host);
 
-  status result;
   size_t next = 0;
   bool next_layer_prefetched = a.num_next <= 0;
   std::vector<held_slot> wave;
   while (next < plan.experts.size() && result.is_ok()) {
     // Acquire as many of the remaining experts as the slots allow.
+    std::vector<size_t> overflow;  // hybrid: experts no slot can take now go to the host lane
     {
       std::unique_lock<std::mutex> lk(mu);
       wave.clear();
       while (next < plan.experts.size()) {
+        if (on_host[next]) {
+          ++next;
+          continue;
+        }
         const expert_key key{a.layer, plan.experts[next]};
         int32_t slot = cache.find(key);
         if (slot >= 0) {
@@ -150,6 +233,11 @@ status runtime::impl::forward(const moe_args& a) {
           if (s.state == slot_state::slot_state_queued && !s.demanded) enqueue(slot, true);
         } else {
           slot = cache.choose_slot(/*for_prefetch=*/false);
+          if (slot < 0 && host_compute) {
+            on_host[next] = 1;
+            overflow.push_back(next++);
+            continue;
+          }
           if (slot < 0) break;
           if (cache.assign(slot, key)) ++stats.evictions;
           ++ls->expert_misses;
@@ -161,26 +249,32 @@ status runtime::impl::forward(const moe_args& a) {
         wave.push_back({slot, s.generation, next});
         ++next;
       }
-      if (wave.empty()) {
-        if (!failure.is_ok()) return failure;
+      if (wave.empty() && next < plan.experts.size()) {
+        if (!failure.is_ok()) {
+          result = failure;
+          break;
+        }
         bool others_hold = false;
         for (int32_t i = 0; i < cache.num_slots(); ++i) others_hold = others_hold || cache.slot(i).refs > 0;
         if (!others_hold) {
-          return invalid_argument(
+          result = invalid_argument(
               "moe_forward: no slot can take layer " + std::to_string(a.layer) + " expert " +
               std::to_string(plan.experts[next]) + ": all " + std::to_string(cache.num_slots()) +
               " slots are pinned; unpin experts or raise expert_memory");
+          break;
         }
         state_cv.wait(lk);  // other forwards hold every free slot: wait for a release
         continue;
       }
       if (!next_layer_prefetched) {
-        prefetch_locked(a.next_layer, a.next_experts, a.num_next);
+        prefetch_locked(a.next_layer, a.next_experts, a.num_next, prefetch_allowance(a.num_next));
         next_layer_prefetched = true;
       }
     }
+    if (result.is_ok()) result = send_to_host(overflow);
 
     for (const held_slot& h : wave) {
+      if (!result.is_ok()) break;
       std::unique_ptr<backend_event> t0, t1;
       bool ready = false;
       {
@@ -216,30 +310,12 @@ status runtime::impl::forward(const moe_args& a) {
         trace_timers(&c0, &c1);
       }
       if (c0) result = be->record(c0.get(), a.stream);
-      const uint8_t* w = slot_ptr(h.slot);
       const int64_t r0 = plan.offsets[h.plan_index];
       const int64_t n = plan.offsets[h.plan_index + 1] - r0;
-      uint8_t* a_rows = act + static_cast<size_t>(r0 * U) * esz;
-      uint8_t* y_rows = y + static_cast<size_t>(r0 * H) * esz;
-      const uint8_t* x_rows = xp + static_cast<size_t>(r0 * H) * esz;
-      if (sp.quantized()) {
-        result = be->gemm_nt_quantized(dt, n, U, H, x_rows, H, quantized_part(sp, w, 0), a_rows, U, a.stream);
-      } else {
-        result = be->gemm_nt(dt, n, U, H, x_rows, H, w, H, a_rows, U, a.stream);
-      }
-      if (result.is_ok() && sp.has_bias) {  // gate and up biases are adjacent, like their rows
-        result = be->add_bias(dt, a_rows, n, U, U, w + sp.part_offset(sp.first_bias_part()), a.stream);
-      }
-      if (result.is_ok()) result = be->activate(sp, a_rows, n, U, a.stream);
-      if (result.is_ok() && sp.quantized()) {
-        result = be->gemm_nt_quantized(dt, n, H, I, a_rows, U, quantized_part(sp, w, sp.down_part()), y_rows, H,
-                                       a.stream);
-      } else if (result.is_ok()) {
-        result = be->gemm_nt(dt, n, H, I, a_rows, U, w + sp.part_offset(sp.down_part()), I, y_rows,
-                             H, a.stream);
-      }
-      if (result.is_ok() && sp.has_bias) {
-        result = be->add_bias(dt, y_rows, n, H, H, w + sp.part_offset(sp.num_parts() - 1), a.stream);
+      if (result.is_ok()) {
+        result = expert_ffn(*be, sp, slot_ptr(h.slot), xp + static_cast<size_t>(r0 * H) * esz, n,
+                            act + static_cast<size_t>(r0 * U) * esz, y + static_cast<size_t>(r0 * H) * esz,
+                            a.stream);
       }
       if (result.is_ok() && c1) result = be->record(c1.get(), a.stream);
       if (c0 && c1) {
@@ -259,10 +335,37 @@ status runtime::impl::forward(const moe_args& a) {
     }
     state_cv.notify_all();
   }
+  // The host lane's rows join the device lane's (always waited for: the jobs read this
+  // forward's buffers).
+  const double device_s = since(started);
+  const steady::time_point host_wait = steady::now();
+  for (host_lane::job& j : hw.jobs) host_compute->wait(&j);
+  const double host_wait_s = since(host_wait);
+  for (const host_lane::job& j : hw.jobs) {
+    if (result.is_ok() && !j.result.is_ok()) result = j.result;
+  }
+  if (result.is_ok() && !hw.x.empty()) {
+    const size_t row_bytes = static_cast<size_t>(H) * esz;
+    for (const auto& [r0, n] : hw.rows) {
+      if (!result.is_ok()) break;
+      result = be->upload(y + static_cast<size_t>(r0) * row_bytes, hw.y.data() + static_cast<size_t>(r0) * row_bytes,
+                          static_cast<size_t>(n) * row_bytes, a.stream);
+    }
+  }
   if (result.is_ok()) {
     result = be->combine(dt, a.out, y, row_of_dev, weights_dev, a.tokens, a.top_k, H, a.stream);
   }
   std::lock_guard<std::mutex> lk(mu);
+  if (host_compute) {
+    ls->device_seconds += device_s;
+    ls->host_wait_seconds += hw.jobs.empty() ? 0.0 : host_wait_s;
+    for (size_t i = 0; i < hw.jobs.size(); ++i) {
+      ls->host_seconds += hw.jobs[i].seconds;
+      observe_host(hw.jobs[i], hw.predicted[i]);
+    }
+    const double block = since(started);
+    block_seconds = block_seconds == 0 ? block : 0.8 * block_seconds + 0.2 * block;
+  }
   // This layer has run: what was prefetched for it and not used was a wrong guess. Without a
   // cache, its experts leave their slots now.
   const bool keep = cache.policy() != eviction_policy::eviction_policy_none;

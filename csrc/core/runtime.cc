@@ -21,6 +21,10 @@ status runtime_config::validate() const {
   if (copy_depth < 1) {
     return invalid_argument("copy_depth must be at least 1, got " + std::to_string(copy_depth));
   }
+  if (spec.validate().is_ok() && (expert_memory < 0 || expert_memory >= static_cast<int64_t>(spec.bytes()))) {
+    PREGATED_RETURN_IF_ERROR(
+        host_lane.validate(num_slots(), static_cast<int64_t>(num_layers) * num_experts));
+  }
   const int64_t one = static_cast<int64_t>(spec.bytes());
   if (expert_memory >= 0 && expert_memory < one) {
     return invalid_argument("expert memory of " + std::to_string(expert_memory) + " bytes (" +
@@ -59,6 +63,7 @@ status runtime::create(std::unique_ptr<backend> be, const runtime_config& cfg,
   void* table = nullptr;
   PREGATED_RETURN_IF_ERROR(m.be->alloc_device(m.table_host.size() * sizeof(int32_t), &table));
   m.slot_table = static_cast<int32_t*>(table);
+  PREGATED_RETURN_IF_ERROR(m.start_host_lane());  // before the copy engine: it measures the link
   m.worker = std::thread([&m] { m.copy_loop(); });
   *out = std::move(rt);
   return {};
@@ -102,6 +107,12 @@ status runtime::resize(int64_t expert_memory, eviction_policy eviction) {
   runtime_config want = m.cfg;
   want.expert_memory = expert_memory;
   want.eviction = eviction;
+  // The hot set may not outgrow the new budget (set_host_lane sets it anew).
+  const int64_t all = static_cast<int64_t>(want.num_layers) * want.num_experts;
+  if (want.expert_memory < 0 || want.expert_memory >= static_cast<int64_t>(want.spec.bytes())) {
+    const int64_t slots = want.num_slots();
+    want.host_lane.hot_slots = std::min(want.host_lane.hot_slots, slots >= all ? slots : slots - 1);
+  }
   PREGATED_RETURN_IF_ERROR(want.validate());
   {
     std::unique_lock<std::mutex> lk(m.mu);
@@ -115,6 +126,8 @@ status runtime::resize(int64_t expert_memory, eviction_policy eviction) {
   m.be->free_device(m.slab);  // before the new one: device memory may not hold both
   m.slab = nullptr;
   std::lock_guard<std::mutex> lk(m.mu);
+  m.drop_hot();  // the pins go with the slots
+  m.cfg.host_lane.hot_slots = want.host_lane.hot_slots;
   const int64_t old_memory = m.cfg.expert_memory;
   const eviction_policy old_eviction = m.cfg.eviction;
   status st = m.make_slab(expert_memory, eviction);
@@ -129,6 +142,19 @@ status runtime::resize(int64_t expert_memory, eviction_policy eviction) {
   m.failure = {back.code(), "resize: no expert slab could be allocated, not even the previous one (" +
                                 back.message() + "); create a new runtime"};
   return st;
+}
+
+status runtime::set_host_lane(const host_lane_config& lane) {
+  std::unique_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  PREGATED_RETURN_IF_ERROR(m.check_open());
+  runtime_config want = m.cfg;
+  want.host_lane = lane;
+  PREGATED_RETURN_IF_ERROR(want.validate());
+  std::unique_lock<std::mutex> lk(m.mu);
+  PREGATED_RETURN_IF_ERROR(m.wait_idle_locked(lk));  // the link is idle while it is measured
+  m.cfg.host_lane = lane;
+  return m.start_host_lane();
 }
 
 status runtime::close() {
@@ -151,6 +177,7 @@ status runtime::close() {
   m.last_use.clear();
   if (m.slab != nullptr) m.be->free_device(m.slab);
   m.slab = nullptr;
+  m.host_compute.reset();
   if (m.slot_table != nullptr) m.be->free_device(m.slot_table);
   m.slot_table = nullptr;
   if (m.resident_ws != nullptr) m.be->free_device(m.resident_ws);
@@ -186,7 +213,7 @@ expert_store& runtime::store() { return impl_->store; }
 
 // --- prefetch ----------------------------------------------------------------------------
 
-void runtime::impl::prefetch_locked(int32_t layer, const int32_t* experts, int32_t n) {
+void runtime::impl::prefetch_locked(int32_t layer, const int32_t* experts, int32_t n, int32_t max_copies) {
   for (int32_t i = 0; i < n; ++i) {
     const expert_key key{layer, experts[i]};
     const int32_t found = cache.find(key);
@@ -194,11 +221,12 @@ void runtime::impl::prefetch_locked(int32_t layer, const int32_t* experts, int32
       cache.refresh(found);
       continue;
     }
-    const int32_t slot = cache.choose_slot(/*for_prefetch=*/true);
-    if (slot < 0) {  // every slot is busy with work that outranks a guess
+    const int32_t slot = max_copies > 0 ? cache.choose_slot(/*for_prefetch=*/true) : -1;
+    if (slot < 0) {  // every slot is busy with work that outranks a guess, or the link is full
       ++stats.layers[static_cast<size_t>(layer)].prefetch_dropped;
       continue;
     }
+    --max_copies;
     if (cache.assign(slot, key)) ++stats.evictions;
     cache.slot(slot).prefetched = true;
     enqueue(slot, /*demand=*/false);
@@ -413,7 +441,14 @@ runtime_stats runtime::stats() {
     out.total.prefetch_used += l.prefetch_used;
     out.total.prefetch_dropped += l.prefetch_dropped;
     out.total.stall_seconds += l.stall_seconds;
+    out.total.host_experts += l.host_experts;
+    out.total.host_bytes += l.host_bytes;
+    out.total.host_seconds += l.host_seconds;
+    out.total.host_wait_seconds += l.host_wait_seconds;
+    out.total.device_seconds += l.device_seconds;
   }
+  out.hot_experts = m.hot_count;
+  out.costs = m.costs;
   return out;
 }
 
@@ -435,7 +470,10 @@ std::vector<slot_snapshot> runtime::slots() {
   if (m.closed) return out;
   for (int32_t i = 0; i < m.cache.num_slots(); ++i) {
     const slot_info& s = m.cache.slot(i);
-    out.push_back({i, s.key, s.state, s.refs, s.pinned, s.prefetched});
+    const size_t k = static_cast<size_t>(s.key.layer) * static_cast<size_t>(m.cfg.num_experts) +
+                     static_cast<size_t>(s.key.expert);
+    const bool hot = s.state != slot_state::slot_state_empty && k < m.hot.size() && m.hot[k] != 0;
+    out.push_back({i, s.key, s.state, s.refs, s.pinned, s.prefetched, hot});
   }
   return out;
 }

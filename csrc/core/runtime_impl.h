@@ -2,6 +2,7 @@
 // (the prefetch queue's worker) and moe_forward.cc (the MoE block).
 #pragma once
 
+#include <climits>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -11,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "../cpu/host_lane.h"
 #include "pregated/runtime.h"
 #include "prefetch_queue.h"
 
@@ -68,6 +70,18 @@ struct runtime::impl {
   std::unique_ptr<backend_event> trace_base;
   std::vector<trace_probe> traces;
 
+  // The host lane (policy hybrid), or null. Its cost model, the hot set and the decayed routing
+  // counts are guarded by mu.
+  std::unique_ptr<host_lane> host_compute;
+  lane_costs costs;
+  bool host_measured = false;    // the host lane's figures were measured (or given)
+  std::mutex measure_mu;         // one first-forward measurement
+  std::vector<double> heat;      // [num_layers * num_experts] decayed routing counts
+  std::vector<uint8_t> hot;      // [num_layers * num_experts] pinned by the hot set
+  int64_t hot_count = 0;
+  int64_t heat_forwards = 0;
+  double block_seconds = 0;      // a forward's wall time, smoothed (what a prefetch can hide)
+
   uint8_t* slot_ptr(int32_t slot) const { return slab + slot_bytes * static_cast<size_t>(slot); }
   status check_open() const;
   // Allocates the slab, the cache and the per-slot events for a budget (mu held or no worker).
@@ -87,7 +101,8 @@ struct runtime::impl {
   status wait_idle_locked(std::unique_lock<std::mutex>& lk);
 
   // runtime.cc
-  void prefetch_locked(int32_t layer, const int32_t* experts, int32_t n);
+  // Queue copies of the experts not yet in a slot, starting at most `max_copies` new ones.
+  void prefetch_locked(int32_t layer, const int32_t* experts, int32_t n, int32_t max_copies = INT32_MAX);
   std::unique_ptr<backend_event> take_timer();
   // Two timing events for a traced interval, or nulls when tracing is off (mu held).
   void trace_timers(std::unique_ptr<backend_event>* start, std::unique_ptr<backend_event>* end);
@@ -95,6 +110,22 @@ struct runtime::impl {
 
   // moe_forward.cc
   status forward(const moe_args& a);
+
+  // hybrid.cc: the host lane's side of a forward
+  status start_host_lane();  // at create: the lane, and the link measured
+  status measure_host();     // before the first forward that plans
+  // mu held: count the block's routing, and every rebalance_every forwards pin the experts with
+  // the highest counts (up to hot_slots) and unpin those that fell out.
+  void count_routing(int32_t layer, const std::vector<int32_t>& experts);
+  void rebalance_hot();
+  void drop_hot();  // forget the hot set (resize: pins are dropped)
+  // mu held: seconds of copies queued or in flight on the link.
+  double link_backlog() const;
+  // mu held: how many of a block's prefetches can arrive within a block's time (all of them
+  // unless the plan is auto).
+  int32_t prefetch_allowance(int32_t wanted) const;
+  // mu held: fold one host job's time into the host lane's figures.
+  void observe_host(const host_lane::job& j, double predicted);
 };
 
 }  // namespace pregated

@@ -67,7 +67,7 @@ void sgemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, cons
 constexpr int64_t min_task_bytes = 256 << 10;
 
 int64_t tasks_for(int64_t n, int64_t bytes_per_column) {
-  const int64_t threads = thread_pool::shared().size();
+  const int64_t threads = thread_pool::current().size();
   const int64_t by_size = std::max<int64_t>(1, n * bytes_per_column / min_task_bytes);
   return std::max<int64_t>(1, std::min({n, by_size, 4 * threads}));
 }
@@ -98,7 +98,7 @@ status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t
                const void* b, int64_t ldb, void* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return {};
   const size_t esz = dtype_size(dt);
-  thread_pool& pool = thread_pool::shared();
+  thread_pool& pool = thread_pool::current();
   // A and C in fp32 (A is small: the activations of a few rows).
   std::vector<float> a32, c32;
   const float* af = static_cast<const float*>(a);
@@ -176,7 +176,7 @@ status gemm_nt_items(dtype dt, const rows_item* items, int64_t count, int64_t n,
   const int64_t esz = static_cast<int64_t>(dtype_size(dt)), total = count * n;
   const int64_t tasks = tasks_for(total, k * esz);
   const int64_t per = (total + tasks - 1) / tasks;
-  thread_pool::shared().run(tasks, [&](int64_t t) {
+  thread_pool::current().run(tasks, [&](int64_t t) {
     for (int64_t s = t * per, e = std::min(total, s + per); s < e;) {  // columns s..e of all items
       const int64_t i = s / n, j0 = s % n, j1 = std::min(n, j0 + (e - s));
       const size_t f = static_cast<size_t>(first[static_cast<size_t>(i)]);
@@ -200,7 +200,7 @@ status gemm_nt_items(dtype dt, const rows_item* items, int64_t count, int64_t n,
 status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
                          const quantized_matrix& b, void* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return {};
-  thread_pool& pool = thread_pool::shared();
+  thread_pool& pool = thread_pool::current();
   std::vector<float> a32(static_cast<size_t>(m * k));  // A compact fp32
   if (dt == dtype::dtype_f32) {
     for (int64_t i = 0; i < m; ++i) {

@@ -76,7 +76,14 @@ std::unique_ptr<thread_pool>& shared_slot() {
   return pool;
 }
 
+thread_local thread_pool* current_pool = nullptr;
+
 }  // namespace
+
+thread_pool& thread_pool::current() { return current_pool != nullptr ? *current_pool : shared(); }
+
+scoped_pool::scoped_pool(thread_pool* pool) : previous_(current_pool) { current_pool = pool; }
+scoped_pool::~scoped_pool() { current_pool = previous_; }
 
 thread_pool& thread_pool::shared() {
   std::lock_guard<std::mutex> lk(shared_mu);

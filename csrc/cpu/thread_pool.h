@@ -28,6 +28,8 @@ class thread_pool {
 
   // The backend's pool: one thread per core, PREGATED_NUM_THREADS, or set_shared_size().
   static thread_pool& shared();
+  // The pool the kernels run on in this thread: the one a scoped_pool set, else shared().
+  static thread_pool& current();
   // Replaces the shared pool by one of `threads` threads (waits for a job in progress).
   static void set_shared_size(int threads);
 
@@ -45,6 +47,19 @@ class thread_pool {
   uint64_t generation_ = 0;
   int busy_ = 0;
   bool stop_ = false;
+};
+
+// Makes `pool` the calling thread's current pool for the guard's lifetime (the host lane's
+// worker: its kernels run on the lane's own pool, beside the backend's).
+class scoped_pool {
+ public:
+  explicit scoped_pool(thread_pool* pool);
+  ~scoped_pool();
+  scoped_pool(const scoped_pool&) = delete;
+  scoped_pool& operator=(const scoped_pool&) = delete;
+
+ private:
+  thread_pool* previous_;
 };
 
 }  // namespace pregated::cpu

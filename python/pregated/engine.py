@@ -18,7 +18,7 @@ from .experts import Binding, register_runtime, unregister_runtime
 from .generation import GenerationResult, SamplingParams, TextStream, TextTracker, sample
 from .loading import CheckpointSource, progress_bar
 from .modeling import dense_bytes, describe, drop_expert_parameters
-from .moe import MoEExecutor, check_eviction, check_routing, resolve_policy
+from .moe import MoEExecutor, check_eviction, check_hybrid, check_routing, hybrid_split, resolve_policy
 from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
 from .cpu_dense import decode_threads, use_cpu_pool_for_dense
@@ -69,8 +69,8 @@ class Engine:
     model : folder in Hugging Face layout (config.json, safetensors, tokenizer.json).
     device : "cpu", "cuda" or "cuda:N"; default CUDA when usable, else CPU.
     dtype : float32 / float16 / bfloat16 (default: the checkpoint's).
-    policy : "gpu-only", "on-demand", "prefetch-all" or "pregated"; default the fastest correct
-        choice for the budget (gpu-only when every expert fits, else pregated).
+    policy : "gpu-only", "on-demand", "prefetch-all", "pregated" or "hybrid"; default the fastest
+        correct choice for the budget (gpu-only when every expert fits, else pregated).
     expert_memory : device bytes for expert slots, an int or a string like "8GiB"; None = all.
     eviction : "lru", "lfu" or "none" (no cache: a block's experts leave when it is done).
     pregate : "speculative" (default: block i+1's router applied early) or a folder written by
@@ -81,12 +81,19 @@ class Engine:
         quantized when loaded, group-wise (`group_size` 32, 64 or 128 along the input dimension),
         by round-to-nearest (`quantize="rtn"`) or with HQQ's refinement (`quantize="hqq"`); they
         stay packed in the store, on the wire and in the slots. Dense layers keep `dtype`.
+    hot_fraction : policy hybrid: the share of the expert slots kept for hot experts (the most
+        routed ones stay pinned); default all but 2 * top_k slots (`moe.hybrid_split`).
+    lane_plan : policy hybrid: "auto" (the cost model decides, per block and expert, between a
+        copy and the host lane) or, for tests, "host", "copy" or "alternate".
+    lane_costs : policy hybrid: fix the cost model instead of measuring it, a dict with any of
+        link_bandwidth and host_bandwidth (bytes/s) and host_row_seconds.
     quiet : no progress bar while loading (it is shown only when stderr is a terminal anyway).
     """
 
     def __init__(self, model: str, *, device=None, dtype=None, policy: str | None = None,
                  expert_memory=None, eviction: str = "lru", pregate=None, routing: str = "exact",
                  expert_dtype: str | None = None, group_size: int | None = None, quantize: str = "rtn",
+                 hot_fraction: float | None = None, lane_plan: str = "auto", lane_costs: dict | None = None,
                  quiet: bool = False):
         if isinstance(model, (SyntheticModel, LoadedModel)):
             source = model
@@ -114,6 +121,7 @@ class Engine:
         check_eviction(self.policy, eviction)
         check_routing(routing)
         self.eviction = eviction
+        self.hybrid = check_hybrid(hot_fraction, lane_plan, lane_costs)
         lay = self.layout
         self.runtime = _core.Runtime(
             cfg.num_moe_layers, lay.num_experts, lay.hidden, lay.intermediate, ffn=lay.ffn,
@@ -146,7 +154,7 @@ class Engine:
             self._trace_step: int | None = None  # decode step whose timeline trace_decode_step records
             self._last_trace: list[dict] = []
             self._last_results: list[GenerationResult] = []
-            self._make_resident()
+            self._apply_policy()
             if pregate is not None:
                 self.pregate = self.moe.pregate = self._load_pregate(pregate)
         except BaseException:
@@ -163,8 +171,15 @@ class Engine:
             return load_pregate(str(pregate), self.blocks, self.taps, self.cfg, self.device)
         raise ValueError(f"pregate must be 'speculative' or a folder from `pregated calibrate`, got {pregate!r}")
 
-    def _make_resident(self) -> None:
-        """gpu-only means every expert on the device: load and pin them all now."""
+    def _apply_policy(self) -> None:
+        """gpu-only means every expert on the device: load and pin them all now; hybrid starts
+        the host lane with its share of the slots for the hot set."""
+        if self.policy == "hybrid":
+            hot, _ = hybrid_split(self.cfg, self.expert_memory, self.hybrid["hot_fraction"])
+            self.runtime.set_host_lane(True, plan=self.hybrid["lane_plan"], hot_slots=hot,
+                                       **self.hybrid["lane_costs"])
+        elif self.runtime.stats()["costs"]["link_bytes_per_s"] > 0:  # the lane of an earlier hybrid
+            self.runtime.set_host_lane(False)
         if self.policy != "gpu-only":
             return
         for m in range(self.cfg.num_moe_layers):
@@ -184,17 +199,22 @@ class Engine:
     def routing(self) -> str:
         return self.moe.routing
 
-    def reconfigure(self, *, policy: str | None = None, expert_memory=None, eviction: str | None = None) -> None:
-        """New policy / expert budget / eviction without reloading the model: the expert slots
-        are rebuilt (empty) and the statistics start from zero."""
+    def reconfigure(self, *, policy: str | None = None, expert_memory=None, eviction: str | None = None,
+                    hot_fraction=..., lane_plan: str | None = None, lane_costs=...) -> None:
+        """New policy / expert budget / eviction (and hybrid's options; those not given are kept)
+        without reloading the model: the expert slots are rebuilt (empty) and the statistics
+        start from zero."""
         self._check_open()
         eviction = eviction or self.eviction
         policy, budget = resolve_policy(policy, expert_memory, self.cfg)
         check_eviction(policy, eviction)
+        self.hybrid = check_hybrid(self.hybrid["hot_fraction"] if hot_fraction is ... else hot_fraction,
+                                   lane_plan or self.hybrid["lane_plan"],
+                                   self.hybrid["lane_costs"] if lane_costs is ... else lane_costs)
         self.runtime.resize(budget, eviction)
         self.policy, self.expert_memory, self.eviction = policy, budget, eviction
         self.moe.policy = policy
-        self._make_resident()
+        self._apply_policy()
         self.reset_stats()
 
     # --- lifetime ----------------------------------------------------------------------

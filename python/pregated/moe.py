@@ -7,6 +7,9 @@ Policies (how experts reach the compute):
   on-demand     experts are loaded after routing, when a block needs them
   prefetch-all  while block i computes, every expert of block i+1 is queued
   pregated      while block i computes, the experts the pre-gate predicts for block i+1 are queued
+  hybrid        pregated, and an expert that is not in a slot is either copied or computed on the
+                host lane where it lives, whichever the cost model says finishes the block
+                sooner; the most routed experts stay pinned as the hot set
 """
 
 from __future__ import annotations
@@ -17,13 +20,30 @@ import torch
 
 from . import _core
 
-POLICIES = ("gpu-only", "on-demand", "prefetch-all", "pregated")
+POLICIES = ("gpu-only", "on-demand", "prefetch-all", "pregated", "hybrid")
+LANE_PLANS = ("auto", "host", "copy", "alternate")
 
 
 def min_expert_slots(policy: str, cfg) -> int:
     """Experts that must fit at once: one token's experts for one block; the prefetching
-    policies also hold the next block's."""
+    policies also hold the next block's; hybrid computes what has no slot on the host."""
+    if policy == "hybrid":
+        return 1
     return cfg.top_k if policy == "on-demand" else 2 * cfg.top_k
+
+
+def hybrid_split(cfg, expert_memory: int, hot_fraction: float | None = None) -> tuple[int, int]:
+    """How policy hybrid splits a budget's slots: (hot, working). The working set keeps room for
+    a block's copies and the next block's prefetches (2 * top_k slots) and the hot set takes the
+    rest; `hot_fraction` in [0, 1) overrides. Nothing is hot when every expert fits. At least
+    one slot always stays for copies."""
+    total = cfg.num_routed_experts
+    slots = min(total, expert_memory // cfg.expert_bytes())
+    if slots >= total:
+        return 0, slots
+    hot = slots - min(slots, 2 * cfg.top_k) if hot_fraction is None else int(slots * hot_fraction)
+    hot = max(0, min(hot, slots - 1))
+    return hot, slots - hot
 
 
 def min_expert_memory(policy: str, cfg) -> int:
@@ -79,6 +99,25 @@ def check_eviction(policy: str, eviction: str) -> None:
     if eviction == "none" and policy == "gpu-only":
         raise ValueError("eviction 'none' drops experts after each block, which contradicts policy "
                          "'gpu-only'; use lru or lfu, or an offloading policy")
+
+
+LANE_COSTS = ("link_bandwidth", "host_bandwidth", "host_row_seconds")
+
+
+def check_hybrid(hot_fraction, lane_plan: str, lane_costs: dict | None) -> dict:
+    """Checks policy hybrid's options; returns them as the runtime's set_host_lane takes them."""
+    if hot_fraction is not None and (not isinstance(hot_fraction, (int, float)) or isinstance(hot_fraction, bool)
+                                     or not 0 <= hot_fraction < 1):
+        raise ValueError(f"hot_fraction must be a number in [0, 1), got {hot_fraction!r}")
+    if lane_plan not in LANE_PLANS:
+        raise ValueError(f"unknown lane plan {lane_plan!r}: choose one of {', '.join(LANE_PLANS)}")
+    costs = dict(lane_costs or {})
+    for k, v in costs.items():
+        if k not in LANE_COSTS:
+            raise ValueError(f"unknown lane cost {k!r}: give any of {', '.join(LANE_COSTS)}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"lane cost {k} must be a number > 0, got {v!r}")
+    return {"hot_fraction": hot_fraction, "lane_plan": lane_plan, "lane_costs": costs}
 
 
 ROUTING_MODES = ("exact", "pregate")
@@ -164,7 +203,7 @@ class MoEExecutor:
             logits = self.taps.router_logits[m]
             self.recorder(m, h, logits if rows is None else logits[rows], ids)
         predict = (m + 1 < n and self.stacks[m] == self.stacks[m + 1]  # not across encoder -> decoder
-                   and (self.routing == "pregate" or self.policy == "pregated" or self.score_pregate))
+                   and (self.routing == "pregate" or self.policy in ("pregated", "hybrid") or self.score_pregate))
         pred = self.pregate.predict(m, h) if predict else None
         # One device -> host transfer (one synchronisation) for everything the host needs.
         ids, weights, pred = _to_host(ids, weights, pred)
@@ -177,7 +216,7 @@ class MoEExecutor:
             self.predicted[m + 1] = pred[0]
             if self.routing == "pregate":
                 self.pending[m + 1] = pred
-            if self.policy == "pregated":
+            if self.policy in ("pregated", "hybrid"):
                 nxt = torch.unique(pred[0]).to(torch.int32)
                 nxt = nxt[nxt < self.cfg.num_experts]  # some routers mark "no expert" past the last
         if m + 1 < n and self.stacks[m] == self.stacks[m + 1] and self.policy == "prefetch-all":

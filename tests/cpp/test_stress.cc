@@ -14,13 +14,14 @@ using namespace pregated;
 
 namespace {
 
-void stress(const cpu_backend_options& opts) {
+void stress(const cpu_backend_options& opts, const host_lane_config& lane = {}) {
   const pgref::toy_model m = pgref::make_model(3, 6, 16, 12, ffn_kind::ffn_kind_gated_silu, 11);
   runtime_config cfg;
   cfg.num_layers = m.layers;
   cfg.num_experts = m.experts;
   cfg.spec = m.spec;
   cfg.expert_memory = 3 * static_cast<int64_t>(m.spec.bytes());
+  cfg.host_lane = lane;
   std::unique_ptr<runtime> rt;
   CHECK_OK(runtime::create(make_cpu_backend(opts), cfg, &rt));
   if (!rt) return;
@@ -93,19 +94,21 @@ void stress(const cpu_backend_options& opts) {
   CHECK_OK(rt->check(&report));
   const runtime_stats s = rt->stats();
   CHECK(s.forwards == forwards.load());
-  CHECK(s.total.expert_hits + s.total.expert_misses == expert_uses.load());
+  // Every expert a forward used was found in a slot, loaded, or computed on the host lane.
+  CHECK(s.total.expert_hits + s.total.expert_misses + s.total.host_experts == expert_uses.load());
+  if (lane.enabled) CHECK(s.total.host_experts > 0);
   CHECK(s.total.prefetch_used <= s.total.prefetch_issued);
   for (const layer_stats& l : s.layers) CHECK(l.prefetch_used <= l.prefetch_issued);
   int32_t occupied = 0;
   for (const slot_snapshot& sl : rt->slots()) {
     CHECK(sl.refs == 0);
-    CHECK(!sl.pinned);
+    CHECK(!sl.pinned || sl.hot);  // the hot set keeps its pins
     occupied += sl.state == slot_state::slot_state_empty ? 0 : 1;
   }
   CHECK(occupied <= rt->num_slots());
-  std::printf("  %lld forwards, %lld expert uses, %lld misses, %lld prefetches issued, %lld evictions\n",
+  std::printf("  %lld forwards, %lld expert uses, %lld misses, %lld on the host, %lld prefetches issued, %lld evictions\n",
               static_cast<long long>(forwards.load()), static_cast<long long>(expert_uses.load()),
-              static_cast<long long>(s.total.expert_misses),
+              static_cast<long long>(s.total.expert_misses), static_cast<long long>(s.total.host_experts),
               static_cast<long long>(s.total.prefetch_issued), static_cast<long long>(s.evictions));
 }
 
@@ -119,4 +122,19 @@ TEST(stress_with_asynchronous_copies) {
   cpu_backend_options opts;
   opts.copy_delay_us = 30;
   stress(opts);
+}
+
+// Policy hybrid: a host lane computing experts concurrently with the forwards' device lanes, a
+// mixed plan, the hot set pinning and unpinning as traffic moves, copies in flight.
+TEST(stress_hybrid_with_host_and_device_lanes_in_flight) {
+  cpu_backend_options opts;
+  opts.copy_delay_us = 30;
+  host_lane_config lane;
+  lane.enabled = true;
+  lane.threads = 2;
+  lane.plan = lane_plan::lane_plan_alternate;
+  lane.hot_slots = 1;
+  lane.hot_decay = 0.8;
+  lane.rebalance_every = 5;
+  stress(opts, lane);
 }

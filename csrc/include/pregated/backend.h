@@ -124,6 +124,13 @@ class backend {
                                      void* out, void* ws, void* stream) = 0;
 };
 
+// One expert's FFN on `be`, its weights in the block `w` (a slot, or the expert store on a
+// backend whose device is the host): y[n, H] = down(f(x[n, H] [gate; up]^T + b1)) + b2, with
+// bias and activation per ffn kind. `act` is scratch of n * sp.up_rows() elements of sp.dt; x,
+// act and y are rows of H, U and H elements.
+status expert_ffn(backend& be, const expert_spec& sp, const uint8_t* w, const void* x, int64_t n,
+                  void* act, void* y, void* stream);
+
 struct cpu_backend_options {
   // >= 0: copies run asynchronously on the backend's copy thread, each after this many
   // microseconds (so the runtime's paths for copies in flight run on the CPU, as on a GPU);

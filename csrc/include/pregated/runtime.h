@@ -10,10 +10,29 @@
 #include "pregated/backend.h"
 #include "pregated/expert_cache.h"
 #include "pregated/expert_store.h"
+#include "pregated/lane_planner.h"
 #include "pregated/status.h"
 #include "pregated/types.h"
 
 namespace pregated {
+
+// The host lane and its planner (policy hybrid): experts that are not in a slot are copied or
+// computed on the host, whichever finishes the block sooner under the cost model, and the
+// experts routed most often (a decayed count per expert) are pinned as the hot set.
+struct host_lane_config {
+  bool enabled = false;
+  int32_t threads = 0;  // the host lane's own pool; 0: one per core
+  lane_plan plan = lane_plan::lane_plan_auto;
+  // Fields left at 0 are measured: the link when the runtime is created, the host lane at the
+  // first forward; measured figures follow what later blocks observe. Given ones stay fixed.
+  lane_costs costs;
+  int64_t hot_slots = 0;       // slots the hot set may pin (at most num_slots - 1 unless all fit)
+  double hot_decay = 0.9;      // a layer's counts are multiplied by this at each of its forwards
+  double hot_min = 1.0;        // the decayed count an expert needs to join the hot set
+  int32_t rebalance_every = 8; // forwards between updates of the hot set
+
+  status validate(int64_t num_slots, int64_t num_experts_total) const;
+};
 
 struct runtime_config {
   int32_t num_layers = 0;   // MoE layers
@@ -24,6 +43,7 @@ struct runtime_config {
   eviction_policy eviction = eviction_policy::eviction_policy_lru;
   // Copies handed to the copy engine at once; a demand load waits behind at most this many.
   int32_t copy_depth = 2;
+  host_lane_config host_lane;
 
   status validate() const;
   // Slots that `expert_memory` buys (capped at the number of experts).
@@ -67,6 +87,13 @@ struct layer_stats {
   int64_t prefetch_used = 0;     // prefetch copies that a forward then used (<= prefetch_issued)
   int64_t prefetch_dropped = 0;  // queued prefetches cancelled before their copy started
   double stall_seconds = 0;      // compute time spent waiting for copies
+  // The host lane (policy hybrid):
+  int64_t host_experts = 0;      // experts computed on the host instead of being copied
+  int64_t host_bytes = 0;        // expert bytes that did not cross the link because of it
+  double host_seconds = 0;       // the host lane's busy time
+  double host_wait_seconds = 0;  // time a forward waited for the host lane after its device lane
+  double device_seconds = 0;     // time a forward spent on its device lane (host clock: on a GPU,
+                                 // launches and waits for copies, not the GEMMs themselves)
 };
 
 struct runtime_stats {
@@ -75,6 +102,8 @@ struct runtime_stats {
   int64_t evictions = 0;
   int64_t forwards = 0;
   int64_t resident_forwards = 0;  // of those, on the resident path (no expert lookups counted)
+  int64_t hot_experts = 0;        // experts the host lane's planner pins as hot right now
+  lane_costs costs;               // the planner's cost model now (zeros without a host lane)
 };
 
 // One interval of a timeline: a copy on the copy engine or an expert's GEMMs on the compute
@@ -94,6 +123,7 @@ struct slot_snapshot {
   int32_t refs = 0;
   bool pinned = false;
   bool prefetched = false;
+  bool hot = false;  // pinned by the hot set (policy hybrid)
 };
 
 class runtime {
@@ -130,6 +160,11 @@ class runtime {
   // waits for copies in flight, then starts with empty slots (pins are dropped) and zeroed
   // statistics. Must not run while another thread is inside a forward.
   status resize(int64_t expert_memory, eviction_policy eviction);
+
+  // A new host lane configuration (policy hybrid on or off): the lane is rebuilt, the link
+  // measured again where costs are not given, and the hot set starts empty (its pins are
+  // dropped). Must not run while another thread is inside a forward.
+  status set_host_lane(const host_lane_config& lane);
 
   // Keep an expert resident until unpinned (loads it if needed).
   status pin(expert_key key);
