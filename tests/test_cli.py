@@ -40,6 +40,16 @@ def test_info(mixtral_folder, capsys):
     assert "3 decoder layers, 3 with MoE" in out
     assert "8 per MoE layer, 2 per token" in out
     assert "of 24 experts" in out and "minimum" in out
+    assert "hybrid" in out and "slots for hot experts" in out
+
+
+def test_generate_with_the_hybrid_policy(mixtral_folder, capsys):
+    rc = main(["generate", "--model", mixtral_folder, "--prompt", "Experts live in", "--max-new-tokens", "6",
+               "--device", "cpu", "--policy", "hybrid", "--expert-memory", "100KB", "--lane-plan", "host",
+               "--per-block"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "policy hybrid" in err and "experts computed on the host" in err and "host ms" in err
 
 
 def test_generate_streams_and_reports(mixtral_folder, capsys):

@@ -426,6 +426,7 @@ PYBIND11_MODULE(_core, m) {
     return out;
   }, py::arg("text"), "'8GiB', '512MB', '1.5G' or '123' -> bytes.");
   m.def("format_bytes", &format_bytes, py::arg("bytes"));
+  m.attr("DEFAULT_GROUP_SIZE") = expert_spec{}.group_size;  // quantized experts' default group
   m.def("cpu_kernel_isa", [] { return std::string(cpu_kernel_isa()); },
         "The instruction set of the CPU backend's decode kernels on this CPU: avx512, avx2 or portable.");
   m.def("cpu_threads", [] { return cpu_threads(); }, "Threads of the CPU backend's pool.");

@@ -12,8 +12,9 @@ from .cli_tools import add_quantization_args, add_tool_commands
 
 POLICY_HELP = ("how experts reach the device: gpu-only (all resident), on-demand (load after routing), "
                "prefetch-all (load all of block i+1 during block i), pregated (load the predicted experts "
-               "of block i+1 during block i); default: gpu-only when all experts fit in --expert-memory, "
-               "else pregated")
+               "of block i+1 during block i), hybrid (pregated, and an expert that is not on the device is "
+               "copied or computed on the CPU where it lives, whichever is sooner; the most routed experts "
+               "stay on the device); default: gpu-only when all experts fit in --expert-memory, else pregated")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -31,6 +32,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="exact: each block routes with its own router (default); pregate: block i+1 "
                         "uses the experts the pre-gate chose at block i (the paper's algorithm)")
     add_quantization_args(p, many=False)
+    p.add_argument("--hot-fraction", type=float, default=None, metavar="F",
+                   help="policy hybrid: share of the expert slots kept for hot experts (default: all but "
+                        "2 x experts-per-token slots)")
+    p.add_argument("--lane-plan", default="auto", choices=["auto", "host", "copy", "alternate"],
+                   help="policy hybrid: auto (the cost model chooses copy or CPU per expert; default), or "
+                        "force every expert that is not on the device to the CPU (host), the link (copy), "
+                        "or alternately (tests)")
     p.add_argument("--per-block", action="store_true", help="print statistics per MoE block")
     p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
 
@@ -80,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder in Hugging Face layout")
     p.add_argument("--expert-memory", default=None, metavar="BYTES",
                    help="also say how many experts fit in this much device memory, e.g. 8GiB")
+    p.add_argument("--hot-fraction", type=float, default=None, metavar="F",
+                   help="with --expert-memory: the hybrid policy's share of slots for hot experts")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     add_quantization_args(p, many=False, method=False)
     p.set_defaults(func=cmd_info)
@@ -123,7 +133,8 @@ def _open_engine(args, folder: str):
     return Engine(folder, device=args.device, dtype=args.dtype, policy=args.policy,
                   expert_memory=args.expert_memory, eviction=args.eviction, pregate=args.pregate,
                   routing=args.routing, expert_dtype=args.expert_dtype, group_size=args.group_size,
-                  quantize=args.quantize, quiet=args.quiet)
+                  quantize=args.quantize, hot_fraction=args.hot_fraction, lane_plan=args.lane_plan,
+                  quiet=args.quiet)
 
 
 def _stream(engine, prompt, args) -> tuple[object, float]:
@@ -153,6 +164,10 @@ def format_stats(stats: dict, expert_bytes: int) -> str:
             line += f"; pre-gate precision {stats['prefetch_precision']:.2f}, recall {stats['prefetch_recall']:.2f}"
         lines.append(line)
     lines.append(f"stalled {stats['stall_seconds'] * 1e3:.1f} ms waiting for copies")
+    if stats["policy"] == "hybrid":
+        lines.append(f"host lane: {stats['host_experts']} experts computed on the host ({fb(stats['host_bytes'])} "
+                     f"not copied) in {stats['host_seconds'] * 1e3:.1f} ms, waited {stats['host_wait_seconds'] * 1e3:.1f} ms "
+                     f"for it; {stats['hot_experts']} hot experts pinned")
     return "\n".join(lines)
 
 
@@ -161,12 +176,12 @@ def format_block_table(stats: dict) -> str:
         return "-" if v is None else format(v, spec)
 
     rows = [f"{'block':>5} {'layer':>5} {'hits':>6} {'misses':>6} {'MiB in':>8} {'prefetch':>8} "
-            f"{'used':>6} {'prec':>5} {'recall':>6} {'stall ms':>8}"]
+            f"{'used':>6} {'prec':>5} {'recall':>6} {'stall ms':>8} {'host':>5} {'host ms':>8}"]
     for m, b in enumerate(stats["layers"]):
         rows.append(f"{m:>5} {b['layer']:>5} {b['expert_hits']:>6} {b['expert_misses']:>6} "
                     f"{b['bytes_h2d'] / 2**20:>8.1f} {b['prefetch_issued']:>8} {b['prefetch_used']:>6} "
                     f"{f(b['prefetch_precision'], '.2f'):>5} {f(b['prefetch_recall'], '.2f'):>6} "
-                    f"{b['stall_seconds'] * 1e3:>8.1f}")
+                    f"{b['stall_seconds'] * 1e3:>8.1f} {b['host_experts']:>5} {b['host_seconds'] * 1e3:>8.1f}")
     return "\n".join(rows)
 
 
@@ -199,7 +214,7 @@ def cmd_demo(args) -> int:
     build_demo(folder, force=args.rebuild)
     cfg = summarize(folder)[1]
     if args.expert_dtype:
-        cfg.expert_format, cfg.group_size = args.expert_dtype, args.group_size or 64
+        cfg.expert_format, cfg.group_size = args.expert_dtype, args.group_size or _core.DEFAULT_GROUP_SIZE
     one = cfg.expert_bytes()
     if args.expert_memory is None:  # a tight budget: 6 of the 32 experts
         args.expert_memory = 6 * one
@@ -223,7 +238,8 @@ def cmd_info(args) -> int:
     from .loading import Loader
     from .modeling import build_model, describe
     from .moe import min_expert_memory, parse_expert_memory
-    from .quantize import BITS, checkpoint_quantization, expert_quantization
+    from .moe import hybrid_split
+    from .quantize import BITS, resolve_expert_quantization
 
     hf_config = read_hf_config(args.model)
     dtype = dtype_from_name(args.dtype) if args.dtype else checkpoint_dtype(hf_config)
@@ -232,14 +248,14 @@ def cmd_info(args) -> int:
     ckpt = Checkpoint(args.model)
     Loader(model, ckpt, blocks, layout, dict(model.state_dict()))  # every expert is there
     shipped = ckpt.packed_experts()
-    spec = (checkpoint_quantization(shipped, args.expert_dtype, args.group_size) if shipped
-            else expert_quantization(args.expert_dtype, args.group_size))
+    spec = resolve_expert_quantization(shipped, args.expert_dtype, args.group_size)
+    group = args.group_size or _core.DEFAULT_GROUP_SIZE
     text = hf_config.get_text_config()
     packed = {}
     for name in BITS:
-        cfg.expert_format, cfg.group_size = name, args.group_size or 64
+        cfg.expert_format, cfg.group_size = name, group
         packed[name] = cfg.expert_bytes()
-    cfg.expert_format, cfg.group_size = (spec.name, spec.group_size) if spec else ("dense", 64)
+    cfg.expert_format, cfg.group_size = (spec.name, spec.group_size) if spec else ("dense", _core.DEFAULT_GROUP_SIZE)
     one = cfg.expert_bytes()
     n_experts = cfg.num_routed_experts
     dense = cfg.dense_parameters * cfg.dtype.itemsize
@@ -259,15 +275,19 @@ def cmd_info(args) -> int:
         kind += f", packed in the checkpoint ({shipped.method})"
     print(f"bytes        {fb(one)} per expert ({kind}), {fb(cfg.all_expert_bytes())} all experts, "
           f"{fb(dense)} dense (on the device)")
-    print(f"quantized    per expert with --expert-dtype, group {args.group_size or 64}: "
+    print(f"quantized    per expert with --expert-dtype, group {group}: "
           + ", ".join(f"{name} {fb(b)}" for name, b in packed.items()))
-    minimum = {p: fb(min_expert_memory(p, cfg)) for p in ("on-demand", "pregated", "gpu-only")}
-    print(f"minimum      on-demand {minimum['on-demand']}, pregated / prefetch-all {minimum['pregated']}, "
-          f"gpu-only {minimum['gpu-only']} of expert memory")
+    minimum = {p: fb(min_expert_memory(p, cfg)) for p in ("hybrid", "on-demand", "pregated", "gpu-only")}
+    print(f"minimum      hybrid {minimum['hybrid']}, on-demand {minimum['on-demand']}, pregated / prefetch-all "
+          f"{minimum['pregated']}, gpu-only {minimum['gpu-only']} of expert memory")
     if args.expert_memory:
         budget = parse_expert_memory(args.expert_memory)
         fit = min(budget // one, n_experts)
         print(f"fits         {fit} of {n_experts} experts ({100 * fit / n_experts:.0f}%) in {fb(budget)}")
+        if fit >= 1:
+            hot, working = hybrid_split(cfg, budget, args.hot_fraction)
+            print(f"hybrid       {hot} slots for hot experts (pinned while routed often), {working} for copies "
+                  f"and prefetches; experts without a slot are copied or computed on the host lane")
     return 0
 
 

@@ -172,7 +172,7 @@ def cmd_eval(args) -> int:
             raise ValueError("--pregate and --expert-dtype measure different things: give one of them")
         res = evaluate_expert_dtypes(args.model, _read_text(args.data),
                                      [d for d in args.expert_dtype if d != "model"],
-                                     group_size=args.group_size or 64, quantize=args.quantize, window=args.window,
+                                     group_size=args.group_size or _core.DEFAULT_GROUP_SIZE, quantize=args.quantize, window=args.window,
                                      max_tokens=args.max_tokens, device=args.device, dtype=args.dtype,
                                      expert_memory=args.expert_memory, quiet=args.quiet)
         print(format_quality(res))

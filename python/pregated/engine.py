@@ -22,7 +22,7 @@ from .moe import MoEExecutor, check_eviction, check_hybrid, check_routing, hybri
 from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
 from .cpu_dense import decode_threads, use_cpu_pool_for_dense
-from .quantize import checkpoint_quantization, expert_quantization, store_writer
+from .quantize import resolve_expert_quantization, store_writer
 from .prompts import as_token_ids, check_chat_messages, check_token_ids, encode_prompt, split_batch
 from .synthetic import SyntheticModel
 from .taps import BlockTaps
@@ -111,10 +111,7 @@ class Engine:
         self.blocks, self.layout, self.cfg = describe(self.hf_config, self.model, self.dtype)
         cfg = self.cfg
         packed = source.packed_experts() if isinstance(source, CheckpointSource) else None
-        if packed is not None:
-            self.quant = checkpoint_quantization(packed, expert_dtype, group_size, quantize)
-        else:
-            self.quant = expert_quantization(expert_dtype, group_size, quantize)
+        self.quant = resolve_expert_quantization(packed, expert_dtype, group_size, quantize)
         if self.quant is not None:
             cfg.expert_format, cfg.group_size = self.quant.name, self.quant.group_size
         self.policy, self.expert_memory = resolve_policy(policy, expert_memory, cfg)

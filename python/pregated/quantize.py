@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _core
+
 BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
 GROUP_SIZES = (32, 64, 128)
 METHODS = ("rtn", "hqq")
@@ -164,12 +166,16 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return codes.view(rows, -1)[:, :cols].to(torch.uint8)
 
 
-def expert_quantization(expert_dtype, group_size: int | None = 64, method: str = "rtn") -> QuantSpec | None:
+DEFAULT_GROUP_SIZE = _core.DEFAULT_GROUP_SIZE
+
+
+def expert_quantization(expert_dtype, group_size: int | None = DEFAULT_GROUP_SIZE,
+                        method: str = "rtn") -> QuantSpec | None:
     """Engine's expert_dtype / group_size (None: 64) / quantize arguments -> a QuantSpec, or None
     for experts kept in the model's dtype."""
     if expert_dtype is None or expert_dtype in ("dense", "model"):
         return None
-    group_size = 64 if group_size is None else group_size
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     if expert_dtype not in BITS:
         raise ValueError(f"expert_dtype {expert_dtype!r} is not supported: use int8, int4, int3 or int2 "
                          "(or None to keep the model's dtype)")
@@ -186,6 +192,14 @@ def checkpoint_quantization(fmt, expert_dtype=None, group_size=None, method: str
         f"this checkpoint ships its experts packed as {fmt.name} in groups of {fmt.group_size} ({fmt.method}) and "
         f"pregated loads them as they are; {asked} would round them a second time: leave expert_dtype, "
         f"group_size and quantize unset (or give expert_dtype={fmt.name!r}, group_size={fmt.group_size})")
+
+
+def resolve_expert_quantization(packed, expert_dtype, group_size, method: str = "rtn") -> QuantSpec | None:
+    """The experts' format: the one a checkpoint ships them packed in (`packed`, a PackedFormat
+    or None), else the one asked for (None: the model's dtype)."""
+    if packed is not None:
+        return checkpoint_quantization(packed, expert_dtype, group_size, method)
+    return expert_quantization(expert_dtype, group_size, method)
 
 
 def store_writer(runtime, spec: QuantSpec | None):
