@@ -13,7 +13,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # output
 
 
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
-@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("n,k", [(1, 1), (37, 53), (200, 512), (1000, 72)])
 def test_cpu_linear_against_a_float64_matmul(dtype, rows, n, k, kernels):
     for isa in ("portable", "best"):

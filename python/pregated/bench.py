@@ -2,7 +2,9 @@
 offloading and the physical limit of the host-to-device link, in one run on one machine.
 
 Efficiency against the physical limit: achieved decode tokens/s divided by
-min(GPU-only tokens/s of the same run, h2d bandwidth / bytes moved per decode token).
+min(GPU-only tokens/s of the same run, bandwidth / missed expert bytes per decode token), where
+the missed bytes are those copied plus (policy hybrid) those the host lane read in place, and the
+bandwidth is the link's plus (hybrid) the host memory's: both lanes stream experts at once.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ FIELDS = ("model", "layers", "policy", "baseline", "expert_dtype", "expert_memor
           "experts_resident", "batch",
           "prompt_len", "new_tokens", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s",
           "peak_device_bytes", "bytes_h2d_per_token", "hit_rate", "prefetch_precision", "prefetch_recall",
-          "stall_s_per_token", "efficiency")
-POLICY_ORDER = ("gpu-only", "on-demand", "prefetch-all", "pregated")
+          "stall_s_per_token", "host_bytes_per_token", "efficiency")
+POLICY_ORDER = ("gpu-only", "on-demand", "prefetch-all", "pregated", "hybrid")
 
 
 def add_bench_command(sub, add_quantization_args) -> None:
@@ -100,6 +102,19 @@ def measure_h2d_gbps(device: str, nbytes: int = 256 << 20) -> float:
     return nbytes / best / 1e9
 
 
+def measure_host_read_gbps(nbytes: int = 512 << 20) -> float:
+    """Host memory read bandwidth: the best of 5 sums over a buffer far larger than the caches,
+    on every core (torch's threads)."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    buf.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
 def machine_info(device: str) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -113,7 +128,7 @@ def machine_info(device: str) -> dict:
     info = {"gpu": None, "driver": None, "cuda": torch.version.cuda, "torch": torch.__version__,
             "cpu": f"{cpu} ({os.cpu_count()} cores)",
             "host_memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-            "h2d_gbps": measure_h2d_gbps(device), "device": device, "pregated": _core.build_info()["version"]}
+            "h2d_gbps": measure_h2d_gbps(device), "host_read_gbps": measure_host_read_gbps(), "device": device, "pregated": _core.build_info()["version"]}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
@@ -170,7 +185,8 @@ def run_engine(engine, prompts, new_tokens: int) -> dict:
     pre = engine.last_prefill_stats
     batch = len(prompts)
     decode_tokens = batch * (new_tokens - 1)  # forward passes after the prefill's token
-    dec = {k: s[k] - pre[k] for k in ("bytes_h2d", "expert_hits", "expert_misses", "stall_seconds")}
+    dec = {k: s[k] - pre[k] for k in ("bytes_h2d", "expert_hits", "expert_misses", "stall_seconds",
+                                      "host_experts", "host_bytes", "host_seconds")}
     used = dec["expert_hits"] + dec["expert_misses"]
     return {
         "decode_tokens_per_s": decode_tokens / s["decode_seconds"] if s["decode_seconds"] > 0 else None,
@@ -188,6 +204,10 @@ def run_engine(engine, prompts, new_tokens: int) -> dict:
         "stall_s_per_token": dec["stall_seconds"] / decode_tokens,
         "prefetch_issued": s["prefetch_issued"],
         "prefetch_used": s["prefetch_used"],
+        # the host lane (policy hybrid): experts computed where they live instead of copied
+        "host_bytes_per_token": dec["host_bytes"] / decode_tokens,
+        "host_experts_per_token": dec["host_experts"] / decode_tokens,
+        "host_s_per_token": dec["host_seconds"] / decode_tokens,
     }
 
 
@@ -236,16 +256,23 @@ def run_hf(folder: str, baseline: str, device: str, dtype, budget_bytes, prompts
     return out
 
 
-def efficiency(run: dict, gpu_only_tps: float | None, h2d_gbps: float) -> tuple[float | None, float | None]:
-    """(achieved / limit, limit tokens/s); limit = min(GPU-only rate, bandwidth / bytes per token)."""
+def efficiency(run: dict, gpu_only_tps: float | None, h2d_gbps: float,
+               host_gbps: float = 0.0) -> tuple[float | None, float | None]:
+    """(achieved / limit, limit tokens/s); limit = min(GPU-only rate, bandwidth / missed expert
+    bytes per token): the link alone, or under hybrid the link plus the host lane reading host
+    memory, for the bytes copied plus the bytes read in place."""
     tps, per_token = run.get("decode_tokens_per_s"), run.get("bytes_h2d_per_token")
     if tps is None or per_token is None:
         return None, None
+    bandwidth = h2d_gbps
+    if run.get("policy") == "hybrid":
+        per_token += run.get("host_bytes_per_token") or 0.0
+        bandwidth += host_gbps
     limits = []
     if gpu_only_tps:
         limits.append(gpu_only_tps)
     if per_token > 0:
-        limits.append(h2d_gbps * 1e9 / per_token)
+        limits.append(bandwidth * 1e9 / per_token)
     if not limits:
         return None, None
     limit = min(limits)
@@ -347,7 +374,8 @@ def run_bench(args, log=print) -> dict:
     budgets = parse_budgets(args.expert_memory, model_total)
     _check_footprint(args, cfg0, device)
     machine = machine_info(device)
-    log(f"machine: {machine['gpu'] or machine['cpu']}, h2d {machine['h2d_gbps']:.1f} GB/s")
+    log(f"machine: {machine['gpu'] or machine['cpu']}, h2d {machine['h2d_gbps']:.1f} GB/s, "
+        f"host memory {machine['host_read_gbps']:.1f} GB/s")
 
     def bench_format(fmt: str, baselines: list[str], saved: list):
         """Every planned run with the experts in `fmt` ("model": the model's dtype)."""
@@ -419,7 +447,8 @@ def run_bench(args, log=print) -> dict:
             engine.close()
         for r in runs:
             if r.get("policy") and not r.get("error"):
-                r["efficiency"], r["limit_tokens_per_s"] = efficiency(r, gpu_only_tps, machine["h2d_gbps"])
+                r["efficiency"], r["limit_tokens_per_s"] = efficiency(r, gpu_only_tps, machine["h2d_gbps"],
+                                                                      machine["host_read_gbps"])
         return runs, timeline
 
     runs, timeline, saved = [], None, [None]
@@ -476,7 +505,7 @@ def _fmt(v, spec, scale=1.0):
 
 def format_table(result: dict) -> str:
     rows = [f"{'model':<16} {'policy':<14} {'experts':<8} {'budget':>10} {'%':>5} {'fit':>5} {'decode t/s':>10} {'prefill t/s':>11} "
-            f"{'TTFT ms':>8} {'MiB/tok':>8} {'hit':>5} {'prec':>5} {'recall':>6} {'stall ms/t':>10} "
+            f"{'TTFT ms':>8} {'MiB/tok':>8} {'host MiB/t':>10} {'hit':>5} {'prec':>5} {'recall':>6} {'stall ms/t':>10} "
             f"{'eff':>5} {'peak GiB':>8}"]
     for r in result["runs"]:
         label = r["baseline"] or r["policy"]
@@ -489,6 +518,7 @@ def format_table(result: dict) -> str:
             continue
         rows.append(head + f"{_fmt(r['decode_tokens_per_s'], '.1f'):>10} {_fmt(r['prefill_tokens_per_s'], '.0f'):>11} "
                     f"{_fmt(r['ttft_s'], '.1f', 1e3):>8} {_fmt(r['bytes_h2d_per_token'], '.1f', 2**-20):>8} "
+                    f"{_fmt(r.get('host_bytes_per_token') if r.get('policy') == 'hybrid' else None, '.1f', 2**-20):>10} "
                     f"{_fmt(r['hit_rate'], '.2f'):>5} {_fmt(r['prefetch_precision'], '.2f'):>5} "
                     f"{_fmt(r['prefetch_recall'], '.2f'):>6} {_fmt(r['stall_s_per_token'], '.2f', 1e3):>10} "
                     f"{_fmt(r['efficiency'], '.2f'):>5} {_fmt(r['peak_device_bytes'], '.2f', 2**-30):>8}")
@@ -500,7 +530,8 @@ def format_table(result: dict) -> str:
                     "budget and % are what the run used")
     m = result["machine"]
     rows.append(f"machine: {m['gpu'] or m['cpu']}; torch {m['torch']}, CUDA {m['cuda']}, driver {m['driver']}; "
-                f"pinned h2d {m['h2d_gbps']:.1f} GB/s")
+                f"pinned h2d {m['h2d_gbps']:.1f} GB/s"
+                + (f", host memory {m['host_read_gbps']:.1f} GB/s" if m.get("host_read_gbps") else ""))
     return "\n".join(rows)
 
 
