@@ -127,3 +127,21 @@ def test_hybrid_split_and_options(mixtral_folder):
             eng.reconfigure(policy="hybrid", lane_costs={"pcie": 1e9})
         with pytest.raises(ValueError, match="lane cost link_bandwidth must be a number > 0"):
             eng.reconfigure(policy="hybrid", lane_costs={"link_bandwidth": 0})
+
+
+def test_hybrid_with_every_eviction_and_routing_by_pregate(mixtral_folder):
+    """hybrid under lru, lfu and none keeps gpu-only's tokens (exact routing) and leaves no
+    reference behind; routing by pre-gate runs under it too."""
+    with Engine(mixtral_folder, device="cpu", policy="gpu-only", quiet=True) as eng:
+        eng.eos_ids = set()
+        want = generate(eng)
+        one = eng.cfg.expert_bytes()
+        for eviction in ("lru", "lfu", "none"):
+            eng.reconfigure(policy="hybrid", expert_memory=6 * one, eviction=eviction, lane_plan="alternate")
+            assert generate(eng) == want, eviction
+            eng.runtime.check()
+            assert all(s["refs"] == 0 for s in eng.runtime.slots())
+        eng.reconfigure(policy="hybrid", expert_memory=6 * one, eviction="lru", lane_plan="auto")
+        eng.set_routing("pregate")
+        assert len(generate(eng, n=6)[0]) == 6
+        eng.runtime.check()

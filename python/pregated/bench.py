@@ -248,7 +248,7 @@ def run_hf(folder: str, baseline: str, device: str, dtype, budget_bytes, prompts
         "ttft_s": ttft,
         "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None,
         "bytes_h2d_per_token": None, "hit_rate": None, "prefetch_precision": None, "prefetch_recall": None,
-        "stall_s_per_token": None,
+        "stall_s_per_token": None, "host_bytes_per_token": None,
     }
     del model
     if device.startswith("cuda"):
