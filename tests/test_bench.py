@@ -39,10 +39,12 @@ def check_result(res: dict) -> None:
             assert r["expert_memory_bytes"] == r["expert_bytes_total"]
         if r["policy"] == "on-demand":
             assert r["prefetch_issued"] == 0
-        if r["policy"] == "pregated":
+        if r["policy"] in ("pregated", "hybrid"):  # hybrid prefetches what the pre-gate predicts
             assert 0 <= r["prefetch_precision"] <= 1 and 0 <= r["prefetch_recall"] <= 1
         else:
             assert r["prefetch_precision"] is None
+        if r["policy"] != "hybrid":
+            assert r["host_bytes_per_token"] == 0
 
 
 def test_bench_expert_dtypes_side_by_side(tmp_path):
