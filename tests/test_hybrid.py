@@ -1,42 +1,13 @@
 """Policy hybrid through the Engine: the host lane and its planner give gpu-only's tokens under
-exact routing at every budget and plan, and report what they did."""
+exact routing on every family and expert dtype, and report what they did (every budget and
+plan on the core families: test_policies.py)."""
 
 import pytest
 
-from conftest import DEVICES
 from pregated.engine import Engine
 from pregated.moe import hybrid_split
 from test_engine_parity import FAMILIES
-
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [40, 41, 42]]
-CORE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
-PLANS = ("host", "copy", "alternate", "auto")
-
-
-def generate(eng, n=12):
-    return [r.token_ids for r in eng.generate(PROMPTS, max_new_tokens=n)]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", CORE)
-def test_hybrid_equals_gpu_only_at_every_budget_and_plan(family, device, checkpoint_factory):
-    folder = checkpoint_factory(family)
-    with Engine(folder, device=device, policy="gpu-only", quiet=True) as eng:
-        eng.eos_ids = set()
-        want = generate(eng)
-        one = eng.cfg.expert_bytes()
-        total = one * eng.cfg.num_routed_experts
-        for budget in (one, 4 * one, total // 2, total):
-            for plan in PLANS:
-                eng.reconfigure(policy="hybrid", expert_memory=budget, lane_plan=plan)
-                assert generate(eng) == want, f"hybrid at {budget} bytes, plan {plan}"
-                eng.runtime.check()
-                s = eng.stats()
-                if budget < total and plan == "host":
-                    assert s["host_experts"] > 0 and s["expert_misses"] == 0
-                if plan == "copy" and budget < total:  # the host lane takes only what has no slot
-                    assert s["expert_misses"] > 0
-                assert s["host_bytes"] == s["host_experts"] * one
+from test_policies import generate
 
 
 @pytest.mark.parametrize("family", FAMILIES)

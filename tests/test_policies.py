@@ -21,6 +21,8 @@ def generate(eng, n=12):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", CORE)
 def test_every_policy_budget_and_eviction_equals_gpu_only_in_exact_mode(family, device, checkpoint_factory):
+    """Every offloading policy (hybrid under every plan of its host lane) at budgets from its
+    minimum to everything gives gpu-only's tokens."""
     folder = checkpoint_factory(family)
     with Engine(folder, device=device, policy="gpu-only", quiet=True) as eng:
         eng.eos_ids = set()
@@ -38,6 +40,18 @@ def test_every_policy_budget_and_eviction_equals_gpu_only_in_exact_mode(family, 
                     got = generate(eng)
                     assert got == want, f"{policy} at {budget} bytes ({eviction})"
                     eng.runtime.check()
+        # hybrid, from one expert to everything, under each plan of its host lane
+        for budget in (one, 4 * one, total // 2, total):
+            for plan in ("host", "copy", "alternate", "auto"):
+                eng.reconfigure(policy="hybrid", expert_memory=budget, eviction="lru", lane_plan=plan)
+                assert generate(eng) == want, f"hybrid at {budget} bytes, plan {plan}"
+                eng.runtime.check()
+                s = eng.stats()
+                if budget < total and plan == "host":
+                    assert s["host_experts"] > 0 and s["expert_misses"] == 0
+                if budget < total and plan == "copy":  # the host lane takes only what has no slot
+                    assert s["expert_misses"] > 0
+                assert s["host_bytes"] == s["host_experts"] * one
 
 
 @pytest.mark.parametrize("family", FAMILIES)
