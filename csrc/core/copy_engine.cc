@@ -36,19 +36,30 @@ void runtime::impl::copy_loop() {
       if (prefetch) ++stats.layers[static_cast<size_t>(key.layer)].prefetch_issued;
       std::unique_ptr<backend_event> t0, t1;
       trace_timers(&t0, &t1);
+      std::unique_ptr<backend_event> l0, l1;  // the link's figure under policy hybrid
+      if (!t0) link_timers(&l0, &l1);
       worker_busy = true;
       lk.unlock();
       // A slot's previous expert may still be read by GEMMs on the compute stream: the copy
       // waits for the slot's last use.
       status st = be->copy_wait(last_use[static_cast<size_t>(r.slot)].get());
       if (st.is_ok() && t0) st = be->record_copy(t0.get());
+      if (st.is_ok() && l0) st = be->record_copy(l0.get());
       if (st.is_ok()) {
         st = be->copy_to_device(slot_ptr(r.slot), store.expert(key), slot_bytes,
                                 copy_done[static_cast<size_t>(r.slot)].get());
       }
       if (st.is_ok() && t1) st = be->record_copy(t1.get());
+      if (st.is_ok() && l1) st = be->record_copy(l1.get());
       lk.lock();
       worker_busy = false;
+      if (st.is_ok() && l0 && l1) {
+        link_probes.push_back({std::move(l0), std::move(l1)});
+      } else {
+        if (l0) spare.push_back(std::move(l0));
+        if (l1) spare.push_back(std::move(l1));
+      }
+      observe_link();
       if (t0 && t1) traces.push_back({trace_event::kind_t::kind_copy, key.layer, key.expert, std::move(t0), std::move(t1)});
       if (!st) {
         failure = {st.code(), "copy engine: loading layer " + std::to_string(key.layer) +
@@ -76,6 +87,7 @@ void runtime::impl::copy_loop() {
       lk.lock();
       worker_busy = false;
       in_flight.pop_front();
+      observe_link();
       if (!st) {
         failure = {st.code(), "copy engine: waiting for a copy: " + st.message()};
       } else {

@@ -46,6 +46,11 @@ status runtime::impl::start_host_lane() {
   const host_lane_config& hc = cfg.host_lane;
   drop_hot();
   host_compute.reset();
+  for (link_probe& p : link_probes) {  // the copy engine is idle: every probe has completed
+    spare.push_back(std::move(p.start));
+    spare.push_back(std::move(p.end));
+  }
+  link_probes.clear();
   costs = hc.costs;
   host_measured = false;
   block_seconds = 0;
@@ -206,6 +211,34 @@ void runtime::impl::observe_host(const host_lane::job& j, double predicted) {
   const double step = 1.0 + 0.2 * (r - 1.0);
   costs.host_bytes_per_s /= step;
   if (cfg.host_lane.costs.host_row_s <= 0) costs.host_row_s *= step;
+}
+
+void runtime::impl::link_timers(std::unique_ptr<backend_event>* start, std::unique_ptr<backend_event>* end) {
+  if (!host_compute || cfg.host_lane.costs.link_bytes_per_s > 0 || link_probes.size() >= 64) return;
+  *start = take_timer();
+  *end = take_timer();
+  if (!*start || !*end) {
+    if (*start) spare.push_back(std::move(*start));
+    if (*end) spare.push_back(std::move(*end));
+    start->reset();
+    end->reset();
+  }
+}
+
+void runtime::impl::observe_link() {
+  while (!link_probes.empty() && be->query(link_probes.front().end.get())) {
+    link_probe p = std::move(link_probes.front());
+    link_probes.pop_front();
+    double s = 0;
+    if (be->elapsed_seconds(p.start.get(), p.end.get(), &s).is_ok() && s > 0 && host_compute &&
+        cfg.host_lane.costs.link_bytes_per_s <= 0) {
+      // A fifth of the way towards each copy's rate (copies are serial on the link, so each
+      // pair of events brackets one copy's own time).
+      costs.link_bytes_per_s = 0.8 * costs.link_bytes_per_s + 0.2 * static_cast<double>(slot_bytes) / s;
+    }
+    spare.push_back(std::move(p.start));
+    spare.push_back(std::move(p.end));
+  }
 }
 
 }  // namespace pregated

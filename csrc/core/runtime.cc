@@ -170,6 +170,7 @@ status runtime::close() {
   if (m.worker.joinable()) m.worker.join();  // returns once copies in flight completed
   m.be->synchronize(nullptr);
   m.probes.clear();
+  m.link_probes.clear();
   m.traces.clear();
   m.trace_base.reset();
   m.spare.clear();

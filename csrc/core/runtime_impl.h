@@ -81,6 +81,11 @@ struct runtime::impl {
   int64_t hot_count = 0;
   int64_t heat_forwards = 0;
   double block_seconds = 0;      // a forward's wall time, smoothed (what a prefetch can hide)
+  // Timing events around copies while the host lane's link figure is measured (not given).
+  struct link_probe {
+    std::unique_ptr<backend_event> start, end;
+  };
+  std::deque<link_probe> link_probes;
 
   uint8_t* slot_ptr(int32_t slot) const { return slab + slot_bytes * static_cast<size_t>(slot); }
   status check_open() const;
@@ -126,6 +131,10 @@ struct runtime::impl {
   int32_t prefetch_allowance(int32_t wanted) const;
   // mu held: fold one host job's time into the host lane's figures.
   void observe_host(const host_lane::job& j, double predicted);
+  // mu held: timing events for the next copy when the link's figure follows observation (else
+  // nulls); fold the copies that completed into the link's figure.
+  void link_timers(std::unique_ptr<backend_event>* start, std::unique_ptr<backend_event>* end);
+  void observe_link();
 };
 
 }  // namespace pregated

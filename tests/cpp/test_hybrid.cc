@@ -256,3 +256,31 @@ TEST(host_lane_configuration_is_checked) {
   cfg.host_lane.costs.link_bytes_per_s = -1;
   CHECK_ERR(runtime::create(make_cpu_backend(), cfg, &rt), "costs must be >= 0");
 }
+
+TEST(link_figure_follows_the_copies_it_observes) {
+  // Asynchronous copies that each take at least 2 ms: whatever was measured at start, the
+  // figure the planner uses moves towards the copies' own rate.
+  const pgref::toy_model m = pgref::make_model(2, 6, 24, 20, ffn_kind::ffn_kind_gated_silu, 8);
+  host_lane_config hc;
+  hc.plan = lane_plan::lane_plan_copy;
+  auto rt = make_hybrid(m, 2, hc, /*copy_delay_us=*/2000);
+  if (!rt) return;
+  const double slow = static_cast<double>(m.spec.bytes()) / 2e-3;  // bytes/s of a 2 ms copy
+  const double at_start = rt->stats().costs.link_bytes_per_s;  // the best of three copies
+  CHECK(at_start > 0 && at_start < 1.5 * slow);
+  float err = 1;
+  for (int i = 0; i < 20; ++i) CHECK_OK(block(*rt, m, i % 2, 1, {i % 6}, &err));
+  CHECK_OK(rt->wait_idle());
+  CHECK_OK(block(*rt, m, 0, 1, {5}, &err));  // folds the last copies in
+  const double link = rt->stats().costs.link_bytes_per_s;
+  // Observed copies are never faster than the best of the three at start, and each one moved
+  // the figure a fifth of the way towards itself.
+  CHECK(link > 0.3 * slow && link < 1.5 * slow);
+  CHECK(link != at_start);
+  // A figure given by the caller stays as given.
+  hc.costs.link_bytes_per_s = 1e12;
+  CHECK_OK(rt->set_host_lane([&] { host_lane_config c = hc; c.enabled = true; return c; }()));
+  for (int i = 0; i < 6; ++i) CHECK_OK(block(*rt, m, i % 2, 1, {(i + 3) % 6}, &err));
+  CHECK(rt->stats().costs.link_bytes_per_s == 1e12);
+  CHECK_OK(rt->check(nullptr));
+}
