@@ -83,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)",
+                       description="Serves /v1/completions, /v1/chat/completions, /v1/models, /health and "
+                                   "/metrics with continuous batching: requests join the running decode batch "
+                                   "at step boundaries and leave when done. Binds to 127.0.0.1 unless told "
+                                   "otherwise.")
+    p.add_argument("--model", required=True, help="model folder in Hugging Face layout")
+    p.add_argument("--served-model-name", default=None, help="the model id clients ask for (default: the folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get 429 (default 64)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                   help="seconds a request may run before it is cut off (finish_reason length)")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("info", help="summarise a model folder: layers, experts, bytes, what fits",
                        description="Reads config.json and the checkpoint index (no weights are loaded).")
     p.add_argument("--model", required=True, help="model folder in Hugging Face layout")
@@ -229,6 +246,26 @@ def cmd_demo(args) -> int:
         print(args.prompt, end="", flush=True)
         result, seconds = _stream(engine, args.prompt, args)
         _report(engine, result, seconds, args)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as e:
+        raise RuntimeError(f"`pregated serve` needs FastAPI and uvicorn ({e}); install them with "
+                           "pip install 'pregated[serve]' or pip install fastapi uvicorn") from None
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    with _open_engine(args, args.model) as engine:
+        app = create_app(engine, name, max_batch=args.max_batch, max_queue=args.max_queue,
+                         api_key=args.api_key, request_timeout=args.request_timeout)
+        print(f"serving {name} on http://{args.host}:{args.port}/v1 (policy {engine.policy}, device {engine.device})",
+              file=sys.stderr, flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -1,0 +1,240 @@
+"""Continuous batching for the server: one thread owns the Engine and runs decode steps over a
+batch that requests join (after their own prefill) and leave (done, stopped, cancelled, timed
+out) at step boundaries, each with its own sampling parameters and stop rules.
+
+T = tokens, V = vocabulary, B = rows of the running batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .cpu_dense import decode_threads
+from .generation import SamplingParams, TextTracker, sample
+from .kv_batch import can_join, join, keep_rows
+
+
+class QueueFull(Exception):
+    """The server's queue holds max_queue requests already."""
+
+
+class ShuttingDown(Exception):
+    """The server stopped accepting requests."""
+
+
+@dataclass
+class Request:
+    """One completion. `emit(event)` is called from the scheduler's thread with
+    {"text": piece, "token": id, "logprob": ..., "top_logprobs": ...} per token and, last,
+    {"finish_reason": "stop" | "length" | "cancelled" | "timeout" | "error", ...}."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[dict], None]
+    top_logprobs: int | None = None  # None: no log probabilities
+    timeout_s: float | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+    created: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # set by the scheduler
+    tracker: TextTracker | None = None
+    generator: torch.Generator | None = None
+    generated: int = 0
+    first_token_s: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Metrics:
+    """Counters for /metrics (read from any thread; written by the scheduler)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = collections.Counter()  # by finish reason
+        self.tokens = 0
+        self.prompt_tokens = 0
+        self.ttft_sum = 0.0
+        self.ttft_count = 0
+        self.batch_size = 0
+        self.max_batch_seen = 0
+        self.steps = 0
+        self.step_rows = 0
+        self.started = time.perf_counter()
+
+
+class Scheduler:
+    """Runs requests on `engine` with continuous batching (see the module docstring).
+
+    max_batch: rows decoded together; max_queue: requests waiting for a row (more: QueueFull).
+    """
+
+    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        self.engine = engine
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.metrics = Metrics()
+        self._queue: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        self._rows: list[Request] = []
+        self._thread = threading.Thread(target=self._loop, name="pregated-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- called from the server's threads ---------------------------------------------------
+
+    def submit(self, req: Request) -> None:
+        with self._cv:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting (max_queue {self.max_queue})")
+            self._queue.append(req)
+            self._cv.notify()
+
+    def queue_depth(self) -> int:
+        with self._cv:
+            return len(self._queue)
+
+    def running(self) -> int:
+        return len(self._rows)
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting; with drain, finish what is queued and running, else cancel it."""
+        with self._cv:
+            self._accepting = False
+            if not drain:
+                for r in list(self._queue) + list(self._rows):
+                    r.cancel()
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # --- the scheduler's thread -------------------------------------------------------------
+
+    def _loop(self) -> None:
+        batch = None  # (cache, mask [B, S], last positions [B], logits [B, V])
+        while True:
+            with self._cv:
+                while not self._queue and not self._rows and not self._stop:
+                    self._cv.wait()
+                if self._stop and not self._queue and not self._rows:
+                    return
+            try:
+                batch = self._admit(batch)
+                if self._rows:
+                    batch = self._step(batch)
+            except Exception as e:  # noqa: BLE001 - every request hears of it; the server goes on
+                for r in self._rows:
+                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+                self._rows, batch = [], None
+
+    def _admit(self, batch):
+        """New requests take free rows: each is prefilled alone, then joins the batch."""
+        while len(self._rows) < self.max_batch:
+            with self._cv:
+                if not self._queue:
+                    return batch
+                if batch is not None and not can_join(batch[0]):
+                    return batch  # this model's cache takes no rows of other lengths: wait
+                req = self._queue.popleft()
+            if req.cancelled.is_set():
+                self._finish(req, "cancelled")
+                continue
+            eng = self.engine
+            req.tracker = TextTracker(eng.tokenizer, req.params.stop)
+            if req.params.seed is not None:
+                req.generator = torch.Generator().manual_seed(req.params.seed)
+            try:
+                with torch.inference_mode():
+                    cache, mask, last, logits = eng._prefill([req.prompt_ids])
+            except Exception as e:  # noqa: BLE001 - this request fails; the batch goes on
+                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+                continue
+            with self.metrics.lock:
+                self.metrics.prompt_tokens += len(req.prompt_ids)
+            if batch is None:
+                batch = (cache, mask, last, logits)
+            else:
+                c, m = join(batch[0], batch[1], cache, mask)
+                batch = (c, m, torch.cat([batch[2], last]), torch.cat([batch[3], logits]))
+            self._rows.append(req)
+        return batch
+
+    def _step(self, batch):
+        """Sample one token per row, let finished rows leave, run the rest one position on."""
+        cache, mask, last, logits = batch
+        nxt, keep = [], []
+        now = time.perf_counter()
+        for i, req in enumerate(self._rows):
+            row = logits[i:i + 1]
+            tok = int(sample(row, req.params, req.generator)[0])
+            event = {"token": tok}
+            if req.top_logprobs is not None:
+                lp = torch.log_softmax(row[0].float().cpu(), dim=-1)
+                event["logprob"] = float(lp[tok])
+                if req.top_logprobs > 0:
+                    top = torch.topk(lp, req.top_logprobs)
+                    event["top_logprobs"] = list(zip(top.indices.tolist(), top.values.tolist()))
+            event["text"] = req.tracker.add(tok)
+            req.generated += 1
+            if req.first_token_s is None:
+                req.first_token_s = now - req.created
+                with self.metrics.lock:
+                    self.metrics.ttft_sum += req.first_token_s
+                    self.metrics.ttft_count += 1
+            req.emit(event)
+            reason = None
+            if tok in self.engine.eos_ids or req.tracker.stopped:
+                reason = "stop"
+            elif req.generated >= req.params.max_new_tokens:
+                reason = "length"
+            elif req.cancelled.is_set():
+                reason = "cancelled"
+            elif req.timeout_s is not None and now - req.created > req.timeout_s:
+                reason = "timeout"
+            if reason is None:
+                keep.append(i)
+                nxt.append(tok)
+            else:
+                self._finish(req, reason)
+        with self.metrics.lock:
+            self.metrics.tokens += len(self._rows)
+            self.metrics.steps += 1
+            self.metrics.step_rows += len(self._rows)
+            self.metrics.max_batch_seen = max(self.metrics.max_batch_seen, len(self._rows))
+        if not keep:
+            self._rows = []
+            return None
+        if len(keep) < len(self._rows):
+            cache, mask = keep_rows(cache, mask, keep)
+            last = last[keep]
+            self._rows = [self._rows[i] for i in keep]
+        self.metrics.batch_size = len(self._rows)
+        eng = self.engine
+        B = len(keep)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        last = last + 1
+        tokens = torch.tensor(nxt, dtype=torch.long, device=eng.device)[:, None]
+        with torch.inference_mode(), decode_threads(eng.device):
+            out, cache = eng._forward(tokens, mask, last[:, None], cache, torch.ones(B, 1, dtype=torch.bool))
+        return cache, mask, last, out[:, -1].float()
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        text = req.tracker.finish() if req.tracker is not None else ""
+        event = {"finish_reason": reason, "text": text, "prompt_tokens": len(req.prompt_ids),
+                 "completion_tokens": req.generated}
+        if error:
+            event["error"] = error
+        with self.metrics.lock:
+            self.metrics.requests[reason] += 1
+        req.emit(event)
