@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get 429 (default 64)")
+    p.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                   help="prompt tokens prefilled between two decode steps of the running batch (default 256)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
     p.add_argument("--request-timeout", type=float, default=None, metavar="S",
                    help="seconds a request may run before it is cut off (finish_reason length)")
@@ -262,6 +264,7 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     with _open_engine(args, args.model) as engine:
         app = create_app(engine, name, max_batch=args.max_batch, max_queue=args.max_queue,
+                         prefill_chunk=args.prefill_chunk,
                          api_key=args.api_key, request_timeout=args.request_timeout)
         print(f"serving {name} on http://{args.host}:{args.port}/v1 (policy {engine.policy}, device {engine.device})",
               file=sys.stderr, flush=True)

@@ -84,11 +84,11 @@ def _error(status: int, message: str, type_: str, param=None, code=None, headers
 
 # --- the app -------------------------------------------------------------------------------
 
-def create_app(engine, model_name: str, *, max_batch: int = 8, max_queue: int = 64,
+def create_app(engine, model_name: str, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
                api_key: str | None = None, request_timeout: float | None = None) -> FastAPI:
     """The server's app around an open Engine; the scheduler starts with the app and drains
     on shutdown."""
-    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
+    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
 
     @contextlib.asynccontextmanager
     async def lifespan(_):

@@ -2,6 +2,10 @@
 batch that requests join (after their own prefill) and leave (done, stopped, cancelled, timed
 out) at step boundaries, each with its own sampling parameters and stop rules.
 
+A new request's prompt is prefilled in chunks of `prefill_chunk` tokens, one chunk between two
+decode steps of the running batch, so a long prompt holds the running streams up by one chunk
+at a time, not by its whole prefill.
+
 T = tokens, V = vocabulary, B = rows of the running batch.
 """
 
@@ -73,14 +77,17 @@ class Metrics:
 class Scheduler:
     """Runs requests on `engine` with continuous batching (see the module docstring).
 
-    max_batch: rows decoded together; max_queue: requests waiting for a row (more: QueueFull).
+    max_batch: rows decoded together; max_queue: requests waiting for a row (more: QueueFull);
+    prefill_chunk: prompt tokens prefilled between two decode steps.
     """
 
-    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256):
+        if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch, max_queue and prefill_chunk must be >= 1, got {max_batch}, {max_queue} "
+                             f"and {prefill_chunk}")
         self.engine = engine
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self._pending = None  # (request, cache, tokens prefilled) of the prompt being prefilled
         self.metrics = Metrics()
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -125,9 +132,9 @@ class Scheduler:
         batch = None  # (cache, mask [B, S], last positions [B], logits [B, V])
         while True:
             with self._cv:
-                while not self._queue and not self._rows and not self._stop:
+                while not self._queue and not self._rows and self._pending is None and not self._stop:
                     self._cv.wait()
-                if self._stop and not self._queue and not self._rows:
+                if self._stop and not self._queue and not self._rows and self._pending is None:
                     return
             try:
                 batch = self._admit(batch)
@@ -137,10 +144,16 @@ class Scheduler:
                 for r in self._rows:
                     self._finish(r, "error", error=f"{type(e).__name__}: {e}")
                 self._rows, batch = [], None
+                if self._pending is not None:
+                    self._finish(self._pending[0], "error", error=f"{type(e).__name__}: {e}")
+                    self._pending = None
 
     def _admit(self, batch):
-        """New requests take free rows: each is prefilled alone, then joins the batch."""
-        while len(self._rows) < self.max_batch:
+        """Takes the next request when a row is free and runs one chunk of its prefill; once its
+        whole prompt is in, it joins the batch."""
+        if self._pending is None:
+            if len(self._rows) >= self.max_batch:
+                return batch
             with self._cv:
                 if not self._queue:
                     return batch
@@ -149,25 +162,44 @@ class Scheduler:
                 req = self._queue.popleft()
             if req.cancelled.is_set():
                 self._finish(req, "cancelled")
-                continue
-            eng = self.engine
-            req.tracker = TextTracker(eng.tokenizer, req.params.stop)
+                return batch
+            req.tracker = TextTracker(self.engine.tokenizer, req.params.stop)
             if req.params.seed is not None:
                 req.generator = torch.Generator().manual_seed(req.params.seed)
-            try:
-                with torch.inference_mode():
-                    cache, mask, last, logits = eng._prefill([req.prompt_ids])
-            except Exception as e:  # noqa: BLE001 - this request fails; the batch goes on
-                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
-                continue
-            with self.metrics.lock:
-                self.metrics.prompt_tokens += len(req.prompt_ids)
-            if batch is None:
-                batch = (cache, mask, last, logits)
-            else:
-                c, m = join(batch[0], batch[1], cache, mask)
-                batch = (c, m, torch.cat([batch[2], last]), torch.cat([batch[3], logits]))
-            self._rows.append(req)
+            self._pending = (req, None, 0)
+        req, cache, done = self._pending
+        if req.cancelled.is_set():
+            self._pending = None
+            self._finish(req, "cancelled")
+            return batch
+        eng = self.engine
+        ids = req.prompt_ids
+        n = min(self.prefill_chunk, len(ids) - done)
+        tokens = torch.tensor([ids[done:done + n]], dtype=torch.long, device=eng.device)
+        positions = torch.arange(done, done + n, device=eng.device)[None]
+        mask = torch.ones(1, done + n, dtype=torch.long, device=eng.device)
+        try:
+            with torch.inference_mode():
+                logits, cache = eng._forward(tokens, mask, positions, cache, torch.ones(1, n, dtype=torch.bool))
+        except Exception as e:  # noqa: BLE001 - this request fails; the batch goes on
+            self._pending = None
+            self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+            return batch
+        done += n
+        if done < len(ids):
+            self._pending = (req, cache, done)
+            return batch
+        self._pending = None
+        with self.metrics.lock:
+            self.metrics.prompt_tokens += len(ids)
+        last = torch.tensor([len(ids) - 1], device=eng.device)
+        logits = logits[:, -1].float()
+        if batch is None:
+            batch = (cache, mask, last, logits)
+        else:
+            c, m = join(batch[0], batch[1], cache, mask)
+            batch = (c, m, torch.cat([batch[2], last]), torch.cat([batch[3], logits]))
+        self._rows.append(req)
         return batch
 
     def _step(self, batch):
