@@ -46,6 +46,15 @@ def test_top_k_and_top_p_are_respected():
             assert kept[b, t]
 
 
+def test_a_tiny_temperature_samples_the_top_token():
+    """Found by the server's fuzz: logits / 1e-300 overflowed to inf and softmax gave nan."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 40, generator=g) * 5
+    for t in (1e-300, 1e-30, 1e-6):
+        got = sample(logits, SamplingParams(temperature=t), g)
+        assert got.tolist() == logits.argmax(-1).tolist(), t
+
+
 def test_top_k_one_is_greedy(engine):
     greedy = engine.generate("Experts live in", max_new_tokens=12)
     k1 = engine.generate("Experts live in", max_new_tokens=12, temperature=0.8, top_k=1, seed=3)

@@ -62,6 +62,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     logits = logits.float().cpu()
     if params.temperature == 0:
         return logits.argmax(-1)
+    # Shifted so the largest logit is 0, and divided in float64: a tiny temperature then sends
+    # the others towards -inf (greedy in the limit) instead of overflowing into nan.
+    logits = (logits - logits.max(-1, keepdim=True).values).double()
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
