@@ -340,3 +340,17 @@ def test_chunked_prefill_lets_running_streams_go_on(engine, reference):
     for name, ids, n in (("short", short, 60), ("long", long, 5)):
         text = "".join(ev.get("text", "") for nm, ev in log if nm == name)
         assert text == reference.generate(ids, max_new_tokens=n).text, name
+
+
+def test_bench_serve_against_a_server_it_starts(mixtral_folder, tmp_path):
+    from pregated.cli import main
+
+    out = tmp_path / "serve.json"
+    assert main(["bench-serve", "--model", mixtral_folder, "--clients", "3", "--requests", "2", "--max-tokens", "5",
+                 "--serve-args", "--device cpu --max-batch 3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    s = res["summary"]
+    assert s["requests"] == 6 and s["errors"] == 0 and s["output_tokens_per_s"] > 0
+    assert s["ttft_s"]["p50"] > 0 and s["latency_s"]["p99"] >= s["latency_s"]["p50"]
+    assert all(r["error"] is None and 1 <= r["completion_tokens"] <= 5 for r in res["runs"])
+    assert "pregated_generated_tokens_total" in res["server_metrics"]

@@ -87,6 +87,8 @@ def add_tool_commands(sub) -> None:
 
     from .bench import add_bench_command
     add_bench_command(sub, add_quantization_args)
+    from .bench_serve import add_bench_serve_command
+    add_bench_serve_command(sub)
 
 
 def cmd_calibrate(args) -> int:
