@@ -354,3 +354,15 @@ def test_bench_serve_against_a_server_it_starts(mixtral_folder, tmp_path):
     assert s["ttft_s"]["p50"] > 0 and s["latency_s"]["p99"] >= s["latency_s"]["p50"]
     assert all(r["error"] is None and 1 <= r["completion_tokens"] <= 5 for r in res["runs"])
     assert "pregated_generated_tokens_total" in res["server_metrics"]
+
+
+def test_a_server_that_stops_accepting_answers_503(engine):
+    srv = Server(engine, max_batch=2)
+    try:
+        assert httpx.post(srv.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2}).status_code == 200
+        srv.app.state.scheduler.shutdown(drain=True, timeout=60)  # what SIGTERM does after uvicorn stops listening
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(srv.url + "/health").json()["status"] == "shutting down"
+    finally:
+        srv.close()
