@@ -18,6 +18,7 @@ from .experts import Binding, register_runtime, unregister_runtime
 from .generation import GenerationResult, SamplingParams, TextStream, TextTracker, sample
 from .loading import CheckpointSource, progress_bar
 from .modeling import dense_bytes, describe, drop_expert_parameters
+from .expert_parallel import ExpertParallel, checkpoint_fingerprint, summary_of
 from .moe import MoEExecutor, check_eviction, check_hybrid, check_routing, hybrid_split, resolve_policy
 from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
@@ -87,6 +88,10 @@ class Engine:
         copy and the host lane) or, for tests, "host", "copy" or "alternate".
     lane_costs : policy hybrid: fix the cost model instead of measuring it, a dict with any of
         link_bandwidth and host_bandwidth (bytes/s) and host_row_seconds.
+    expert_parallel : spread every MoE layer's experts over the ranks of the initialised
+        torch.distributed process group (torchrun; gloo on CPUs, NCCL on GPUs): each rank holds
+        and runs its share, policy / budget / expert dtype apply per rank, and every rank must
+        make the same calls (see expert_parallel.py).
     quiet : no progress bar while loading (it is shown only when stderr is a terminal anyway).
     """
 
@@ -94,7 +99,7 @@ class Engine:
                  expert_memory=None, eviction: str = "lru", pregate=None, routing: str = "exact",
                  expert_dtype: str | None = None, group_size: int | None = None, quantize: str = "rtn",
                  hot_fraction: float | None = None, lane_plan: str = "auto", lane_costs: dict | None = None,
-                 quiet: bool = False):
+                 expert_parallel: bool = False, quiet: bool = False):
         if isinstance(model, (SyntheticModel, LoadedModel)):
             source = model
             self.folder = None
@@ -114,14 +119,22 @@ class Engine:
         self.quant = resolve_expert_quantization(packed, expert_dtype, group_size, quantize)
         if self.quant is not None:
             cfg.expert_format, cfg.group_size = self.quant.name, self.quant.group_size
-        self.policy, self.expert_memory = resolve_policy(policy, expert_memory, cfg)
+        self.ep = ExpertParallel(cfg.num_experts) if expert_parallel else None
+        # the experts this process holds: all of them, or this rank's share
+        self.rank_cfg = self.ep.rank_config(cfg) if self.ep else cfg
+        if self.ep:
+            self.ep.check_same(summary_of({
+                "checkpoint": checkpoint_fingerprint(self.folder), "dtype": self.dtype, "policy": policy,
+                "expert_memory": expert_memory, "eviction": eviction, "routing": routing, "expert_dtype": expert_dtype,
+                "group_size": group_size, "quantize": quantize, "device_type": self.device.split(":")[0]}))
+        self.policy, self.expert_memory = resolve_policy(policy, expert_memory, self.rank_cfg)
         check_eviction(self.policy, eviction)
         check_routing(routing)
         self.eviction = eviction
         self.hybrid = check_hybrid(hot_fraction, lane_plan, lane_costs)
         lay = self.layout
         self.runtime = _core.Runtime(
-            cfg.num_moe_layers, lay.num_experts, lay.hidden, lay.intermediate, ffn=lay.ffn,
+            cfg.num_moe_layers, self.rank_cfg.num_experts, lay.hidden, lay.intermediate, ffn=lay.ffn,
             dtype=dtype_name(self.dtype), device=self.device, expert_memory=self.expert_memory,
             eviction=eviction, has_bias=lay.has_bias, alpha=lay.alpha, limit=lay.limit,
             expert_format=cfg.expert_format, group_size=cfg.group_size)
@@ -130,14 +143,15 @@ class Engine:
             meta_state = dict(self.model.state_dict())
             drop_expert_parameters(self.blocks, lay)
             with progress_bar(source.parameters(), not quiet) as bar:
-                extra = {"set_packed": self.runtime.set_expert} if packed is not None else {}
-                source.load(self.model, self.blocks, lay, meta_state, store_writer(self.runtime, self.quant),
-                            self.device, self.dtype, bar, **extra)
+                write = self._own_experts(store_writer(self.runtime, self.quant))
+                extra = {"set_packed": self._own_experts(self.runtime.set_expert)} if packed is not None else {}
+                source.load(self.model, self.blocks, lay, meta_state, write, self.device, self.dtype, bar, **extra)
             if self.device == "cpu":
                 use_cpu_pool_for_dense(self.model)
             self.taps = BlockTaps(self.blocks)
             self.pregate = SpeculativePregate(self.blocks, self.taps)
             self.moe = MoEExecutor(self.runtime, self._handle, cfg, self.policy, self.pregate, self.taps, routing)
+            self.moe.ep = self.ep
             for m, b in enumerate(self.blocks):
                 b.experts._pregated = Binding(self.moe, m)
             self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -158,6 +172,17 @@ class Engine:
             self.close()
             raise
 
+    def _own_experts(self, write):
+        """A store writer that keeps this rank's experts (under their local ids) and drops the rest."""
+        if self.ep is None:
+            return write
+
+        def own(m: int, e: int, part: str, w) -> None:
+            if self.ep.owns(e):
+                write(m, self.ep.local(e), part, w)
+
+        return own
+
     def _load_pregate(self, pregate):
         if pregate is None or pregate == "speculative":
             return SpeculativePregate(self.blocks, self.taps)
@@ -172,15 +197,15 @@ class Engine:
         """gpu-only means every expert on the device: load and pin them all now; hybrid starts
         the host lane with its share of the slots for the hot set."""
         if self.policy == "hybrid":
-            hot, _ = hybrid_split(self.cfg, self.expert_memory, self.hybrid["hot_fraction"])
+            hot, _ = hybrid_split(self.rank_cfg, self.expert_memory, self.hybrid["hot_fraction"])
             self.runtime.set_host_lane(True, plan=self.hybrid["lane_plan"], hot_slots=hot,
                                        **self.hybrid["lane_costs"])
         elif self.runtime.stats()["costs"]["link_bytes_per_s"] > 0:  # the lane of an earlier hybrid
             self.runtime.set_host_lane(False)
         if self.policy != "gpu-only":
             return
-        for m in range(self.cfg.num_moe_layers):
-            for e in range(self.cfg.num_experts):
+        for m in range(self.rank_cfg.num_moe_layers):
+            for e in range(self.rank_cfg.num_experts):
                 self.runtime.pin(m, e)
         self.runtime.wait_idle()
 
@@ -203,7 +228,7 @@ class Engine:
         start from zero."""
         self._check_open()
         eviction = eviction or self.eviction
-        policy, budget = resolve_policy(policy, expert_memory, self.cfg)
+        policy, budget = resolve_policy(policy, expert_memory, self.rank_cfg)
         check_eviction(policy, eviction)
         self.hybrid = check_hybrid(self.hybrid["hot_fraction"] if hot_fraction is ... else hot_fraction,
                                    lane_plan or self.hybrid["lane_plan"],

@@ -154,6 +154,7 @@ class MoEExecutor:
         self.rows: torch.Tensor | None = None
         # Host seconds per block of the forward being traced (Engine.trace_decode_step), or None.
         self.host_seconds: list[float] | None = None
+        self.ep = None  # ExpertParallel: this rank's share of the experts, the blocks' all-to-all
         self.reset()
 
     def set_routing(self, routing: str) -> None:
@@ -183,7 +184,7 @@ class MoEExecutor:
         """Every expert is pinned in a slot (gpu-only) and nothing needs the routing on the host
         (exact routing, no pre-gate scoring, no recording): the block runs on the device alone."""
         return (self.policy == "gpu-only" and self.routing == "exact" and not self.score_pregate
-                and self.recorder is None and self.cfg.expert_format == "dense")
+                and self.recorder is None and self.cfg.expert_format == "dense" and self.ep is None)
 
     def _block(self, m: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.resident():
@@ -221,8 +222,18 @@ class MoEExecutor:
                 nxt = nxt[nxt < self.cfg.num_experts]  # some routers mark "no expert" past the last
         if m + 1 < n and self.stacks[m] == self.stacks[m + 1] and self.policy == "prefetch-all":
             nxt = torch.arange(self.cfg.num_experts, dtype=torch.int32)
-        out = torch.ops.pregated.moe_experts(x.contiguous(), ids, weights, self.handle, m,
-                                             m + 1 if nxt is not None else -1, nxt)
+        if self.ep is not None:  # this rank's experts; every rank's prefetch is of its own experts
+            nxt = self.ep.local_experts(nxt)
+            nxt = nxt if nxt is not None and len(nxt) else None
+
+            def run_local(xr, local_ids):
+                return torch.ops.pregated.moe_experts(xr.contiguous(), local_ids[:, None], torch.ones(len(local_ids), 1),
+                                                      self.handle, m, m + 1 if nxt is not None else -1, nxt)
+
+            out = self.ep.forward(m, x.contiguous(), ids, weights, run_local)
+        else:
+            out = torch.ops.pregated.moe_experts(x.contiguous(), ids, weights, self.handle, m,
+                                                 m + 1 if nxt is not None else -1, nxt)
         if rows is not None:
             out = torch.zeros_like(full).index_copy_(0, rows, out)
         return out

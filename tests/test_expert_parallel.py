@@ -1,0 +1,99 @@
+"""Expert parallelism with gloo on the CPU: 2 and 4 processes under torchrun give one process's
+greedy tokens and (fp32) logits, under every policy, with uneven expert counts per rank; a rank
+that dies makes the others fail with a clear error; mismatched ranks are refused at start."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pregated.engine import Engine
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [40, 41, 42]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n: int, args: list[str], timeout: float = 600, env: dict | None = None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), os.path.join(HERE, "ep_worker.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def one_process(folder):
+    with Engine(folder, device="cpu", quiet=True, policy="gpu-only") as eng:
+        eng.eos_ids = set()
+        return [r.token_ids for r in eng.generate(PROMPTS, max_new_tokens=8)], eng.logits(PROMPTS[0])
+
+
+@pytest.mark.parametrize("family,world,over", [
+    ("mixtral", 2, {"num_local_experts": 7}),   # 4 + 3 experts per rank
+    ("qwen2_moe", 2, {}),                          # shared experts stay replicated
+    ("qwen3_moe", 4, {}),
+    ("olmoe", 4, {}),
+])
+def test_ranks_give_one_process_tokens_and_logits(family, world, over, checkpoint_factory, tmp_path):
+    folder = checkpoint_factory(family, **over)
+    want_tokens, want_logits = one_process(folder)
+    runs = ["gpu-only", "on-demand:2", "prefetch-all:4", "pregated:4", "hybrid:1"]
+    done = torchrun(world, [folder, str(tmp_path), *runs])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    with Engine(folder, device="cpu", quiet=True) as eng:
+        E, K, H, L = eng.cfg.num_experts, eng.cfg.top_k, eng.cfg.hidden_size, eng.cfg.num_moe_layers
+    # The model of the traffic: every routed (token, expert) row crosses once out and once back.
+    # Routed tokens per MoE block: the prompts (8 + 3, padding skips the experts), 7 decode steps
+    # of 2 rows, then logits() over 8 tokens; fp32 rows of H.
+    predicted = 2 * (8 + 3 + 7 * 2 + 8) * L * K * H * 4
+    for run in runs:
+        counts = [per_rank[r][run]["local_experts"] for r in range(world)]
+        assert sum(counts) == E and max(counts) - min(counts) <= 1, counts
+        for r in range(world):
+            got = per_rank[r][run]
+            assert got["tokens"] == want_tokens, (run, r)
+            torch.testing.assert_close(got["logits"], want_logits, rtol=1e-5, atol=1e-5)
+            assert got["bytes_sent"] > 0
+        assert sum(per_rank[r][run]["bytes_sent"] for r in range(world)) == predicted, run
+
+
+def test_a_rank_that_dies_fails_the_others_with_a_clear_error(mixtral_folder, tmp_path):
+    done = torchrun(2, [mixtral_folder, str(tmp_path), "pregated", "--die-at", "5"], env={"EP_TIMEOUT": "20"},
+                    timeout=300)
+    assert done.returncode != 0
+    assert "expert parallelism: a collective" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "rank0.pt").exists()
+
+
+def test_ranks_with_different_options_are_refused_at_start(mixtral_folder, tmp_path):
+    """Rank 1 asks for another budget: both ranks stop at start, naming the rank and the option."""
+    script = tmp_path / "mismatch.py"
+    script.write_text(
+        "import sys, datetime, torch.distributed as dist\n"
+        "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=60))\n"
+        "from pregated.engine import Engine\n"
+        "try:\n"
+        f"    Engine({mixtral_folder!r}, device='cpu', quiet=True, expert_parallel=True,\n"
+        "           expert_memory=None if dist.get_rank() == 0 else '200KB')\n"
+        "except ValueError as e:\n"
+        "    print('REFUSED', e, file=sys.stderr)\n"
+        "    sys.exit(7)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "rank 1's configuration differs from rank 0's (expert_memory: rank 0 has None, rank 1 has '200KB')" \
+        in done.stderr, done.stderr[-3000:]
+
+
+def test_expert_parallel_needs_a_process_group(mixtral_folder):
+    with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
+        Engine(mixtral_folder, device="cpu", quiet=True, expert_parallel=True)
