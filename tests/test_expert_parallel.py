@@ -97,3 +97,15 @@ def test_ranks_with_different_options_are_refused_at_start(mixtral_folder, tmp_p
 def test_expert_parallel_needs_a_process_group(mixtral_folder):
     with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
         Engine(mixtral_folder, device="cpu", quiet=True, expert_parallel=True)
+
+
+def test_generate_under_torchrun_prints_once(mixtral_folder):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "pregated", "generate", "--model", mixtral_folder, "--prompt",
+           "Experts live in", "--max-new-tokens", "6", "--device", "cpu", "--expert-parallel", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
+        want = eng.generate("Experts live in", max_new_tokens=6).text
+    assert done.stdout.count(want) == 1  # rank 0 prints, rank 1 stays quiet
+    assert "expert parallel: rank 0 of 2 holds 4 of 8 experts per layer" in done.stderr

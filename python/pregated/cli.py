@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -39,6 +40,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="policy hybrid: auto (the cost model chooses copy or CPU per expert; default), or "
                         "force every expert that is not on the device to the CPU (host), the link (copy), "
                         "or alternately (tests)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="spread the experts over the ranks of torchrun (--nproc-per-node N; gloo on CPUs, NCCL "
+                        "on GPUs); every rank runs the command, rank 0 prints")
     p.add_argument("--per-block", action="store_true", help="print statistics per MoE block")
     p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
 
@@ -149,11 +153,17 @@ def main(argv=None) -> int:
 def _open_engine(args, folder: str):
     from .engine import Engine
 
+    if getattr(args, "expert_parallel", False):
+        from .expert_parallel import init_from_environment
+
+        if init_from_environment(args.device) != 0:  # other ranks compute and stay quiet
+            sys.stdout = open(os.devnull, "w")
+            sys.stderr = open(os.devnull, "w")
     return Engine(folder, device=args.device, dtype=args.dtype, policy=args.policy,
                   expert_memory=args.expert_memory, eviction=args.eviction, pregate=args.pregate,
                   routing=args.routing, expert_dtype=args.expert_dtype, group_size=args.group_size,
                   quantize=args.quantize, hot_fraction=args.hot_fraction, lane_plan=args.lane_plan,
-                  quiet=args.quiet)
+                  expert_parallel=getattr(args, "expert_parallel", False), quiet=args.quiet)
 
 
 def _stream(engine, prompt, args) -> tuple[object, float]:
@@ -212,6 +222,11 @@ def _report(engine, result, seconds: float, args) -> None:
     print(f"\n{n} tokens in {seconds:.2f} s ({rate}; prefill {s['prefill_tokens']} tokens in "
           f"{s['prefill_seconds'] * 1e3:.0f} ms), finish: {result.finish_reason}", file=sys.stderr)
     print(format_stats(s, engine.cfg.expert_bytes()), file=sys.stderr)
+    if engine.ep is not None:
+        ep = engine.ep
+        print(f"expert parallel: rank {ep.rank} of {ep.world} holds {ep.num_local} of {engine.cfg.num_experts} "
+              f"experts per layer (the figures above are its own); it sent {_core.format_bytes(ep.bytes_sent)} of "
+              "rows in the blocks' all-to-alls", file=sys.stderr)
     if args.per_block:
         print(format_block_table(s), file=sys.stderr)
 
@@ -252,8 +267,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
-
+    if args.expert_parallel:
+        raise ValueError("pregated serve does not run expert-parallel yet (its scheduler would have to send every "
+                         "request to every rank); use generate or the Engine API under torchrun")
     try:
         import uvicorn
 

@@ -36,6 +36,18 @@ def _dist():
     return dist
 
 
+def init_from_environment(device: str | None) -> int:
+    """Joins torchrun's process group (from RANK, WORLD_SIZE, MASTER_ADDR, ...) unless one is
+    initialised already: NCCL for CUDA devices, gloo otherwise. Returns this process's rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise RuntimeError("--expert-parallel runs under torchrun: torchrun --nproc-per-node N -m pregated ...")
+        dist.init_process_group("nccl" if (device or "").startswith("cuda") else "gloo")
+    return dist.get_rank()
+
+
 def checkpoint_fingerprint(folder: str | None) -> str | None:
     """config.json's contents and the names and sizes of the weight files: enough to tell two
     checkpoints apart without reading the weights."""
