@@ -109,3 +109,22 @@ def test_generate_under_torchrun_prints_once(mixtral_folder):
         want = eng.generate("Experts live in", max_new_tokens=6).text
     assert done.stdout.count(want) == 1  # rank 0 prints, rank 1 stays quiet
     assert "expert parallel: rank 0 of 2 holds 4 of 8 experts per layer" in done.stderr
+
+
+def test_the_analytical_model_counts_what_the_runtime_sends():
+    """The model's all-to-all bytes follow the rule the runtime's traffic obeys (each routed row
+    crosses out and back: measured exactly in test_ranks_give_one_process_tokens_and_logits),
+    with the share (N - 1) / N that leaves the rank under uniform routing, plus the gather; more
+    ranks never lengthen its expert time."""
+    from pregated.cli import main
+    from pregated.ep_model import SHAPES, MACHINES, step_seconds
+
+    shape, m = SHAPES["mixtral-8x7b"], MACHINES["8xH100-nvlink"]
+    for n in (2, 4, 8):
+        d = step_seconds(shape, m, n, 16, False)
+        rows_out_and_back = 2 * (n - 1) / n * (16 / n) * shape.top_k * shape.hidden * 2
+        gather = (n - 1) / n * 16 * shape.hidden * 2
+        assert d["all_to_all_bytes_per_rank"] == pytest.approx(shape.moe_layers * (rows_out_and_back + gather))
+        assert d["expert_s"] < step_seconds(shape, m, n // 2, 16, False)["expert_s"]
+    assert main(["bench", "--synthetic", "deepseek-v3", "--model-only", "--ranks", "1,8"]) == 0
+    assert main(["bench", "--synthetic", "olmoe-1b-7b", "--model-only"]) == 2  # not a shape it knows

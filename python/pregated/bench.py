@@ -69,6 +69,10 @@ def add_bench_command(sub, add_quantization_args) -> None:
     p.add_argument("--plot", default=None, help="PNG plot file (default: --out with .png)")
     p.add_argument("--timeline", action="store_true",
                    help="also record a timeline of one pregated decode step at the smallest budget")
+    p.add_argument("--model-only", action="store_true",
+                   help="print the analytical model of expert parallelism for --synthetic's shape (mixtral-8x7b, "
+                        "qwen3-30b-a3b, deepseek-v3) over --ranks on NVLink and Ethernet machines; runs nothing")
+    p.add_argument("--ranks", default="1,2,4,8", help="with --model-only: comma-separated rank counts")
     p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
     p.set_defaults(func=cmd_bench)
 
@@ -570,6 +574,19 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def cmd_bench(args) -> int:
+    if args.model_only:
+        from .ep_model import table
+
+        if not args.synthetic:
+            raise ValueError("--model-only takes a shape: --synthetic mixtral-8x7b | qwen3-30b-a3b | deepseek-v3")
+        try:
+            ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+        except ValueError:
+            raise ValueError(f"--ranks must be comma-separated integers, got {args.ranks!r}") from None
+        if not ranks or min(ranks) < 1:
+            raise ValueError(f"--ranks must be integers >= 1, got {args.ranks!r}")
+        print(table(args.synthetic, ranks, batch=args.batch))
+        return 0
     result = run_bench(args, log=lambda msg: print(msg, file=sys.stderr))
     print(format_table(result))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
