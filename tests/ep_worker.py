@@ -27,12 +27,13 @@ def main(argv):
     rank = dist.get_rank()
     from pregated.engine import Engine
 
+    from pregated.modeling import summarize
+
+    one = summarize(folder)[1].expert_bytes()  # every rank's experts have the model's shape
     results = {}
     for run in runs:
         policy, _, experts = run.partition(":")
         kw = {"policy": policy}
-        with Engine(folder, device="cpu", quiet=True, expert_parallel=True, **kw) as probe:
-            one = probe.rank_cfg.expert_bytes()
         if experts:
             kw["expert_memory"] = int(experts) * one
         with Engine(folder, device="cpu", quiet=True, expert_parallel=True, **kw) as eng:
