@@ -3,23 +3,17 @@ greedy tokens and (fp32) logits, under every policy, with uneven expert counts p
 that dies makes the others fail with a clear error; mismatched ranks are refused at start."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from pregated.bench_serve import free_port
 from pregated.engine import Engine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [40, 41, 42]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(n: int, args: list[str], timeout: float = 600, env: dict | None = None):

@@ -4,9 +4,6 @@
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,6 +14,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi", reason="pregated serve needs fastapi and uvicorn")
 uvicorn = pytest.importorskip("uvicorn")
 
+from pregated.bench_serve import free_port, start_server, wait_healthy  # noqa: E402
 from pregated.engine import Engine  # noqa: E402
 from pregated.server import create_app  # noqa: E402
 
@@ -24,37 +22,12 @@ PROMPTS = ["Experts live in", "The cache", "Mixture of experts models route each
            "Pre-gated MoE predicts", "host memory", "one two three"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc=None, timeout: float = 120) -> None:
-    t = time.time()
-    while time.time() - t < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}): {proc.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("the server did not come up")
-
-
 @pytest.fixture(scope="module")
 def served(mixtral_folder):
     """(base URL, model name, process) of `pregated serve` on the tiny Mixtral."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pregated", "serve", "--model", mixtral_folder, "--port", str(port),
-                             "--device", "cpu", "--quiet", "--max-batch", "4", "--max-queue", "64",
-                             "--policy", "pregated", "--expert-memory", "200KB"],
-                            stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(mixtral_folder, "--device cpu --max-batch 4 --max-queue 64 --policy pregated "
+                                             "--expert-memory 200KB")
     try:
-        wait_healthy(url, proc)
         yield url, os.path.basename(mixtral_folder), proc
     finally:
         proc.terminate()
@@ -278,12 +251,8 @@ def test_full_queue_answers_429_and_keys_401(engine):
 
 
 def test_sigterm_drains_what_runs(mixtral_folder):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pregated", "serve", "--model", mixtral_folder, "--port", str(port),
-                             "--device", "cpu", "--quiet"], stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(mixtral_folder, "--device cpu")
     try:
-        wait_healthy(url, proc)
         result = {}
 
         def long_request():

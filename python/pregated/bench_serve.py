@@ -110,31 +110,41 @@ def summarize(runs: list[dict]) -> dict:
             "first_errors": [r["error"] for r in runs if r["error"]][:5]}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _start_server(folder: str, extra: str):
+def wait_healthy(url: str, proc=None, timeout: float = 600) -> None:
+    """Polls URL/health until it answers 200; fails early if `proc` (the server) exits."""
     import httpx
 
-    port = _free_port()
-    cmd = [sys.executable, "-m", "pregated", "serve", "--model", folder, "--port", str(port), "--quiet"]
-    cmd += shlex.split(extra)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
     t = time.time()
-    while time.time() - t < 600:
-        if proc.poll() is not None:
+    while time.time() - t < timeout:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"`pregated serve` exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise TimeoutError("`pregated serve` did not answer /health within 600 s")
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"the server at {url} did not answer /health within {timeout:.0f} s")
+
+
+def start_server(folder: str, extra: str):
+    """`pregated serve` on a free local port -> (process, base URL), once it answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "pregated", "serve", "--model", folder, "--port", str(port), "--quiet"]
+    proc = subprocess.Popen(cmd + shlex.split(extra), stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def cmd_bench_serve(args) -> int:
@@ -142,7 +152,7 @@ def cmd_bench_serve(args) -> int:
 
     if args.clients < 1 or args.requests < 1 or args.max_tokens < 1 or args.prompt_words < 1:
         raise ValueError("--clients, --requests, --max-tokens and --prompt-words must be >= 1")
-    proc, url = (None, args.url.rstrip("/")) if args.url else _start_server(args.model, args.serve_args)
+    proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args.model, args.serve_args)
     try:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         model = args.served_model or httpx.get(url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
