@@ -13,7 +13,7 @@ import time
 import torch
 
 from . import _core
-from .config import DTYPES, checkpoint_dtype, dtype_from_name, dtype_name
+from .config import checkpoint_dtype, dtype_from_name, dtype_name
 from .experts import Binding, register_runtime, unregister_runtime
 from .generation import GenerationResult, SamplingParams, TextStream, TextTracker, sample
 from .loading import CheckpointSource, progress_bar
