@@ -13,7 +13,7 @@ step "dependencies"
 # An unpinned torch resolves to a multi-GB CUDA build: keep one that is there, else the CPU 2.13.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
 "$PY" -m pip install -q scikit-build-core pybind11 ninja scipy-openblas32 numpy safetensors \
-  tokenizers tqdm pytest "transformers==5.24.0" jinja2 matplotlib fastapi uvicorn openai httpx
+  tokenizers tqdm pytest "transformers==5.24.0" jinja2 matplotlib fastapi uvicorn openai httpx schemathesis
 if command -v nvcc >/dev/null && [ "${PREGATED_CUDA:-AUTO}" != OFF ]; then
   # nvcc without cuBLAS (as on our CI machines): headers and libraries from the wheel.
   "$PY" -c "import os, nvidia; assert any(os.path.isfile(os.path.join(p, 'cu13/include/cublas_v2.h')) for p in nvidia.__path__)" 2>/dev/null \
