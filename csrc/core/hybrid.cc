@@ -131,13 +131,9 @@ void runtime::impl::rebalance_hot() {
   order.resize(keep);
   std::vector<uint8_t> want(heat.size(), 0);
   for (size_t i : order) want[i] = 1;
-  const int32_t E = cfg.num_experts;
-  auto key_of = [E](size_t i) {
-    return expert_key{static_cast<int32_t>(i / static_cast<size_t>(E)), static_cast<int32_t>(i % static_cast<size_t>(E))};
-  };
   for (size_t i = 0; i < hot.size(); ++i) {  // leaving first: their pins make room
     if (!hot[i] || want[i]) continue;
-    const int32_t slot = cache.find(key_of(i));
+    const int32_t slot = cache.find(key_at(i));
     if (slot >= 0) cache.slot(slot).pinned = false;
     hot[i] = 0;
     --hot_count;
@@ -145,7 +141,7 @@ void runtime::impl::rebalance_hot() {
   const int32_t slots = cache.num_slots();
   const int64_t all = static_cast<int64_t>(cfg.num_layers) * cfg.num_experts;
   for (size_t i : order) {
-    const expert_key key = key_of(i);
+    const expert_key key = key_at(i);
     int32_t slot = cache.find(key);
     if (slot >= 0 && cache.slot(slot).pinned) {
       if (!hot[i]) ++hot_count;
@@ -168,8 +164,7 @@ void runtime::impl::rebalance_hot() {
 void runtime::impl::drop_hot() {
   for (size_t i = 0; i < hot.size(); ++i) {
     if (!hot[i]) continue;
-    const int32_t E = cfg.num_experts;
-    const int32_t slot = cache.find({static_cast<int32_t>(i / static_cast<size_t>(E)), static_cast<int32_t>(i % static_cast<size_t>(E))});
+    const int32_t slot = cache.find(key_at(i));
     if (slot >= 0) cache.slot(slot).pinned = false;
   }
   std::fill(hot.begin(), hot.end(), 0);

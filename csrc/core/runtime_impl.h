@@ -123,6 +123,11 @@ struct runtime::impl {
   // the highest counts (up to hot_slots) and unpin those that fell out.
   void count_routing(int32_t layer, const std::vector<int32_t>& experts);
   void rebalance_hot();
+  // The expert at position i of heat / hot (layer-major).
+  expert_key key_at(size_t i) const {
+    const size_t E = static_cast<size_t>(cfg.num_experts);
+    return {static_cast<int32_t>(i / E), static_cast<int32_t>(i % E)};
+  }
   void drop_hot();  // forget the hot set (resize: pins are dropped)
   // mu held: seconds of copies queued or in flight on the link.
   double link_backlog() const;

@@ -154,7 +154,7 @@ def create_app(engine, model_name: str, *, max_batch: int = 8, max_queue: int = 
                                 top_k=body.top_k, seed=body.seed, stop=stop)
         return Job(prompt_ids=ids, params=params, emit=emit, top_logprobs=top_logprobs, timeout_s=request_timeout)
 
-    async def run(job_ids, body, max_tokens, top_logprobs, request: Request, render_chunk, render_final):
+    async def run(job_ids, body, max_tokens, top_logprobs, render_chunk, render_final):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = make_job(job_ids, body, max_tokens, top_logprobs,
@@ -208,19 +208,19 @@ def create_app(engine, model_name: str, *, max_batch: int = 8, max_queue: int = 
             raise APIError(400, f"{param}: {e}", param=param, code=code) from None
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest):
         check_model(body.model)
         ids = prompt_ids(body.prompt, "prompt")
         render = CompletionRender(model_name, created=int(time.time()), logprobs=body.logprobs, tokenizer=engine.tokenizer)
-        return await run(ids, body, body.max_tokens, body.logprobs, request, render.chunk, render.final)
+        return await run(ids, body, body.max_tokens, body.logprobs, render.chunk, render.final)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
+    async def chat(body: ChatRequest):
         check_model(body.model)
         ids = prompt_ids([m.model_dump(exclude_none=True) for m in body.messages], "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         render = ChatRender(model_name, created=int(time.time()), logprobs=top, tokenizer=engine.tokenizer)
-        return await run(ids, body, body.max_completion_tokens or body.max_tokens, top, request, render.chunk, render.final)
+        return await run(ids, body, body.max_completion_tokens or body.max_tokens, top, render.chunk, render.final)
 
     return app
 
