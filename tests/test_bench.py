@@ -94,10 +94,17 @@ def test_bench_hf_baselines_on_cpu(tmp_path):
     out = tmp_path / "b.json"
     assert main(["bench", "--synthetic", "tiny", "--layers", "2", "--device", "cpu", "--out", str(out),
                  "--policy", "pregated", "--expert-memory", "50%", "--new-tokens", "4", "--prompt-len", "8",
-                 "--baseline", "hf-accelerate", "--baseline", "hf-gpu", "--save", str(tmp_path / "ckpt")]) == 0
+                 "--baseline", "hf-accelerate", "--baseline", "hf-gpu", "--save", str(tmp_path / "ckpt"),
+                 "--repeat", "3"]) == 0
     res = json.loads(out.read_text())
     check_result(res)
     assert {r["baseline"] for r in res["runs"]} == {None, "hf-accelerate", "hf-gpu"}
+    # three rounds of every row, baselines included; each row reports its median decode round
+    for r in res["runs"]:
+        got = r["decode_tokens_per_s_rounds"]
+        assert r["rounds"] == 3 and len(got) == 3 and len(r["prefill_tokens_per_s_rounds"]) == 3
+        assert r["decode_tokens_per_s"] == sorted(got)[1]
+        assert r["prefill_tokens_per_s"] == r["prefill_tokens_per_s_rounds"][got.index(r["decode_tokens_per_s"])]
     # The saved synthetic checkpoint is a complete model folder.
     assert main(["info", "--model", str(tmp_path / "ckpt")]) == 0
 
@@ -107,6 +114,8 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
     assert "unknown synthetic model 'gpt-5'" in capsys.readouterr().err
     assert main(["bench", "--synthetic", "tiny", "--policy", "fast", "--device", "cpu"]) == 2
     assert "unknown policy 'fast'" in capsys.readouterr().err
+    assert main(["bench", "--synthetic", "tiny", "--repeat", "0", "--device", "cpu"]) == 2
+    assert "--repeat 0: give at least one round" in capsys.readouterr().err
 
 
 def test_gpu_check_dry_run(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pregated import _core
-from pregated.cpu_dense import MAX_ROWS, use_cpu_pool_for_dense
+from pregated.cpu_dense import HUGE_PAGE, MAX_ROWS, huge_pages_available, place_on_huge_pages, use_cpu_pool_for_dense
 from pregated.engine import Engine
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # output rounded to its dtype
@@ -56,6 +56,32 @@ def test_linear_layers_use_the_pool_for_few_rows_only(monkeypatch):
     x = torch.randn(2, 16, requires_grad=True)  # autograd stays with PyTorch
     lin(x).sum().backward()
     assert x.grad is not None and calls == [1, 8, 1]
+
+
+@pytest.mark.skipif(not huge_pages_available(), reason="this kernel offers no transparent huge pages")
+def test_dense_weights_move_to_huge_pages_unchanged():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(300, 24), torch.nn.Linear(24, 24), torch.nn.Linear(24, 300))
+    model[2].weight = model[0].weight  # tied, as an LM head often is
+    model[1].to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randint(0, 300, (5,))
+    ref = model[2](model[1](model[0](x).bfloat16()).float())
+    moved = place_on_huge_pages(model)
+    assert moved >= sum(p.numel() * p.element_size() for p in before.values())
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    assert min(ptrs) % HUGE_PAGE == 0 and all(p % 64 == 0 for p in ptrs)
+    assert model[2].weight is model[0].weight  # still one parameter
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert torch.equal(model[2](model[1](model[0](x).bfloat16()).float()), ref)
+
+
+def test_huge_pages_can_be_refused(monkeypatch):
+    monkeypatch.setenv("PREGATED_HUGE_PAGES", "0")
+    model = torch.nn.Linear(8, 8)
+    ptr = model.weight.data_ptr()
+    assert place_on_huge_pages(model) == 0 and model.weight.data_ptr() == ptr
 
 
 def test_decode_restores_torch_threads(mixtral_folder):

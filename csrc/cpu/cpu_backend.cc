@@ -17,6 +17,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "cpu_gemm.h"
 #include "half.h"
 #include "small_rows.h"
@@ -113,14 +117,35 @@ float activation(ffn_kind kind, float x) {
   return x;
 }
 
+// Allocations of at least this much go on 2 MiB pages where the kernel offers them
+// (transparent huge pages in `madvise` mode): a kernel that streams weights from memory stalls at
+// every 4 KiB page (the hardware prefetcher stops at the page's end and each page is a TLB miss),
+// which cost 4x on the 512 KiB reads of a decode step's projections here (docs/architecture.md).
+constexpr size_t huge_page = size_t{2} << 20;
+
+// PREGATED_HUGE_PAGES=0 keeps 4 KiB pages (to measure the difference, or where huge pages cost
+// too much memory).
+bool huge_pages_wanted() {
+  static const bool wanted = [] {
+    const char* env = std::getenv("PREGATED_HUGE_PAGES");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return wanted;
+}
+
 status aligned(size_t bytes, void** ptr, const char* what) {
   void* p = nullptr;
+  const bool huge = bytes >= huge_page && huge_pages_wanted();
+  if (huge) bytes = (bytes + huge_page - 1) / huge_page * huge_page;
   // 64-byte alignment for vector loads; at least one byte so every allocation is distinct.
-  if (posix_memalign(&p, 64, bytes == 0 ? 1 : bytes) != 0) {
+  if (posix_memalign(&p, huge ? huge_page : 64, bytes == 0 ? 1 : bytes) != 0) {
     return {status_code::status_code_out_of_memory,
             std::string("cannot allocate ") + std::to_string(bytes) + " bytes (" +
                 format_bytes(static_cast<int64_t>(bytes)) + ") of " + what + " memory"};
   }
+#if defined(MADV_HUGEPAGE)
+  if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // advice only: 4 KiB pages where refused
+#endif
   *ptr = p;
   return {};
 }

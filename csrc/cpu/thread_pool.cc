@@ -1,22 +1,55 @@
 #include "thread_pool.h"
 
+#include <chrono>
 #include <cstdlib>
 #include <memory>
 #include <string>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PREGATED_PAUSE() _mm_pause()
+#else
+#define PREGATED_PAUSE() std::this_thread::yield()
+#endif
+
 namespace pregated::cpu {
 
-thread_pool::thread_pool(int threads) {
+namespace {
+
+int default_spin_us() {
+  if (const char* env = std::getenv("PREGATED_SPIN_US")) {
+    const int n = std::atoi(env);
+    if (n >= 0) return n;
+  }
+  return 50;
+}
+
+}  // namespace
+
+thread_pool::thread_pool(int threads, int spin_us)
+    : spin_ns_(int64_t{1000} * (spin_us >= 0 ? spin_us : default_spin_us())) {
   for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
 }
 
 thread_pool::~thread_pool() {
   {
     std::lock_guard<std::mutex> lk(mu_);
-    stop_ = true;
+    stop_.store(true);
   }
   start_cv_.notify_all();
   for (std::thread& t : workers_) t.join();
+}
+
+template <class Pred>
+bool thread_pool::spin_until(Pred pred) const {
+  if (pred()) return true;
+  if (spin_ns_ <= 0) return false;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin_ns_);
+  for (int i = 1;; ++i) {
+    PREGATED_PAUSE();
+    if (pred()) return true;
+    if (i % 64 == 0 && std::chrono::steady_clock::now() >= until) return false;
+  }
 }
 
 void thread_pool::take_tasks() {
@@ -26,15 +59,22 @@ void thread_pool::take_tasks() {
 void thread_pool::worker_loop() {
   uint64_t seen = 0;
   for (;;) {
-    {
+    const auto started = [&] {
+      return stop_.load(std::memory_order_relaxed) || generation_.load(std::memory_order_acquire) != seen;
+    };
+    if (!spin_until(started)) {
       std::unique_lock<std::mutex> lk(mu_);
-      start_cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
+      ++sleepers_;
+      start_cv_.wait(lk, started);
+      --sleepers_;
     }
+    if (stop_.load()) return;
+    seen = generation_.load(std::memory_order_acquire);
     take_tasks();
-    std::lock_guard<std::mutex> lk(mu_);
-    if (--busy_ == 0) done_cv_.notify_one();
+    if (busy_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> lk(mu_);  // the caller may be between its check and its wait
+      done_cv_.notify_one();
+    }
   }
 }
 
@@ -44,18 +84,23 @@ void thread_pool::run(int64_t n, const std::function<void(int64_t)>& fn) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
+  bool wake;
   {
     std::lock_guard<std::mutex> lk(mu_);
     fn_ = &fn;
     n_ = n;
     next_.store(0);
-    busy_ = static_cast<int>(workers_.size());
-    ++generation_;
+    busy_.store(static_cast<int>(workers_.size()));
+    generation_.fetch_add(1, std::memory_order_release);
+    wake = sleepers_ > 0;
   }
-  start_cv_.notify_all();
+  if (wake) start_cv_.notify_all();
   take_tasks();
-  std::unique_lock<std::mutex> lk(mu_);
-  done_cv_.wait(lk, [&] { return busy_ == 0; });
+  const auto done = [&] { return busy_.load(std::memory_order_acquire) == 0; };
+  if (!spin_until(done)) {
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, done);
+  }
   fn_ = nullptr;
 }
 

@@ -1,6 +1,13 @@
 // One persistent pool of CPU workers for the CPU backend's kernels: no thread is created per
 // GEMM, and OpenBLAS runs single-threaded inside the pool's tasks, so the backend never has more
 // busy threads than cores (OpenBLAS's own workers spin after each call and slow PyTorch's ops).
+//
+// A decode step hands the pool dozens of small jobs a few microseconds apart (one per dense
+// layer and MoE block). Waking a sleeping worker through the kernel costs tens of microseconds on
+// a virtual machine, as much as a job itself, so workers and the caller spin for a short while
+// (`spin_us`, default 50, PREGATED_SPIN_US) before they sleep: long enough to bridge the gaps
+// inside a step, far shorter than OpenMP's 200 ms, so nothing spins while PyTorch's threads
+// work between steps.
 #pragma once
 
 #include <atomic>
@@ -16,7 +23,7 @@ namespace pregated::cpu {
 class thread_pool {
  public:
   // `threads` counts the calling thread: threads - 1 workers are started.
-  explicit thread_pool(int threads);
+  explicit thread_pool(int threads, int spin_us = -1);
   ~thread_pool();
   thread_pool(const thread_pool&) = delete;
   thread_pool& operator=(const thread_pool&) = delete;
@@ -36,6 +43,9 @@ class thread_pool {
  private:
   void worker_loop();
   void take_tasks();
+  // Spins until pred() holds or the spin time is over; true when it holds.
+  template <class Pred>
+  bool spin_until(Pred pred) const;
 
   std::vector<std::thread> workers_;
   std::mutex job_mu_;  // one job at a time
@@ -44,9 +54,11 @@ class thread_pool {
   const std::function<void(int64_t)>* fn_ = nullptr;
   int64_t n_ = 0;
   std::atomic<int64_t> next_{0};
-  uint64_t generation_ = 0;
-  int busy_ = 0;
-  bool stop_ = false;
+  std::atomic<uint64_t> generation_{0};  // a new job: stored after fn_ and n_ (release)
+  std::atomic<int> busy_{0};             // workers still in the job
+  int sleepers_ = 0;                     // workers waiting on start_cv_ (under mu_)
+  std::atomic<bool> stop_{false};
+  int64_t spin_ns_;
 };
 
 // Makes `pool` the calling thread's current pool for the guard's lifetime (the host lane's

@@ -58,6 +58,10 @@ def add_bench_command(sub, add_quantization_args) -> None:
     p.add_argument("--baseline-tokens", type=int, default=None,
                    help="tokens per prompt for the HF baselines (default: --new-tokens; offloaded HF runs are slow)")
     p.add_argument("--no-gpu-only", action="store_true", help="skip the gpu-only run")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the whole plan N times in rounds (every row, baselines included, once per round) and "
+                        "report each row's median decode round, with every round's figure in the JSON: on a shared, "
+                        "noisy machine the rows of one round see the same conditions")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "none"])
@@ -353,6 +357,8 @@ def run_bench(args, log=print) -> dict:
     from .synthetic import SyntheticModel
 
     device = _resolve_device(args.device)
+    if args.repeat < 1:
+        raise ValueError(f"--repeat {args.repeat}: give at least one round")
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     for p in policies:
         if p not in POLICIES:
@@ -398,9 +404,11 @@ def run_bench(args, log=print) -> dict:
             plan.append(("gpu-only", total))
         plan += [(p, min(b, total)) for b in budgets for p in policies if p != "gpu-only"]
         plan += [(bl, b) for bl in baselines for b in (budgets if bl == "hf-accelerate" else [total])]
-        runs, gpu_only_tps, timeline = [], None, None
+        rounds, gpu_only_tps, timeline = [[] for _ in plan], None, None
+        steps = [(r, i) for r in range(args.repeat) for i in range(len(plan))]
         try:
-            for policy, budget in tqdm(plan, desc="bench", disable=args.quiet or not sys.stderr.isatty(), leave=False):
+            for rnd, idx in tqdm(steps, desc="bench", disable=args.quiet or not sys.stderr.isatty(), leave=False):
+                policy, budget = plan[idx]
                 base = {"model": name, "layers": cfg.num_layers, "policy": None, "baseline": None,
                         "expert_dtype": cfg.expert_format if cfg.expert_format != "dense" else dtype_name(cfg.dtype),
                         "expert_memory_bytes": budget, "experts_resident": None, "expert_bytes_total": total,
@@ -433,8 +441,6 @@ def run_bench(args, log=print) -> dict:
                         engine.reconfigure(policy=policy, expert_memory=budget, eviction=ev)
                         base["experts_resident"] = min(engine.runtime.num_slots, cfg.num_routed_experts)
                         base.update(run_engine(engine, prompts, args.new_tokens))
-                        if policy == "gpu-only":
-                            gpu_only_tps = base["decode_tokens_per_s"]
                         if args.timeline and policy == "pregated" and timeline is None:
                             timeline = {"model": name, "policy": policy, "expert_memory_bytes": budget,
                                         "events": engine.trace_decode_step(prompts[0], warmup_tokens=3)}
@@ -446,9 +452,12 @@ def run_bench(args, log=print) -> dict:
                 except (RuntimeError, ValueError, MemoryError) as e:
                     base["error"] = str(e)
                     log(f"{policy} at {_core.format_bytes(budget)}: skipped: {e}")
-                runs.append(base)
+                rounds[idx].append(base)
         finally:  # also on Ctrl-C and unexpected errors: no device memory held
             engine.close()
+        runs = [median_round(got) for got in rounds]
+        gpu_only_tps = next((r["decode_tokens_per_s"] for r in runs if r["policy"] == "gpu-only" and not r.get("error")),
+                            None)
         for r in runs:
             if r.get("policy") and not r.get("error"):
                 r["efficiency"], r["limit_tokens_per_s"] = efficiency(r, gpu_only_tps, machine["h2d_gbps"],
@@ -470,6 +479,20 @@ def run_bench(args, log=print) -> dict:
     if timeline is not None:
         result["timeline"] = timeline
     return result
+
+
+def median_round(got: list[dict]) -> dict:
+    """One row's rounds: the round with the median decode rate (the lower of the middle two),
+    carrying every round's decode and prefill rates; an error in any round is the row's."""
+    failed = [r for r in got if r.get("error")]
+    if failed or len(got) == 1:
+        return failed[0] if failed else got[0]
+    ranked = sorted(got, key=lambda r: r["decode_tokens_per_s"] or 0.0)
+    row = dict(ranked[(len(ranked) - 1) // 2])
+    row["rounds"] = len(got)
+    row["decode_tokens_per_s_rounds"] = [r["decode_tokens_per_s"] for r in got]
+    row["prefill_tokens_per_s_rounds"] = [r["prefill_tokens_per_s"] for r in got]
+    return row
 
 
 def timeline_summary(events: list[dict], num_blocks: int) -> list[dict]:

@@ -22,7 +22,7 @@ from .expert_parallel import ExpertParallel, checkpoint_fingerprint, summary_of
 from .moe import MoEExecutor, check_eviction, check_hybrid, check_routing, hybrid_split, resolve_policy
 from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
-from .cpu_dense import decode_threads, use_cpu_pool_for_dense
+from .cpu_dense import decode_threads, place_on_huge_pages, use_cpu_pool_for_dense
 from .quantize import resolve_expert_quantization, store_writer
 from .prompts import as_token_ids, check_chat_messages, check_token_ids, encode_prompt, split_batch
 from .synthetic import SyntheticModel
@@ -147,6 +147,7 @@ class Engine:
                 extra = {"set_packed": self._own_experts(self.runtime.set_expert)} if packed is not None else {}
                 source.load(self.model, self.blocks, lay, meta_state, write, self.device, self.dtype, bar, **extra)
             if self.device == "cpu":
+                place_on_huge_pages(self.model)
                 use_cpu_pool_for_dense(self.model)
             self.taps = BlockTaps(self.blocks)
             self.pregate = SpeculativePregate(self.blocks, self.taps)
