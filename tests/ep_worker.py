@@ -1,9 +1,11 @@
 """One rank of the expert-parallel tests, run by torchrun (tests/test_expert_parallel.py):
 
-    torchrun --nproc-per-node N tests/ep_worker.py FOLDER OUT_DIR POLICY[:EXPERTS] ... [--die-at STEP]
+    torchrun --nproc-per-node N tests/ep_worker.py FOLDER OUT_DIR POLICY[:EXPERTS][+tp][+keep] ... [--die-at STEP]
 
-For each policy (EXPERTS: the budget in experts per rank, else everything), builds an Engine with
-expert_parallel=True on the gloo group, generates greedily and takes the logits of a prompt;
+For each policy (EXPERTS: the budget in experts per rank, else everything; +tp: tensor parallelism
+of attention and dense MLPs too; +keep: no dropping of duplicate tokens before the all-to-all),
+builds an Engine with expert_parallel=True on the gloo group, generates greedily and takes the
+logits of a prompt;
 rank r writes OUT_DIR/rank{r}.pt. --die-at makes rank 1 exit in the middle of a generate.
 """
 
@@ -32,12 +34,14 @@ def main(argv):
     one = summarize(folder)[1].expert_bytes()  # every rank's experts have the model's shape
     results = {}
     for run in runs:
-        policy, _, experts = run.partition(":")
-        kw = {"policy": policy}
+        spec, *flags = run.split("+")
+        policy, _, experts = spec.partition(":")
+        kw = {"policy": policy, "tensor_parallel": "tp" in flags}
         if experts:
             kw["expert_memory"] = int(experts) * one
         with Engine(folder, device="cpu", quiet=True, expert_parallel=True, **kw) as eng:
             eng.eos_ids = set()
+            eng.ep.drop_duplicates = "keep" not in flags
             if die_at is not None and rank == 1:
                 calls = [0]
                 inner = eng.moe._block
@@ -53,6 +57,9 @@ def main(argv):
             logits = eng.logits(PROMPTS[0])
             eng.runtime.check()
             results[run] = {"tokens": tokens, "logits": logits, "bytes_sent": eng.ep.bytes_sent,
+                            "bytes_gathered": eng.ep.bytes_gathered,
+                            "bytes_reduced": eng.tp.bytes_reduced if eng.tp else 0,
+                            "dense_bytes": eng.dense_bytes,
                             "local_experts": eng.rank_cfg.num_experts, "stats": eng.stats()}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

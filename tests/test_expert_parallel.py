@@ -1,6 +1,8 @@
 """Expert parallelism with gloo on the CPU: 2 and 4 processes under torchrun give one process's
-greedy tokens and (fp32) logits, under every policy, with uneven expert counts per rank; a rank
-that dies makes the others fail with a clear error; mismatched ranks are refused at start."""
+greedy tokens and (fp32) logits, under every policy, with uneven expert counts per rank, with
+tensor parallelism of attention and dense MLPs on and off; the all-to-all carries the routed rows
+the model predicts, and dropping the ranks' duplicate tokens divides them by the rank count; a
+rank that dies makes the others fail with a clear error; mismatched ranks are refused at start."""
 
 import os
 import subprocess
@@ -32,13 +34,14 @@ def one_process(folder):
 @pytest.mark.parametrize("family,world,over", [
     ("mixtral", 2, {"num_local_experts": 7}),   # 4 + 3 experts per rank
     ("qwen2_moe", 2, {}),                          # shared experts stay replicated
-    ("qwen3_moe", 4, {}),
-    ("olmoe", 4, {}),
+    ("qwen3_moe", 4, {"num_key_value_heads": 4}),  # tensor parallelism splits key/value heads 4 ways
+    ("olmoe", 4, {}),                              # q_norm / k_norm across the heads being split
 ])
 def test_ranks_give_one_process_tokens_and_logits(family, world, over, checkpoint_factory, tmp_path):
     folder = checkpoint_factory(family, **over)
     want_tokens, want_logits = one_process(folder)
-    runs = ["gpu-only", "on-demand:2", "prefetch-all:4", "pregated:4", "hybrid:1"]
+    policies = ["gpu-only", "on-demand:2", "prefetch-all:4", "pregated:4", "hybrid:1"]
+    runs = policies + [p + "+tp" for p in policies] + ["gpu-only+keep"]
     done = torchrun(world, [folder, str(tmp_path), *runs])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
@@ -47,7 +50,10 @@ def test_ranks_give_one_process_tokens_and_logits(family, world, over, checkpoin
     # The model of the traffic: every routed (token, expert) row crosses once out and once back.
     # Routed tokens per MoE block: the prompts (8 + 3, padding skips the experts), 7 decode steps
     # of 2 rows, then logits() over 8 tokens; fp32 rows of H.
-    predicted = 2 * (8 + 3 + 7 * 2 + 8) * L * K * H * 4
+    routed = [8 + 3] + [2] * 7 + [8]  # tokens through each MoE block per forward
+    predicted = 2 * sum(routed) * L * K * H * 4
+    # each rank's slice of the block's output, padded to ceil(T / N) rows, gathered
+    gathered = sum(-(-t // world) for t in routed) * L * H * 4
     for run in runs:
         counts = [per_rank[r][run]["local_experts"] for r in range(world)]
         assert sum(counts) == E and max(counts) - min(counts) <= 1, counts
@@ -56,7 +62,15 @@ def test_ranks_give_one_process_tokens_and_logits(family, world, over, checkpoin
             assert got["tokens"] == want_tokens, (run, r)
             torch.testing.assert_close(got["logits"], want_logits, rtol=1e-5, atol=1e-5)
             assert got["bytes_sent"] > 0
-        assert sum(per_rank[r][run]["bytes_sent"] for r in range(world)) == predicted, run
+        sent = sum(per_rank[r][run]["bytes_sent"] for r in range(world))
+        if run.endswith("+keep"):  # every rank dispatches every token: N times the rows, no gather
+            assert sent == world * predicted and per_rank[0][run]["bytes_gathered"] == 0, run
+        else:
+            assert sent == predicted, run
+            assert all(per_rank[r][run]["bytes_gathered"] == gathered for r in range(world)), run
+        if run.endswith("+tp"):  # attention and dense MLPs split: less dense memory, all-reduces
+            assert per_rank[0][run]["dense_bytes"] < per_rank[0]["gpu-only"]["dense_bytes"]
+            assert per_rank[0][run]["bytes_reduced"] > 0
 
 
 def test_a_rank_that_dies_fails_the_others_with_a_clear_error(mixtral_folder, tmp_path):
@@ -122,3 +136,23 @@ def test_the_analytical_model_counts_what_the_runtime_sends():
         assert d["expert_s"] < step_seconds(shape, m, n // 2, 16, False)["expert_s"]
     assert main(["bench", "--synthetic", "deepseek-v3", "--model-only", "--ranks", "1,8"]) == 0
     assert main(["bench", "--synthetic", "olmoe-1b-7b", "--model-only"]) == 2  # not a shape it knows
+
+
+class _Ranks:
+    """What TensorParallel.shard reads of an ExpertParallel before any collective."""
+    world, rank, comm_cpu = 4, 1, True
+
+
+def test_tensor_parallel_refuses_what_it_cannot_split(mixtral_folder, checkpoint_factory):
+    from pregated.modeling import num_layers
+    from pregated.tensor_parallel import TensorParallel
+    from tiny_models import reference_model
+
+    with pytest.raises(ValueError, match="give expert_parallel=True too"):
+        Engine(mixtral_folder, device="cpu", quiet=True, tensor_parallel=True)
+    model = reference_model(mixtral_folder)  # 2 key/value heads
+    with pytest.raises(ValueError, match="has 2 key/value heads, which do not split over 4 ranks"):
+        TensorParallel(_Ranks()).shard(model, num_layers(model))
+    mla = reference_model(checkpoint_factory("deepseek_v3"))  # multi-head latent attention
+    with pytest.raises(ValueError, match="splits attention layers with q/k/v/o projections: this model has 0"):
+        TensorParallel(_Ranks()).shard(mla, num_layers(mla))

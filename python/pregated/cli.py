@@ -43,6 +43,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-parallel", action="store_true",
                    help="spread the experts over the ranks of torchrun (--nproc-per-node N; gloo on CPUs, NCCL "
                         "on GPUs); every rank runs the command, rank 0 prints")
+    p.add_argument("--tensor-parallel", action="store_true",
+                   help="with --expert-parallel: also split attention heads and dense MLPs over the ranks")
     p.add_argument("--per-block", action="store_true", help="print statistics per MoE block")
     p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
 
@@ -163,7 +165,8 @@ def _open_engine(args, folder: str):
                   expert_memory=args.expert_memory, eviction=args.eviction, pregate=args.pregate,
                   routing=args.routing, expert_dtype=args.expert_dtype, group_size=args.group_size,
                   quantize=args.quantize, hot_fraction=args.hot_fraction, lane_plan=args.lane_plan,
-                  expert_parallel=getattr(args, "expert_parallel", False), quiet=args.quiet)
+                  expert_parallel=getattr(args, "expert_parallel", False),
+                  tensor_parallel=getattr(args, "tensor_parallel", False), quiet=args.quiet)
 
 
 def _stream(engine, prompt, args) -> tuple[object, float]:

@@ -17,8 +17,9 @@ from .config import checkpoint_dtype, dtype_from_name, dtype_name
 from .experts import Binding, register_runtime, unregister_runtime
 from .generation import GenerationResult, SamplingParams, TextStream, TextTracker, sample
 from .loading import CheckpointSource, progress_bar
-from .modeling import dense_bytes, describe, drop_expert_parameters
+from .modeling import dense_bytes, describe, drop_expert_parameters, num_layers
 from .expert_parallel import ExpertParallel, checkpoint_fingerprint, summary_of
+from .tensor_parallel import TensorParallel
 from .moe import MoEExecutor, check_eviction, check_hybrid, check_routing, hybrid_split, resolve_policy
 from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
@@ -92,6 +93,9 @@ class Engine:
         torch.distributed process group (torchrun; gloo on CPUs, NCCL on GPUs): each rank holds
         and runs its share, policy / budget / expert dtype apply per rank, and every rank must
         make the same calls (see expert_parallel.py).
+    tensor_parallel : with expert_parallel, also split attention heads and dense MLPs over the
+        ranks (Megatron's split, all-reduce after o_proj / down_proj; tensor_parallel.py); the
+        experts' all-to-all then drops the tokens the ranks hold in duplicate either way.
     quiet : no progress bar while loading (it is shown only when stderr is a terminal anyway).
     """
 
@@ -99,7 +103,7 @@ class Engine:
                  expert_memory=None, eviction: str = "lru", pregate=None, routing: str = "exact",
                  expert_dtype: str | None = None, group_size: int | None = None, quantize: str = "rtn",
                  hot_fraction: float | None = None, lane_plan: str = "auto", lane_costs: dict | None = None,
-                 expert_parallel: bool = False, quiet: bool = False):
+                 expert_parallel: bool = False, tensor_parallel: bool = False, quiet: bool = False):
         if isinstance(model, (SyntheticModel, LoadedModel)):
             source = model
             self.folder = None
@@ -119,14 +123,19 @@ class Engine:
         self.quant = resolve_expert_quantization(packed, expert_dtype, group_size, quantize)
         if self.quant is not None:
             cfg.expert_format, cfg.group_size = self.quant.name, self.quant.group_size
+        if tensor_parallel and not expert_parallel:
+            raise ValueError("tensor_parallel=True splits attention and dense MLPs over the expert-parallel ranks: "
+                             "give expert_parallel=True too (under torchrun)")
         self.ep = ExpertParallel(cfg.num_experts) if expert_parallel else None
+        self.tp = None
         # the experts this process holds: all of them, or this rank's share
         self.rank_cfg = self.ep.rank_config(cfg) if self.ep else cfg
         if self.ep:
             self.ep.check_same(summary_of({
                 "checkpoint": checkpoint_fingerprint(self.folder), "dtype": self.dtype, "policy": policy,
                 "expert_memory": expert_memory, "eviction": eviction, "routing": routing, "expert_dtype": expert_dtype,
-                "group_size": group_size, "quantize": quantize, "device_type": self.device.split(":")[0]}))
+                "group_size": group_size, "quantize": quantize, "device_type": self.device.split(":")[0],
+                "tensor_parallel": tensor_parallel}))
         self.policy, self.expert_memory = resolve_policy(policy, expert_memory, self.rank_cfg)
         check_eviction(self.policy, eviction)
         check_routing(routing)
@@ -146,6 +155,9 @@ class Engine:
                 write = self._own_experts(store_writer(self.runtime, self.quant))
                 extra = {"set_packed": self._own_experts(self.runtime.set_expert)} if packed is not None else {}
                 source.load(self.model, self.blocks, lay, meta_state, write, self.device, self.dtype, bar, **extra)
+            if tensor_parallel:
+                self.tp = TensorParallel(self.ep)
+                self.tp.shard(self.model, num_layers(self.model))
             if self.device == "cpu":
                 place_on_huge_pages(self.model)
                 use_cpu_pool_for_dense(self.model)

@@ -2,7 +2,8 @@
 layer's experts (in its own expert store and device slab); dense weights are replicated.
 
 One MoE block, on every rank at once (the ranks hold the same tokens: the dense layers are
-replicated): each rank takes a contiguous slice of the block's tokens as its own, sends each of
+replicated, or split by tensor_parallel.py): each rank takes a contiguous slice of the block's
+tokens as its own (DeepSpeed-TED's dropping of the duplicates; `drop_duplicates`), sends each of
 its (token, expert) rows to the rank that owns the expert (`all_to_all_single`, uneven splits),
 runs the rows it received through its runtime, sends the outputs back the same way, combines
 its slice's rows with their routing weights, and the slices are gathered into the block's
@@ -83,7 +84,13 @@ class ExpertParallel:
         self.local_index = torch.cat([torch.arange(c) for c in self.counts])
         self.num_local = self.counts[self.rank]
         self.comm_cpu = dist.get_backend(group) == "gloo"
-        self.bytes_sent = 0  # payload this rank sent in the blocks' all-to-alls (rows out and back)
+        self.bytes_sent = 0      # payload this rank sent in the blocks' all-to-alls (rows out and back)
+        self.bytes_gathered = 0  # payload this rank contributed to the gathers of the blocks' outputs
+        # DeepSpeed-TED's duplicate dropping: every rank holds the block's tokens (the dense layers
+        # are replicated or tensor-parallel), so each dispatches only its slice and the slices are
+        # gathered after. False: every rank dispatches every token (N times the all-to-all bytes,
+        # no gather): the comparison the bytes tests measure.
+        self.drop_duplicates = True
 
     def owns(self, expert: int) -> bool:
         return self.first[self.rank] <= expert < self.first[self.rank] + self.num_local
@@ -140,8 +147,8 @@ class ExpertParallel:
         [R, H] runs this rank's experts."""
         T, H = x.shape
         K = ids.shape[1]
-        per = -(-T // self.world)
-        t0, t1 = min(self.rank * per, T), min((self.rank + 1) * per, T)
+        per = -(-T // self.world) if self.drop_duplicates else T
+        t0, t1 = (min(self.rank * per, T), min((self.rank + 1) * per, T)) if self.drop_duplicates else (0, T)
         flat = ids[t0:t1].reshape(-1).long()
         w = weights[t0:t1].reshape(-1).float()
         dest = self.owner[flat]
@@ -158,12 +165,15 @@ class ExpertParallel:
         self.bytes_sent += (x_out.numel() + y_in.numel()) * x.element_size()
         mine = torch.zeros(t1 - t0, H, dtype=torch.float32, device=x.device)
         mine.index_add_(0, token.to(x.device), y_out.float() * w[order].to(x.device)[:, None])
+        if not self.drop_duplicates:
+            return mine.to(x.dtype)
         # every rank's slice, padded to `per` rows for the gather
         padded = torch.zeros(per, H, dtype=x.dtype, device=x.device)
         padded[:t1 - t0] = mine.to(x.dtype)
         src = padded.cpu() if self.comm_cpu else padded
         parts = [torch.empty_like(src) for _ in range(self.world)]
         self._collective(lambda: self.dist.all_gather(parts, src, group=self.group), f"block {layer} gather")
+        self.bytes_gathered += src.numel() * src.element_size()
         return torch.cat(parts)[:T].to(x.device)
 
 
