@@ -134,6 +134,13 @@ def test_the_analytical_model_counts_what_the_runtime_sends():
         gather = (n - 1) / n * 16 * shape.hidden * 2
         assert d["all_to_all_bytes_per_rank"] == pytest.approx(shape.moe_layers * (rows_out_and_back + gather))
         assert d["expert_s"] < step_seconds(shape, m, n // 2, 16, False)["expert_s"]
+        # without dropping the duplicates every rank sends all 16 tokens' rows and gathers nothing
+        keep = step_seconds(shape, m, n, 16, False, drop=False)
+        assert keep["all_to_all_bytes_per_rank"] == pytest.approx(
+            shape.moe_layers * n * rows_out_and_back)
+        # tensor parallelism: a 1 / N share of the dense bytes, plus an all-reduce per layer
+        tp = step_seconds(shape, m, n, 16, False, tp=True)
+        assert tp["dense_s"] == pytest.approx(d["dense_s"] / n) and tp["all_reduce_bytes_per_rank"] > 0
     assert main(["bench", "--synthetic", "deepseek-v3", "--model-only", "--ranks", "1,8"]) == 0
     assert main(["bench", "--synthetic", "olmoe-1b-7b", "--model-only"]) == 2  # not a shape it knows
 
@@ -156,3 +163,33 @@ def test_tensor_parallel_refuses_what_it_cannot_split(mixtral_folder, checkpoint
     mla = reference_model(checkpoint_factory("deepseek_v3"))  # multi-head latent attention
     with pytest.raises(ValueError, match="splits attention layers with q/k/v/o projections: this model has 0"):
         TensorParallel(_Ranks()).shard(mla, num_layers(mla))
+
+
+def test_bench_under_torchrun(tmp_path):
+    """`torchrun -m pregated bench --expert-parallel`: every rank runs the plan, rank 0 writes the
+    rows, budgets are per rank (of its half of the experts)."""
+    import json
+
+    out = tmp_path / "ep.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "pregated", "bench", "--synthetic", "tiny", "--layers", "2",
+           "--device", "cpu", "--expert-parallel", "--tensor-parallel", "--policy", "pregated", "--expert-memory",
+           "50%", "--new-tokens", "4", "--prompt-len", "8", "--quiet", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["policy"] for r in runs] == ["gpu-only", "pregated"] and not any(r.get("error") for r in runs)
+    gpu_only, pregated = runs
+    assert all(r["ranks"] == 2 and r["tensor_parallel"] for r in runs)
+    assert gpu_only["experts_resident"] == 2 * 4  # 2 layers x this rank's 4 of 8 experts
+    assert pregated["expert_memory_bytes"] == gpu_only["expert_bytes_total"] // 2
+    assert done.stdout.count("pregated ") == 1  # rank 0's table only
+
+
+def test_bench_refuses_baselines_under_expert_parallel(capsys):
+    from pregated.cli import main
+
+    assert main(["bench", "--synthetic", "tiny", "--device", "cpu", "--expert-parallel", "--baseline", "hf"]) == 2
+    assert "--baseline runs transformers in one process" in capsys.readouterr().err
+    assert main(["bench", "--synthetic", "tiny", "--device", "cpu", "--tensor-parallel"]) == 2
+    assert "add --expert-parallel" in capsys.readouterr().err

@@ -77,6 +77,11 @@ def add_bench_command(sub, add_quantization_args) -> None:
                    help="print the analytical model of expert parallelism for --synthetic's shape (mixtral-8x7b, "
                         "qwen3-30b-a3b, deepseek-v3) over --ranks on NVLink and Ethernet machines; runs nothing")
     p.add_argument("--ranks", default="1,2,4,8", help="with --model-only: comma-separated rank counts")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun: spread the experts over the ranks (budgets are per rank, of its share of "
+                        "the experts; rank 0 prints and writes the results)")
+    p.add_argument("--tensor-parallel", action="store_true",
+                   help="with --expert-parallel: also split attention heads and dense MLPs over the ranks")
     p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
     p.set_defaults(func=cmd_bench)
 
@@ -393,16 +398,20 @@ def run_bench(args, log=print) -> dict:
         engine = Engine(source, device=device, dtype=args.dtype, policy="on-demand",
                         expert_memory=min_expert_memory("on-demand", cfg0), eviction=args.eviction,
                         expert_dtype=None if fmt == "model" else fmt, group_size=args.group_size,
-                        quantize=args.quantize, quiet=args.quiet)
-        cfg = engine.cfg
-        one, total = cfg.expert_bytes(), cfg.all_expert_bytes()
+                        quantize=args.quantize, expert_parallel=args.expert_parallel,
+                        tensor_parallel=args.tensor_parallel, quiet=args.quiet)
+        cfg, mine = engine.cfg, engine.rank_cfg  # the whole model; this rank's share of the experts
+        one, total = cfg.expert_bytes(), mine.all_expert_bytes()
+        share = total / cfg.all_expert_bytes()  # budgets in % are of this rank's share
         log(f"model: {name}, {cfg.num_layers} layers, {cfg.num_experts} experts x {_core.format_bytes(one)} = "
-            f"{_core.format_bytes(total)} of experts (ready in {time.perf_counter() - t0:.1f} s)")
+            f"{_core.format_bytes(cfg.all_expert_bytes())} of experts (ready in {time.perf_counter() - t0:.1f} s)"
+            + (f"; expert parallel over {engine.ep.world} ranks, this one holds {mine.num_experts} per layer"
+               if engine.ep else ""))
         prompts = _prompts(cfg, args.batch, args.prompt_len)
         plan = []
         if not args.no_gpu_only:
             plan.append(("gpu-only", total))
-        plan += [(p, min(b, total)) for b in budgets for p in policies if p != "gpu-only"]
+        plan += [(p, min(int(b * share), total)) for b in budgets for p in policies if p != "gpu-only"]
         plan += [(bl, b) for bl in baselines for b in (budgets if bl == "hf-accelerate" else [total])]
         rounds, gpu_only_tps, timeline = [[] for _ in plan], None, None
         steps = [(r, i) for r in range(args.repeat) for i in range(len(plan))]
@@ -412,7 +421,9 @@ def run_bench(args, log=print) -> dict:
                 base = {"model": name, "layers": cfg.num_layers, "policy": None, "baseline": None,
                         "expert_dtype": cfg.expert_format if cfg.expert_format != "dense" else dtype_name(cfg.dtype),
                         "expert_memory_bytes": budget, "experts_resident": None, "expert_bytes_total": total,
-                        "expert_memory_fraction": budget / model_total, "batch": args.batch, "prompt_len": args.prompt_len,
+                        "expert_memory_fraction": budget / (model_total * share), "batch": args.batch,
+                        "prompt_len": args.prompt_len, "ranks": engine.ep.world if engine.ep else 1,
+                        "tensor_parallel": bool(engine.tp),
                         "new_tokens": args.new_tokens, "eviction": args.eviction, "efficiency": None}
                 try:
                     if policy in ("hf", "hf-gpu", "hf-accelerate"):
@@ -433,13 +444,13 @@ def run_bench(args, log=print) -> dict:
                         if policy == "gpu-only" and not _fits_on_device(engine, total):
                             raise RuntimeError("the experts do not fit on the device")
                         ev = "lru" if policy == "gpu-only" and args.eviction == "none" else args.eviction
-                        minimum = min_expert_memory(policy, cfg)
+                        minimum = min_expert_memory(policy, mine)
                         if policy != "gpu-only" and budget < minimum:  # the table marks the row
                             base["expert_memory_requested"] = budget
                             budget = base["expert_memory_bytes"] = minimum
-                            base["expert_memory_fraction"] = budget / model_total
+                            base["expert_memory_fraction"] = budget / (model_total * share)
                         engine.reconfigure(policy=policy, expert_memory=budget, eviction=ev)
-                        base["experts_resident"] = min(engine.runtime.num_slots, cfg.num_routed_experts)
+                        base["experts_resident"] = min(engine.runtime.num_slots, mine.num_routed_experts)
                         base.update(run_engine(engine, prompts, args.new_tokens))
                         if args.timeline and policy == "pregated" and timeline is None:
                             timeline = {"model": name, "policy": policy, "expert_memory_bytes": budget,
@@ -610,6 +621,18 @@ def cmd_bench(args) -> int:
             raise ValueError(f"--ranks must be integers >= 1, got {args.ranks!r}")
         print(table(args.synthetic, ranks, batch=args.batch))
         return 0
+    if args.expert_parallel and args.baseline:
+        raise ValueError("--baseline runs transformers in one process: leave it out under --expert-parallel "
+                         "(run the baselines without torchrun)")
+    if args.tensor_parallel and not args.expert_parallel:
+        raise ValueError("--tensor-parallel splits attention over the expert-parallel ranks: add --expert-parallel "
+                         "(under torchrun)")
+    if args.expert_parallel:
+        from .expert_parallel import init_from_environment
+
+        if init_from_environment(args.device) != 0:  # every rank runs the plan; rank 0 reports
+            run_bench(args, log=lambda msg: None)
+            return 0
     result = run_bench(args, log=lambda msg: print(msg, file=sys.stderr))
     print(format_table(result))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

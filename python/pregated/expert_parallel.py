@@ -85,6 +85,7 @@ class ExpertParallel:
         self.num_local = self.counts[self.rank]
         self.comm_cpu = dist.get_backend(group) == "gloo"
         self.bytes_sent = 0      # payload this rank sent in the blocks' all-to-alls (rows out and back)
+        self.bytes_remote = 0    # the part of bytes_sent that went to other ranks (not to itself)
         self.bytes_gathered = 0  # payload this rank contributed to the gathers of the blocks' outputs
         # DeepSpeed-TED's duplicate dropping: every rank holds the block's tokens (the dense layers
         # are replicated or tensor-parallel), so each dispatches only its slice and the slices are
@@ -163,6 +164,8 @@ class ExpertParallel:
         y_in = run_local(x_in, ids_in) if x_in.shape[0] else x_in
         y_out = self._a2a(y_in, send_rows, recv_rows, f"block {layer} outputs")
         self.bytes_sent += (x_out.numel() + y_in.numel()) * x.element_size()
+        others = sum(send_rows) - send_rows[self.rank] + sum(recv_rows) - recv_rows[self.rank]
+        self.bytes_remote += others * H * x.element_size()
         mine = torch.zeros(t1 - t0, H, dtype=torch.float32, device=x.device)
         mine.index_add_(0, token.to(x.device), y_out.float() * w[order].to(x.device)[:, None])
         if not self.drop_duplicates:
