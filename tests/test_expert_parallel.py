@@ -193,3 +193,45 @@ def test_bench_refuses_baselines_under_expert_parallel(capsys):
     assert "--baseline runs transformers in one process" in capsys.readouterr().err
     assert main(["bench", "--synthetic", "tiny", "--device", "cpu", "--tensor-parallel"]) == 2
     assert "add --expert-parallel" in capsys.readouterr().err
+
+
+def test_serve_under_torchrun(mixtral_folder):
+    """`torchrun -m pregated serve --expert-parallel`: rank 0 serves and batches; requests that
+    join and leave the batch at different steps give Engine.generate's greedy text; the ranks
+    stop together."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from pregated.bench_serve import wait_healthy
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "pregated", "serve", "--model", mixtral_folder, "--port", str(port),
+           "--device", "cpu", "--expert-parallel", "--max-batch", "3", "--prefill-chunk", "4", "--quiet"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    asks = [("Experts live in", 9), ("The quick brown fox jumps over the lazy dog", 4), ("Mixture", 12),
+            ("def main():", 6)]
+    try:
+        wait_healthy(url, proc, timeout=300)
+        name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+
+        def ask(a):
+            r = httpx.post(url + "/v1/completions", timeout=120,
+                           json={"model": name, "prompt": a[0], "max_tokens": a[1], "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(ask, asks))
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it on; rank 0 drains and stops rank 1
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
+        want = [eng.generate(p, max_new_tokens=n).text for p, n in asks]
+    assert got == want

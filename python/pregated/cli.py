@@ -270,9 +270,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    if args.expert_parallel:
-        raise ValueError("pregated serve does not run expert-parallel yet (its scheduler would have to send every "
-                         "request to every rank); use generate or the Engine API under torchrun")
     try:
         import uvicorn
 
@@ -282,9 +279,24 @@ def cmd_serve(args) -> int:
                            "pip install 'pregated[serve]' or pip install fastapi uvicorn") from None
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     with _open_engine(args, args.model) as engine:
+        state = None
+        if engine.ep is not None:  # rank 0 serves and sends each model operation to the other ranks
+            import datetime
+
+            import torch.distributed as dist
+
+            from .serving import ReplicatedState, follow
+
+            # the ranks wait on rank 0 for as long as the server is idle: a long timeout (a rank
+            # that dies still fails the others at once: its connections close)
+            group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30))
+            if engine.ep.rank != 0:
+                follow(engine, group)
+                return 0
+            state = ReplicatedState(engine, group)
         app = create_app(engine, name, max_batch=args.max_batch, max_queue=args.max_queue,
-                         prefill_chunk=args.prefill_chunk,
-                         api_key=args.api_key, request_timeout=args.request_timeout)
+                         prefill_chunk=args.prefill_chunk, api_key=args.api_key,
+                         request_timeout=args.request_timeout, state=state)
         print(f"serving {name} on http://{args.host}:{args.port}/v1 (policy {engine.policy}, device {engine.device})",
               file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -85,10 +85,11 @@ def _error(status: int, message: str, type_: str, param=None, code=None, headers
 # --- the app -------------------------------------------------------------------------------
 
 def create_app(engine, model_name: str, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
-               api_key: str | None = None, request_timeout: float | None = None) -> FastAPI:
+               api_key: str | None = None, request_timeout: float | None = None, state=None) -> FastAPI:
     """The server's app around an open Engine; the scheduler starts with the app and drains
-    on shutdown."""
-    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    on shutdown. state: the scheduler's model state (serving.ReplicatedState on rank 0 under
+    expert parallelism; default its own)."""
+    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk, state=state)
 
     @contextlib.asynccontextmanager
     async def lifespan(_):

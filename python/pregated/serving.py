@@ -6,6 +6,12 @@ A new request's prompt is prefilled in chunks of `prefill_chunk` tokens, one chu
 decode steps of the running batch, so a long prompt holds the running streams up by one chunk
 at a time, not by its whole prefill.
 
+The model side (the running batch's KV cache and the pending prompt's) lives in `BatchState`,
+changed only through its operations. Under expert parallelism every rank must run the same
+forwards: rank 0's scheduler sends each operation to the other ranks before running it
+(`ReplicatedState`), and they apply it to their own state (`follow`): the requests, sampling
+and HTTP stay on rank 0.
+
 T = tokens, V = vocabulary, B = rows of the running batch.
 """
 
@@ -74,6 +80,88 @@ class Metrics:
         self.started = time.perf_counter()
 
 
+class BatchState:
+    """The scheduler's model state: the running batch's KV cache and the pending prompt's. Every
+    change is one operation, `apply(op, *args)`, with host tensors as arguments."""
+
+    def __init__(self, engine):
+        self.engine, self.batch, self.pending = engine, None, None
+
+    def apply(self, op: str, *args):
+        return getattr(self, "_" + op)(*args)
+
+    def _forward(self, tokens, positions, mask, cache):
+        eng = self.engine
+        rows = torch.ones(tokens.shape, dtype=torch.bool)
+        return eng._forward(tokens.to(eng.device), mask.to(eng.device), positions.to(eng.device), cache, rows)
+
+    def _prefill(self, tokens, positions, mask, fresh: bool):
+        """One chunk of the pending prompt (fresh: its first)."""
+        with torch.inference_mode():
+            logits, self.pending = self._forward(tokens, positions, mask, None if fresh else self.pending)
+        return logits
+
+    def _admit(self, batch_mask, mask):
+        """The pending prompt joins the batch; returns the batch's mask."""
+        if self.batch is None:
+            self.batch, self.pending = self.pending, None
+            return mask
+        dev = self.engine.device
+        self.batch, joined = join(self.batch, batch_mask.to(dev), self.pending, mask.to(dev))
+        self.pending = None
+        return joined.cpu()
+
+    def _keep(self, mask, keep: list[int]):
+        self.batch, mask = keep_rows(self.batch, mask.to(self.engine.device), keep)
+        return mask.cpu()
+
+    def _step(self, tokens, positions, mask):
+        with torch.inference_mode(), decode_threads(self.engine.device):
+            out, self.batch = self._forward(tokens, positions, mask, self.batch)
+        return out
+
+    def _drop(self, which: str):  # "batch" or "pending"
+        setattr(self, which, None)
+
+    def _stop(self):
+        self.batch = self.pending = None
+
+
+class ReplicatedState(BatchState):
+    """Rank 0's state under expert parallelism: each operation goes to the other ranks first."""
+
+    def __init__(self, engine, group):
+        super().__init__(engine)
+        self.group = group
+
+    def apply(self, op: str, *args):
+        import torch.distributed as dist
+
+        self.engine.ep._collective(lambda: dist.broadcast_object_list([(op, args)], src=0, group=self.group),
+                                   f"serve: sending {op}")
+        return super().apply(op, *args)
+
+
+def follow(engine, group) -> None:
+    """The loop of a rank other than 0 under `pregated serve --expert-parallel`: applies rank 0's
+    operations to its own state until rank 0 stops. An operation that fails here failed on rank 0
+    too (the same forward): rank 0 reports it to its request, and both go on."""
+    import torch.distributed as dist
+
+    state = BatchState(engine)
+    while True:
+        box = [None]
+        engine.ep._collective(lambda: dist.broadcast_object_list(box, src=0, group=group), "serve: waiting for rank 0")
+        op, args = box[0]
+        try:
+            state.apply(op, *args)
+        except Exception:  # noqa: BLE001 - see the docstring
+            if op == "stop":
+                raise
+        if op == "stop":
+            return
+
+
 class Scheduler:
     """Runs requests on `engine` with continuous batching (see the module docstring).
 
@@ -81,13 +169,15 @@ class Scheduler:
     prefill_chunk: prompt tokens prefilled between two decode steps.
     """
 
-    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256):
+    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
+                 state: BatchState | None = None):
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch, max_queue and prefill_chunk must be >= 1, got {max_batch}, {max_queue} "
                              f"and {prefill_chunk}")
         self.engine = engine
+        self.state = state or BatchState(engine)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self._pending = None  # (request, cache, tokens prefilled) of the prompt being prefilled
+        self._pending = None  # (request, tokens prefilled) of the prompt being prefilled
         self.metrics = Metrics()
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -129,24 +219,29 @@ class Scheduler:
     # --- the scheduler's thread -------------------------------------------------------------
 
     def _loop(self) -> None:
-        batch = None  # (cache, mask [B, S], last positions [B], logits [B, V])
-        while True:
-            with self._cv:
-                while not self._queue and not self._rows and self._pending is None and not self._stop:
-                    self._cv.wait()
-                if self._stop and not self._queue and not self._rows and self._pending is None:
-                    return
-            try:
-                batch = self._admit(batch)
-                if self._rows:
-                    batch = self._step(batch)
-            except Exception as e:  # noqa: BLE001 - every request hears of it; the server goes on
-                for r in self._rows:
-                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
-                self._rows, batch = [], None
-                if self._pending is not None:
-                    self._finish(self._pending[0], "error", error=f"{type(e).__name__}: {e}")
-                    self._pending = None
+        batch = None  # (mask [B, S], last positions [B], logits [B, V]); the cache is in self.state
+        try:
+            while True:
+                with self._cv:
+                    while not self._queue and not self._rows and self._pending is None and not self._stop:
+                        self._cv.wait()
+                    if self._stop and not self._queue and not self._rows and self._pending is None:
+                        return
+                try:
+                    batch = self._admit(batch)
+                    if self._rows:
+                        batch = self._step(batch)
+                except Exception as e:  # noqa: BLE001 - every request hears of it; the server goes on
+                    for r in self._rows:
+                        self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+                    self._rows, batch = [], None
+                    if self._pending is not None:
+                        self._finish(self._pending[0], "error", error=f"{type(e).__name__}: {e}")
+                        self._pending = None
+                    self.state.apply("drop", "batch")
+                    self.state.apply("drop", "pending")
+        finally:
+            self.state.apply("stop")
 
     def _admit(self, batch):
         """Takes the next request when a row is free and runs one chunk of its prefill; once its
@@ -157,7 +252,7 @@ class Scheduler:
             with self._cv:
                 if not self._queue:
                     return batch
-                if batch is not None and not can_join(batch[0]):
+                if batch is not None and not can_join(self.state.batch):
                     return batch  # this model's cache takes no rows of other lengths: wait
                 req = self._queue.popleft()
             if req.cancelled.is_set():
@@ -166,45 +261,45 @@ class Scheduler:
             req.tracker = TextTracker(self.engine.tokenizer, req.params.stop)
             if req.params.seed is not None:
                 req.generator = torch.Generator().manual_seed(req.params.seed)
-            self._pending = (req, None, 0)
-        req, cache, done = self._pending
+            self._pending = (req, 0)
+        req, done = self._pending
         if req.cancelled.is_set():
             self._pending = None
             self._finish(req, "cancelled")
+            self.state.apply("drop", "pending")
             return batch
-        eng = self.engine
         ids = req.prompt_ids
         n = min(self.prefill_chunk, len(ids) - done)
-        tokens = torch.tensor([ids[done:done + n]], dtype=torch.long, device=eng.device)
-        positions = torch.arange(done, done + n, device=eng.device)[None]
-        mask = torch.ones(1, done + n, dtype=torch.long, device=eng.device)
+        tokens = torch.tensor([ids[done:done + n]], dtype=torch.long)
+        positions = torch.arange(done, done + n)[None]
+        mask = torch.ones(1, done + n, dtype=torch.long)
         try:
-            with torch.inference_mode():
-                logits, cache = eng._forward(tokens, mask, positions, cache, torch.ones(1, n, dtype=torch.bool))
+            logits = self.state.apply("prefill", tokens, positions, mask, done == 0)
         except Exception as e:  # noqa: BLE001 - this request fails; the batch goes on
             self._pending = None
             self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+            self.state.apply("drop", "pending")
             return batch
         done += n
         if done < len(ids):
-            self._pending = (req, cache, done)
+            self._pending = (req, done)
             return batch
         self._pending = None
         with self.metrics.lock:
             self.metrics.prompt_tokens += len(ids)
-        last = torch.tensor([len(ids) - 1], device=eng.device)
+        last = torch.tensor([len(ids) - 1])
         logits = logits[:, -1].float()
+        joined = self.state.apply("admit", None if batch is None else batch[0], mask)
         if batch is None:
-            batch = (cache, mask, last, logits)
+            batch = (joined, last, logits)
         else:
-            c, m = join(batch[0], batch[1], cache, mask)
-            batch = (c, m, torch.cat([batch[2], last]), torch.cat([batch[3], logits]))
+            batch = (joined, torch.cat([batch[1], last]), torch.cat([batch[2], logits.to(batch[2].device)]))
         self._rows.append(req)
         return batch
 
     def _step(self, batch):
         """Sample one token per row, let finished rows leave, run the rest one position on."""
-        cache, mask, last, logits = batch
+        mask, last, logits = batch
         nxt, keep = [], []
         now = time.perf_counter()
         for i, req in enumerate(self._rows):
@@ -246,20 +341,19 @@ class Scheduler:
             self.metrics.max_batch_seen = max(self.metrics.max_batch_seen, len(self._rows))
         if not keep:
             self._rows = []
+            self.state.apply("drop", "batch")
             return None
         if len(keep) < len(self._rows):
-            cache, mask = keep_rows(cache, mask, keep)
+            mask = self.state.apply("keep", mask, keep)
             last = last[keep]
             self._rows = [self._rows[i] for i in keep]
         self.metrics.batch_size = len(self._rows)
-        eng = self.engine
         B = len(keep)
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         last = last + 1
-        tokens = torch.tensor(nxt, dtype=torch.long, device=eng.device)[:, None]
-        with torch.inference_mode(), decode_threads(eng.device):
-            out, cache = eng._forward(tokens, mask, last[:, None], cache, torch.ones(B, 1, dtype=torch.bool))
-        return cache, mask, last, out[:, -1].float()
+        tokens = torch.tensor(nxt, dtype=torch.long)[:, None]
+        out = self.state.apply("step", tokens, last[:, None], mask)
+        return mask, last, out[:, -1].float()
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         text = req.tracker.finish() if req.tracker is not None else ""
