@@ -107,16 +107,22 @@ def test_expert_parallel_needs_a_process_group(mixtral_folder):
         Engine(mixtral_folder, device="cpu", quiet=True, expert_parallel=True)
 
 
-def test_generate_under_torchrun_prints_once(mixtral_folder):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "pregated", "generate", "--model", mixtral_folder, "--prompt",
-           "Experts live in", "--max-new-tokens", "6", "--device", "cpu", "--expert-parallel", "--quiet"]
+@pytest.mark.parametrize("device,ranks", [("cpu", 2), pytest.param("cuda", None, marks=pytest.mark.gpu)])
+def test_generate_under_torchrun_prints_once(mixtral_folder, device, ranks):
+    """gloo on the CPU; NCCL on as many GPUs as there are (one GPU: a group of one, which still
+    runs every collective through NCCL on device tensors)."""
+    if ranks is None:
+        ranks = torch.cuda.device_count()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), "-m", "pregated", "generate", "--model", mixtral_folder,
+           "--prompt", "Experts live in", "--max-new-tokens", "6", "--device", device, "--expert-parallel",
+           "--quiet"] + (["--tensor-parallel"] if ranks <= 2 else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
+    with Engine(mixtral_folder, device=device, quiet=True) as eng:
         want = eng.generate("Experts live in", max_new_tokens=6).text
-    assert done.stdout.count(want) == 1  # rank 0 prints, rank 1 stays quiet
-    assert "expert parallel: rank 0 of 2 holds 4 of 8 experts per layer" in done.stderr
+    assert done.stdout.count(want) == 1  # rank 0 prints, the others stay quiet
+    assert f"expert parallel: rank 0 of {ranks} holds {-(-8 // ranks)} of 8 experts per layer" in done.stderr
 
 
 def test_the_analytical_model_counts_what_the_runtime_sends():

@@ -92,7 +92,8 @@ class Engine:
     expert_parallel : spread every MoE layer's experts over the ranks of the initialised
         torch.distributed process group (torchrun; gloo on CPUs, NCCL on GPUs): each rank holds
         and runs its share, policy / budget / expert dtype apply per rank, and every rank must
-        make the same calls (see expert_parallel.py).
+        make the same calls (see expert_parallel.py). On GPUs device "cuda" is the rank's
+        current device: call torch.cuda.set_device(local_rank) first (the CLI does).
     tensor_parallel : with expert_parallel, also split attention heads and dense MLPs over the
         ranks (Megatron's split, all-reduce after o_proj / down_proj; tensor_parallel.py); the
         experts' all-to-all then drops the tokens the ranks hold in duplicate either way.
@@ -114,6 +115,8 @@ class Engine:
             source = CheckpointSource(self.folder)
         self.hf_config = source.hf_config
         self.tokenizer = source.tokenizer
+        if expert_parallel and device in (None, "cuda") and torch.cuda.is_available():
+            device = f"cuda:{torch.cuda.current_device()}"  # each rank its own GPU (torch.cuda.set_device)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.hf_config)
         self.model = source.build(self.dtype)

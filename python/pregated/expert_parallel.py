@@ -45,7 +45,12 @@ def init_from_environment(device: str | None) -> int:
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise RuntimeError("--expert-parallel runs under torchrun: torchrun --nproc-per-node N -m pregated ...")
-        dist.init_process_group("nccl" if (device or "").startswith("cuda") else "gloo")
+        if (device or "").startswith("cuda"):
+            # one GPU per rank on each host: NCCL refuses two ranks on one device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
     return dist.get_rank()
 
 
@@ -136,7 +141,8 @@ class ExpertParallel:
 
     def _a2a(self, data: torch.Tensor, out_rows: list[int], in_rows: list[int], what: str) -> torch.Tensor:
         dev = data.device
-        src = data.cpu() if self.comm_cpu else data
+        # gloo moves host tensors, NCCL this rank's GPU's (the counts and ids start on the host)
+        src = data.cpu() if self.comm_cpu else data.to(torch.device("cuda", torch.cuda.current_device()))
         out = src.new_empty((sum(out_rows),) + tuple(src.shape[1:]))
         self._collective(lambda: self.dist.all_to_all_single(out, src.contiguous(), output_split_sizes=out_rows,
                                                               input_split_sizes=in_rows, group=self.group), what)
