@@ -131,7 +131,8 @@ def report(path: str, args) -> list[dict]:
             row = {"ranks": n, "tp": tp, "drop_duplicates": drop, "measured_bytes_per_rank_step": measured,
                    "model_bytes_per_rank_step": model, "measured_collective_s_per_step": coll,
                    "model_a2a_s_per_step": model_s, "decode_tokens_per_s": rate,
-                   "reduced_bytes_per_step": r0["reduced_bytes_per_step"], "dense_bytes": r0["dense_bytes"]}
+                   "reduced_bytes_per_step": r0["reduced_bytes_per_step"], "dense_bytes": r0["dense_bytes"],
+                   "link_bytes_per_s": got["link_bytes_per_s"], "link_latency_s": got["link_latency_s"]}
             rows.append(row)
             print(f"  tp {'on ' if tp else 'off'} drop {'on ' if drop else 'off'}: a2a bytes/rank/step measured "
                   f"{measured / 1024:8.1f} KiB, model {model / 1024:8.1f} KiB; collectives {coll * 1e3:6.2f} ms/step "

@@ -1,5 +1,6 @@
 #include "thread_pool.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <memory>
@@ -112,7 +113,14 @@ int default_threads() {
     if (n > 0) return n;
   }
   const unsigned hw = std::thread::hardware_concurrency();
-  return hw > 0 ? static_cast<int>(hw) : 1;
+  int threads = hw > 0 ? static_cast<int>(hw) : 1;
+  // Under torchrun, several ranks share a host's cores: each takes its part, else every rank's
+  // pool would be as large as the machine and they would spin against each other.
+  if (const char* env = std::getenv("LOCAL_WORLD_SIZE")) {
+    const int ranks = std::atoi(env);
+    if (ranks > 1) threads = std::max(1, threads / ranks);
+  }
+  return threads;
 }
 
 std::mutex shared_mu;

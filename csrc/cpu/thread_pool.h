@@ -33,7 +33,8 @@ class thread_pool {
   // are done. A call made while another is running (another thread's MoE block) runs inline.
   void run(int64_t n, const std::function<void(int64_t)>& fn);
 
-  // The backend's pool: one thread per core, PREGATED_NUM_THREADS, or set_shared_size().
+  // The backend's pool: PREGATED_NUM_THREADS, else one thread per core (divided by torchrun's
+  // LOCAL_WORLD_SIZE: the ranks on a host share its cores), or set_shared_size().
   static thread_pool& shared();
   // The pool the kernels run on in this thread: the one a scoped_pool set, else shared().
   static thread_pool& current();

@@ -14,7 +14,8 @@ layer, H hidden, an expert of X bytes:
                     the other ranks' outputs, (N - 1) / N * B * H * 2 bytes. Without dropping:
                     every rank sends all B tokens' rows, 2 (N - 1) / N * B * K * H * 2 bytes, and
                     gathers nothing. At the interconnect's bandwidth, plus a latency per
-                    collective: counts, rows, expert ids, outputs and the gather (4 without).
+                    collective: counts, rows (with their expert ids), outputs and the gather
+                    (3 without).
   dense layers      replicated: their bytes / HBM bandwidth in decode (2 * B * params FLOPs in
                     prefill). Tensor-parallel: a 1 / N share of them, plus one all-reduce of the
                     attention's output per layer (ring: 2 (N - 1) / N * B * H * 2 bytes and 2
@@ -72,9 +73,9 @@ def all_to_all_bytes(tokens: int, ranks: int, top_k: int, hidden: int, elem: int
 
 
 def collectives(drop: bool = True) -> int:
-    """Collectives per MoE block: the counts', rows', expert ids' and outputs' all-to-alls, and
-    the gather of the slices when duplicates are dropped."""
-    return 5 if drop else 4
+    """Collectives per MoE block: the counts', rows' (with their expert ids) and outputs'
+    all-to-alls, and the gather of the slices when duplicates are dropped."""
+    return 4 if drop else 3
 
 
 def step_seconds(shape: Shape, machine: Machine, ranks: int, tokens: int, prefill: bool,

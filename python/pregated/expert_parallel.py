@@ -3,11 +3,13 @@ layer's experts (in its own expert store and device slab); dense weights are rep
 
 One MoE block, on every rank at once (the ranks hold the same tokens: the dense layers are
 replicated, or split by tensor_parallel.py): each rank takes a contiguous slice of the block's
-tokens as its own (DeepSpeed-TED's dropping of the duplicates; `drop_duplicates`), sends each of
-its (token, expert) rows to the rank that owns the expert (`all_to_all_single`, uneven splits),
-runs the rows it received through its runtime, sends the outputs back the same way, combines
-its slice's rows with their routing weights, and the slices are gathered into the block's
-output. So each (token, expert) row crosses once each way, and only routed rows cross.
+tokens as its own (DeepSpeed-TED's dropping of the duplicates; `drop_duplicates`), exchanges
+row counts, then sends each of its (token, expert) rows, its expert's local id in 4 bytes
+appended, to the rank that owns the expert (`all_to_all_single`, uneven splits), runs the rows
+it received through its runtime, sends the outputs back the same way, combines its slice's rows
+with their routing weights, and the slices are gathered into the block's output: four
+collectives a block. So each (token, expert) row crosses once each way, and only routed rows
+cross.
 
 NCCL on GPUs, gloo on CPUs: the process group comes from torch.distributed's environment
 (torchrun), nothing home-made.
@@ -165,8 +167,14 @@ class ExpertParallel:
         recv = self._a2a(send, [1] * self.world, [1] * self.world, f"block {layer} counts")
         send_rows, recv_rows = send.tolist(), recv.tolist()
         x_out = x[t0:t1].index_select(0, token.to(x.device))
-        x_in = self._a2a(x_out, recv_rows, send_rows, f"block {layer} rows")
-        ids_in = self._a2a(self.local_index[flat[order]], recv_rows, send_rows, f"block {layer} expert ids")
+        # each row travels with its expert's local id in its last 4 bytes: one all-to-all
+        row_bytes = H * x.element_size()
+        ids_out = self.local_index[flat[order]].to(torch.int32).to(x.device)
+        packed = torch.cat([x_out.contiguous().view(torch.uint8).view(-1, row_bytes),
+                            ids_out.view(torch.uint8).view(-1, 4)], dim=1)
+        got = self._a2a(packed, recv_rows, send_rows, f"block {layer} rows")
+        x_in = got[:, :row_bytes].contiguous().view(x.dtype).view(-1, H)
+        ids_in = got[:, row_bytes:].contiguous().view(torch.int32).view(-1).cpu()
         y_in = run_local(x_in, ids_in) if x_in.shape[0] else x_in
         y_out = self._a2a(y_in, send_rows, recv_rows, f"block {layer} outputs")
         self.bytes_sent += (x_out.numel() + y_in.numel()) * x.element_size()
