@@ -335,3 +335,39 @@ def test_a_server_that_stops_accepting_answers_503(engine):
         assert httpx.get(srv.url + "/health").json()["status"] == "shutting down"
     finally:
         srv.close()
+
+
+def test_a_broken_group_fails_requests_instead_of_hanging(engine):
+    """The scheduler's state fails for good on its third operation (as rank 0's does when a rank
+    of the expert-parallel group dies): the running request ends with the error, the queued ones
+    too, new ones are refused, and the scheduler's thread ends."""
+    from pregated.expert_parallel import ExpertParallelError
+    from pregated.generation import SamplingParams
+    from pregated.serving import BatchState, Request, Scheduler, ShuttingDown
+
+    class Breaking(BatchState):
+        calls = 0
+
+        def apply(self, op, *args):
+            Breaking.calls += 1
+            if self.broken is None and Breaking.calls >= 3:
+                self.broken = ExpertParallelError("expert parallelism: a collective (block 0 rows) of rank 0 failed")
+            if self.broken is not None:
+                raise self.broken
+            return super().apply(op, *args)
+
+    ends, lock = [], threading.Lock()
+
+    def emit(ev):
+        if "finish_reason" in ev:
+            with lock:
+                ends.append(ev)
+
+    sched = Scheduler(engine, max_batch=1, state=Breaking(engine))
+    for p in ("one", "two", "three"):
+        sched.submit(Request(engine.tokenizer.encode(p), SamplingParams(max_new_tokens=20), emit))
+    sched._thread.join(60)
+    assert not sched._thread.is_alive()
+    assert len(ends) == 3 and all(e["finish_reason"] == "error" and "a collective" in e["error"] for e in ends)
+    with pytest.raises(ShuttingDown, match="can no longer serve: ExpertParallelError"):
+        sched.submit(Request([5, 6], SamplingParams(max_new_tokens=2), emit))

@@ -129,6 +129,8 @@ def create_app(engine, model_name: str, *, max_batch: int = 8, max_queue: int = 
 
     @app.get("/health")
     async def health():
+        if scheduler.fatal is not None:  # a load balancer should stop sending here
+            return JSONResponse({"status": "failed", "error": scheduler.fatal}, status_code=503)
         return {"status": "ok" if scheduler._accepting else "shutting down"}
 
     @app.get("/v1/models")

@@ -86,6 +86,7 @@ class BatchState:
 
     def __init__(self, engine):
         self.engine, self.batch, self.pending = engine, None, None
+        self.broken: Exception | None = None  # a failure no later operation can get past
 
     def apply(self, op: str, *args):
         return getattr(self, "_" + op)(*args)
@@ -137,9 +138,17 @@ class ReplicatedState(BatchState):
     def apply(self, op: str, *args):
         import torch.distributed as dist
 
-        self.engine.ep._collective(lambda: dist.broadcast_object_list([(op, args)], src=0, group=self.group),
-                                   f"serve: sending {op}")
-        return super().apply(op, *args)
+        from .expert_parallel import ExpertParallelError
+
+        if self.broken is not None:
+            raise self.broken
+        try:
+            self.engine.ep._collective(lambda: dist.broadcast_object_list([(op, args)], src=0, group=self.group),
+                                       f"serve: sending {op}")
+            return super().apply(op, *args)
+        except ExpertParallelError as e:  # the group is gone: nothing more can run
+            self.broken = e
+            raise
 
 
 def follow(engine, group) -> None:
@@ -178,6 +187,7 @@ class Scheduler:
         self.state = state or BatchState(engine)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self._pending = None  # (request, tokens prefilled) of the prompt being prefilled
+        self.fatal: str | None = None  # why the scheduler stopped for good (see _fail_queued)
         self.metrics = Metrics()
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -191,6 +201,8 @@ class Scheduler:
 
     def submit(self, req: Request) -> None:
         with self._cv:
+            if self.fatal is not None:
+                raise ShuttingDown(f"the server can no longer serve: {self.fatal}")
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
             if len(self._queue) >= self.max_queue:
@@ -238,10 +250,23 @@ class Scheduler:
                     if self._pending is not None:
                         self._finish(self._pending[0], "error", error=f"{type(e).__name__}: {e}")
                         self._pending = None
+                    if self.state.broken is not None:  # e.g. a rank of the expert-parallel group died
+                        self._fail_queued(f"{type(self.state.broken).__name__}: {self.state.broken}")
+                        return
                     self.state.apply("drop", "batch")
                     self.state.apply("drop", "pending")
         finally:
-            self.state.apply("stop")
+            if self.state.broken is None:
+                self.state.apply("stop")
+
+    def _fail_queued(self, error: str) -> None:
+        """A failure nothing can get past: stop accepting and fail what waits, not hang it."""
+        with self._cv:
+            self._accepting = False
+            self.fatal = error
+            waiting, self._queue = list(self._queue), collections.deque()
+        for r in waiting:
+            self._finish(r, "error", error=error)
 
     def _admit(self, batch):
         """Takes the next request when a row is free and runs one chunk of its prefill; once its
