@@ -263,7 +263,7 @@ def run_hf(folder: str, baseline: str, device: str, dtype, budget_bytes, prompts
         "bytes_h2d_per_token": None, "hit_rate": None, "prefetch_precision": None, "prefetch_recall": None,
         "stall_s_per_token": None, "host_bytes_per_token": None,
     }
-    del model
+    model = None  # free the weights before the next run (the closure above holds the name)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return out
