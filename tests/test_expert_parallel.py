@@ -74,10 +74,24 @@ def test_ranks_give_one_process_tokens_and_logits(family, world, over, checkpoin
 
 
 def test_a_rank_that_dies_fails_the_others_with_a_clear_error(mixtral_folder, tmp_path):
-    done = torchrun(2, [mixtral_folder, str(tmp_path), "pregated", "--die-at", "5"], env={"EP_TIMEOUT": "20"},
-                    timeout=300)
-    assert done.returncode != 0
-    assert "expert parallelism: a collective" in done.stderr, done.stderr[-3000:]
+    """Started without torchrun's agent (which would SIGTERM the survivor as soon as it saw the
+    death, racing the survivor's own error): rank 0 must fail by itself, with the error."""
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "EP_TIMEOUT": "20", "RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "ep_worker.py"), mixtral_folder,
+                                       str(tmp_path), "pregated", "--die-at", "5"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[1].returncode == 3  # the rank that died
+    assert procs[0].returncode != 0
+    assert "expert parallelism: a collective" in outs[0][1] and "of rank 0 failed" in outs[0][1], outs[0][1][-3000:]
     assert not (tmp_path / "rank0.pt").exists()
 
 
