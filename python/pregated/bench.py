@@ -24,6 +24,7 @@ import torch
 
 from . import _core
 from .config import dtype_name
+from .expert_parallel import add_parallel_args
 
 FIELDS = ("model", "layers", "policy", "baseline", "expert_dtype", "expert_memory_bytes", "expert_bytes_total",
           "experts_resident", "batch",
@@ -77,11 +78,7 @@ def add_bench_command(sub, add_quantization_args) -> None:
                    help="print the analytical model of expert parallelism for --synthetic's shape (mixtral-8x7b, "
                         "qwen3-30b-a3b, deepseek-v3) over --ranks on NVLink and Ethernet machines; runs nothing")
     p.add_argument("--ranks", default="1,2,4,8", help="with --model-only: comma-separated rank counts")
-    p.add_argument("--expert-parallel", action="store_true",
-                   help="under torchrun: spread the experts over the ranks (budgets are per rank, of its share of "
-                        "the experts; rank 0 prints and writes the results)")
-    p.add_argument("--tensor-parallel", action="store_true",
-                   help="with --expert-parallel: also split attention heads and dense MLPs over the ranks")
+    add_parallel_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
     p.set_defaults(func=cmd_bench)
 

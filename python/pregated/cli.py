@@ -10,6 +10,7 @@ import time
 
 from . import _core
 from .cli_tools import add_quantization_args, add_tool_commands
+from .expert_parallel import add_parallel_args
 
 POLICY_HELP = ("how experts reach the device: gpu-only (all resident), on-demand (load after routing), "
                "prefetch-all (load all of block i+1 during block i), pregated (load the predicted experts "
@@ -40,11 +41,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="policy hybrid: auto (the cost model chooses copy or CPU per expert; default), or "
                         "force every expert that is not on the device to the CPU (host), the link (copy), "
                         "or alternately (tests)")
-    p.add_argument("--expert-parallel", action="store_true",
-                   help="spread the experts over the ranks of torchrun (--nproc-per-node N; gloo on CPUs, NCCL "
-                        "on GPUs); every rank runs the command, rank 0 prints")
-    p.add_argument("--tensor-parallel", action="store_true",
-                   help="with --expert-parallel: also split attention heads and dense MLPs over the ranks")
+    add_parallel_args(p)
     p.add_argument("--per-block", action="store_true", help="print statistics per MoE block")
     p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
 

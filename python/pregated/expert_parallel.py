@@ -72,6 +72,22 @@ def checkpoint_fingerprint(folder: str | None) -> str | None:
     return h.hexdigest()[:16]
 
 
+def share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank's contiguous share [start, stop) of n items, the first n % world ranks taking one more."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def add_parallel_args(p) -> None:
+    """--expert-parallel and --tensor-parallel, for every command that runs an Engine."""
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="spread the experts over the ranks of torchrun (--nproc-per-node N; gloo on CPUs, NCCL "
+                        "on GPUs); every rank runs the command (budgets are per rank), rank 0 prints")
+    p.add_argument("--tensor-parallel", action="store_true",
+                   help="with --expert-parallel: also split attention heads and dense MLPs over the ranks")
+
+
 class ExpertParallel:
     """The expert placement of one rank and the block's all-to-all (see the module docstring).
 
@@ -84,9 +100,9 @@ class ExpertParallel:
         if num_experts < self.world:
             raise ValueError(f"{num_experts} experts per MoE layer cannot be spread over {self.world} ranks: "
                              f"use at most {num_experts} ranks")
-        base, extra = divmod(num_experts, self.world)
-        self.counts = [base + (1 if r < extra else 0) for r in range(self.world)]
-        self.first = [sum(self.counts[:r]) for r in range(self.world)]
+        spans = [share(num_experts, r, self.world) for r in range(self.world)]
+        self.first = [a for a, _ in spans]
+        self.counts = [b - a for a, b in spans]
         self.owner = torch.repeat_interleave(torch.arange(self.world), torch.tensor(self.counts))
         self.local_index = torch.cat([torch.arange(c) for c in self.counts])
         self.num_local = self.counts[self.rank]
@@ -141,14 +157,25 @@ class ExpertParallel:
                 "stalled past the process group's timeout, or left; every rank must run the same "
                 "generate() calls") from None
 
+    def _on_link(self, t: torch.Tensor) -> torch.Tensor:
+        """t where the backend moves it: gloo host tensors, NCCL this rank's GPU's (the counts and
+        ids start on the host)."""
+        return t.cpu() if self.comm_cpu else t.to(torch.device("cuda", torch.cuda.current_device()))
+
     def _a2a(self, data: torch.Tensor, out_rows: list[int], in_rows: list[int], what: str) -> torch.Tensor:
-        dev = data.device
-        # gloo moves host tensors, NCCL this rank's GPU's (the counts and ids start on the host)
-        src = data.cpu() if self.comm_cpu else data.to(torch.device("cuda", torch.cuda.current_device()))
+        src = self._on_link(data).contiguous()
         out = src.new_empty((sum(out_rows),) + tuple(src.shape[1:]))
-        self._collective(lambda: self.dist.all_to_all_single(out, src.contiguous(), output_split_sizes=out_rows,
+        self._collective(lambda: self.dist.all_to_all_single(out, src, output_split_sizes=out_rows,
                                                               input_split_sizes=in_rows, group=self.group), what)
-        return out.to(dev)
+        return out.to(data.device)
+
+    def all_reduce(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """The sum of t over the ranks, in float32, on t's device (tensor_parallel.py)."""
+        src = self._on_link(t.float())
+        if src is t:
+            src = src.clone()  # the caller's tensor stays as it was
+        self._collective(lambda: self.dist.all_reduce(src, group=self.group), what)
+        return src.to(t.device)
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, run_local) -> torch.Tensor:
         """x [T, H] (the same on every rank), ids / weights [T, K] on the host (global expert
@@ -156,8 +183,10 @@ class ExpertParallel:
         [R, H] runs this rank's experts."""
         T, H = x.shape
         K = ids.shape[1]
-        per = -(-T // self.world) if self.drop_duplicates else T
-        t0, t1 = (min(self.rank * per, T), min((self.rank + 1) * per, T)) if self.drop_duplicates else (0, T)
+        per, t0, t1 = T, 0, T  # every token from every rank, unless the duplicates are dropped
+        if self.drop_duplicates:
+            per = -(-T // self.world)
+            t0, t1 = min(self.rank * per, T), min((self.rank + 1) * per, T)
         flat = ids[t0:t1].reshape(-1).long()
         w = weights[t0:t1].reshape(-1).float()
         dest = self.owner[flat]
@@ -187,7 +216,7 @@ class ExpertParallel:
         # every rank's slice, padded to `per` rows for the gather
         padded = torch.zeros(per, H, dtype=x.dtype, device=x.device)
         padded[:t1 - t0] = mine.to(x.dtype)
-        src = padded.cpu() if self.comm_cpu else padded
+        src = self._on_link(padded)
         parts = [torch.empty_like(src) for _ in range(self.world)]
         self._collective(lambda: self.dist.all_gather(parts, src, group=self.group), f"block {layer} gather")
         self.bytes_gathered += src.numel() * src.element_size()

@@ -136,39 +136,40 @@ class ReplicatedState(BatchState):
         self.group = group
 
     def apply(self, op: str, *args):
-        import torch.distributed as dist
-
         from .expert_parallel import ExpertParallelError
 
         if self.broken is not None:
             raise self.broken
         try:
-            self.engine.ep._collective(lambda: dist.broadcast_object_list([(op, args)], src=0, group=self.group),
-                                       f"serve: sending {op}")
+            _broadcast(self.engine, self.group, [(op, args)], f"serve: sending {op}")
             return super().apply(op, *args)
         except ExpertParallelError as e:  # the group is gone: nothing more can run
             self.broken = e
             raise
 
 
+def _broadcast(engine, group, box: list, what: str) -> None:
+    """Rank 0's box[0] to every rank of `group`, in place."""
+    import torch.distributed as dist
+
+    engine.ep._collective(lambda: dist.broadcast_object_list(box, src=0, group=group), what)
+
+
 def follow(engine, group) -> None:
     """The loop of a rank other than 0 under `pregated serve --expert-parallel`: applies rank 0's
     operations to its own state until rank 0 stops. An operation that fails here failed on rank 0
     too (the same forward): rank 0 reports it to its request, and both go on."""
-    import torch.distributed as dist
-
     state = BatchState(engine)
     while True:
         box = [None]
-        engine.ep._collective(lambda: dist.broadcast_object_list(box, src=0, group=group), "serve: waiting for rank 0")
+        _broadcast(engine, group, box, "serve: waiting for rank 0")
         op, args = box[0]
+        if op == "stop":
+            return
         try:
             state.apply(op, *args)
         except Exception:  # noqa: BLE001 - see the docstring
-            if op == "stop":
-                raise
-        if op == "stop":
-            return
+            pass
 
 
 class Scheduler:

@@ -18,14 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .expert_parallel import ExpertParallel
-
-
-def _span(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rank's contiguous share of n items, the first n % world ranks taking one more."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+from .expert_parallel import ExpertParallel, share
 
 
 def _keep_rows(linear: torch.nn.Linear, start: int, stop: int) -> None:
@@ -52,11 +45,8 @@ class TensorParallel:
 
     def _sum_over_ranks(self, what: str):
         def hook(module, args, out):
-            full = out.float() if out.dtype != torch.float32 else out.clone()
-            src = full.cpu() if self.ep.comm_cpu else full
-            self.ep._collective(lambda: self.ep.dist.all_reduce(src, group=self.ep.group), what)
-            self.bytes_reduced += src.numel() * src.element_size()
-            return src.to(device=out.device, dtype=out.dtype)
+            self.bytes_reduced += out.numel() * 4  # summed in float32
+            return self.ep.all_reduce(out, what).to(out.dtype)
         return hook
 
     def _sharded_norm(self, norm: torch.nn.Module, start: int, stop: int, width: int, what: str) -> None:
@@ -71,10 +61,7 @@ class TensorParallel:
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             xf = x.float()
-            sq = xf.pow(2).sum(-1, keepdim=True)
-            src = sq.cpu() if ep.comm_cpu else sq
-            ep._collective(lambda: ep.dist.all_reduce(src, group=ep.group), what)
-            xf = xf * torch.rsqrt(src.to(x.device) / width + eps)
+            xf = xf * torch.rsqrt(ep.all_reduce(xf.pow(2).sum(-1, keepdim=True), what) / width + eps)
             return norm.weight * xf.to(x.dtype)
 
         norm.forward = forward
@@ -103,7 +90,7 @@ class TensorParallel:
 
     def shard_mlp(self, name: str, mlp: torch.nn.Module) -> None:
         inter = mlp.gate_proj.out_features
-        i0, i1 = _span(inter, self.rank, self.world)
+        i0, i1 = share(inter, self.rank, self.world)
         if i0 == i1:
             raise ValueError(f"tensor parallelism: {name} has {inter} intermediate features for {self.world} ranks")
         _keep_rows(mlp.gate_proj, i0, i1)
@@ -111,9 +98,9 @@ class TensorParallel:
         _keep_columns(mlp.down_proj, i0, i1, keep_bias=self.rank == 0)
         mlp.down_proj.register_forward_hook(self._sum_over_ranks(f"{name}.down_proj all-reduce"))
 
-    def shard(self, model: torch.nn.Module, num_layers: int) -> dict:
+    def shard(self, model: torch.nn.Module, num_layers: int) -> None:
         """Cuts every attention with q/k/v/o projections and every gate/up/down MLP; refuses a
-        model with attention layers of another form. Returns what was cut."""
+        model with attention layers of another form."""
         linear = torch.nn.Linear
         attns, mlps = [], []
         for name, m in model.named_modules():
@@ -132,4 +119,3 @@ class TensorParallel:
             self.shard_attention(name, m)
         for name, m in mlps:
             self.shard_mlp(name, m)
-        return {"attention_layers": len(attns), "mlps": len(mlps)}
