@@ -48,26 +48,29 @@ def test_every_expert_kind(device, ffn, has_bias, dtype):
     rt.close()
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "portable"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_decode_kernels_on_every_instruction_set(isa, dtype):
     """The CPU backend's few-row kernels (T <= 8), each path this CPU can run, against PyTorch;
-    widths that are not multiples of the vector length on purpose."""
+    widths that are not multiples of the vector length on purpose. 96 x 85: the gate and up GEMMs
+    (k = 96) take AMX tiles where chosen, with 85 columns (two tiles of 32 and a tail of 5), the down
+    GEMM (k = 85) does not; 128 x 160: every GEMM on tiles; T = 17 and 40: rows past one tile."""
     from pregated import _core
 
     best = _core.cpu_kernel_isa()
     if not _core._force_cpu_kernel(isa):
         pytest.skip(f"this CPU cannot run the {isa} path (it runs {best})")
     try:
-        weights = random_experts(1, 8, 45, 37, "gated_silu", dtype, seed=5)
-        rt = make_runtime(weights, "gated_silu", dtype)
-        for T in range(1, 9):
-            for K in (1, 2, 8):
-                x = torch.randn(T, 45).to(dtype)
-                ids, w = random_routing(T, K, 8, seed=T * 10 + K)
-                err = relative_error(rt.forward(0, x, ids, w), moe_reference(weights[0], x, ids, w, "gated_silu"))
-                assert err < TOLERANCE[dtype], f"{isa} T={T} K={K}: {err:.2e}"
-        rt.close()
+        for H, I, rows in ((45, 37, range(1, 9)), (96, 85, (1, 3, 8, 17, 40)), (128, 160, (1, 8, 40))):
+            weights = random_experts(1, 8, H, I, "gated_silu", dtype, seed=5)
+            rt = make_runtime(weights, "gated_silu", dtype)
+            for T in rows:
+                for K in (1, 2, 8):
+                    x = torch.randn(T, H).to(dtype)
+                    ids, w = random_routing(T, K, 8, seed=T * 10 + K)
+                    err = relative_error(rt.forward(0, x, ids, w), moe_reference(weights[0], x, ids, w, "gated_silu"))
+                    assert err < TOLERANCE[dtype], f"{isa} {H}x{I} T={T} K={K}: {err:.2e}"
+            rt.close()
     finally:
         _core._force_cpu_kernel(best)
 

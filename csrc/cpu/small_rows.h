@@ -1,6 +1,7 @@
 // Few-row GEMM (decode): C[m, j] = A[m, k] . B[j, k] for m <= 8 and columns j in [j0, j1).
 // B, the expert's weight, is read once in its own precision (fp32, bf16 or fp16) and widened in
-// registers; A is fp32. AVX-512, AVX2 (+FMA, F16C) and portable paths, picked at run time.
+// registers; A is fp32. AVX-512 BF16 (bf16 weights: A rounded to bf16, vdpbf16ps), AVX-512, AVX2
+// (+FMA, F16C) and portable paths, picked at run time.
 #pragma once
 
 #include <cstdint>
@@ -14,10 +15,13 @@ constexpr int64_t small_rows_max = 8;
 void small_rows(dtype dt, int64_t m, int64_t k, const float* a, const void* b, int64_t ldb,
                 int64_t j0, int64_t j1, float* c, int64_t ldc);
 
-// Which path small_rows takes on this CPU: "avx512", "avx2" or "portable".
+// Which path small_rows takes on this CPU: "amx", "avx512bf16", "avx512", "avx2" or "portable".
+// "amx": bf16 GEMMs whose k is whole 32s go to amx_rows (the callers pick it), the rest as
+// "avx512bf16".
 const char* small_rows_isa();
+bool amx_chosen();
 
-// For tests: force a path ("avx512", "avx2", "portable"); false when this CPU cannot run it.
+// For tests: force a path (one of the names above); false when this CPU cannot run it.
 bool small_rows_force(const char* isa);
 
 }  // namespace pregated::cpu
