@@ -10,6 +10,8 @@ from moe_reference import moe_reference, parts_of, random_experts, random_routin
 from pregated.quantize import BITS, QuantSpec, dequantize, pack, quantize, unpack
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# The CPU kernel paths: above "avx2" the int8-activation kernels take vpdpbusd where the CPU has VNNI.
+ISAS = ["amx", "avx512bf16", "avx512", "avx2", "portable"]
 
 
 @pytest.mark.parametrize("fmt", list(BITS))
@@ -98,7 +100,7 @@ def test_quantized_forward_against_dequantize_then_matmul(device, dtype, fmt, gr
     rt.close()
 
 
-@pytest.mark.parametrize("isa", ["avx2", "portable"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", list(BITS))
 def test_cpu_decode_kernels_for_every_format(isa, fmt):
     """T <= 8 uses the few-row kernels: each path this CPU can run, K up to 8, with biases."""
@@ -134,13 +136,14 @@ def round_activations(a: torch.Tensor, group: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("isa", ["avx2", "portable"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", list(BITS))
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_cpu_gemm_kernels_against_dequantize_then_matmul(isa, fmt, group):
-    """Each CPU kernel on its own: up to 8 rows the decode kernels (AVX2: activations rounded to
-    int8 per group, compared with the same rounding done in PyTorch; portable: fp32
-    activations), above 8 rows dequantized tiles + sgemm.
+    """Each CPU kernel on its own: up to 8 rows the decode kernels (activations rounded to int8
+    per group, compared with the same rounding done in PyTorch: vpdpbusd where the CPU has VNNI
+    and a path above "avx2" is chosen, vpmaddubsw on "avx2"; portable: fp32 activations), above
+    8 rows dequantized tiles + sgemm.
     k not a multiple of the group or of the kernel's 32-byte chunk, float64 references."""
     from pregated import _core
 
