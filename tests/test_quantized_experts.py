@@ -153,7 +153,7 @@ def test_cpu_gemm_kernels_against_dequantize_then_matmul(isa, fmt, group):
     try:
         spec = QuantSpec(BITS[fmt], group)
         torch.manual_seed(group + spec.bits)
-        for k in (37, 200, 256):
+        for k in (37, 200, 256, 384):
             n = 45
             codes, scale, zero = quantize(torch.randn(n, k), spec)
             w = dequantize(codes, scale, zero, group).double()

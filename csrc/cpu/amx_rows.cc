@@ -1,8 +1,11 @@
 #include "amx_rows.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+
+#include "half.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #include <cpuid.h>
@@ -18,13 +21,18 @@ namespace {
 
 constexpr int64_t tile_rows = 16;  // columns of B (rows of a tile) and rows of A per block
 constexpr int64_t tile_k = 32;     // bf16 values of k per tile row (64 bytes)
+constexpr int64_t code_k = 64;     // codes of k per tile row (64 bytes)
+
+// Byte p of a tile row of 64 codes holds code code_at(p): int8 in place; int4 unpacked as the
+// low nibbles of the row's 32 bytes (even codes), then the high ones (odd codes).
+inline int64_t code_at(int bits, int64_t p) { return bits == 8 ? p : p < 32 ? 2 * p : 2 * (p - 32) + 1; }
 
 #ifdef PREGATED_AMX
 
-bool cpu_has_amx_bf16() {
+bool cpu_has_amx() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  return (d & (1u << 22)) && (d & (1u << 24));  // AMX-BF16, AMX-TILE
+  return (d & (1u << 22)) && (d & (1u << 24)) && (d & (1u << 25));  // AMX-BF16, AMX-TILE, AMX-INT8
 }
 
 bool kernel_grants_tiles() {
@@ -111,6 +119,132 @@ __attribute__((target("amx-tile,amx-bf16"))) void run_tiles(const amx_input& in,
   _tile_release();
 }
 
+
+// --- quantized codes -------------------------------------------------------------------------
+
+
+// Tiles 0-3: C of four groups (int32, `columns` rows x 16 rows of A), 4-5: B's codes (`columns`
+// rows x 64), 6-7: A's packed codes; four groups in flight, so the tile multiplies overlap.
+tile_config codes_config(int64_t columns) {
+  tile_config cfg;
+  for (int t = 0; t < 6; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(columns);
+    cfg.colsb[t] = 64;
+  }
+  for (int t = 6; t < 8; ++t) {
+    cfg.rows[t] = code_k / 4;
+    cfg.colsb[t] = 64;
+  }
+  return cfg;
+}
+
+// 16 rows of 32 bytes of int4 codes from `src` (row stride `stride`) as 16 rows of 64 bytes.
+__attribute__((target("avx2"))) inline void unpack_int4(const uint8_t* src, int64_t stride, int64_t rows,
+                                                        uint8_t* dst) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * stride));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(dst + r * 64), _mm256_and_si256(v, low));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(dst + r * 64 + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+  }
+}
+
+// The scales of 16 columns from j (zeros past the last column) as fp32: sw[r][g], swz[r][g] =
+// scale * zero.
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void column_scales(const quantized_matrix& b, int64_t j,
+                                                                            int64_t cols, float* sw, float* swz) {
+  const int64_t groups = b.groups;
+  for (int64_t r = 0; r < tile_rows; ++r) {
+    for (int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, groups - g)) - 1);
+      __m512 s = _mm512_setzero_ps(), z = _mm512_setzero_ps();
+      if (r < cols) {
+        s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, b.scales + (j + r) * groups + g));
+        z = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, b.zeros + (j + r) * groups + g));
+      }
+      _mm512_mask_storeu_ps(sw + r * groups + g, mask, s);
+      _mm512_mask_storeu_ps(swz + r * groups + g, mask, _mm512_mul_ps(s, z));
+    }
+  }
+}
+
+// Group g's products into C tile U (B's codes through tile CT, A's through tile AT): tile
+// numbers are literal in the instructions, so this is a macro.
+#define PREGATED_GROUP_PRODUCTS(U, CT, AT)                                                     \
+  for (int64_t s = 0; s < per_group; ++s) {                                                   \
+    const int64_t c0 = (g0 + U) * G + s * code_k;                                             \
+    if constexpr (BITS == 8) {                                                                \
+      _tile_loadd(CT, codes + c0, static_cast<long>(b.row_bytes));                            \
+    } else {                                                                                  \
+      unpack_int4(codes + c0 / 2, b.row_bytes, cols, unpacked + U * tile_rows * 64);          \
+      _tile_loadd(CT, unpacked + U * tile_rows * 64, 64);                                     \
+    }                                                                                         \
+    _tile_loadd(AT, in.packed.data() + (c0 / code_k) * tile_rows * code_k, 64);               \
+    _tile_dpbusd(U, CT, AT);                                                                  \
+  }
+
+template <int BITS>
+__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c,avx2"))) void run_codes(
+    const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
+  alignas(64) int32_t sums[4 * tile_rows * tile_rows] = {};
+  alignas(64) uint8_t unpacked[4 * tile_rows * 64];
+  alignas(64) float out[tile_rows * tile_rows];
+  const int64_t G = b.group_size, per_group = G / code_k, groups = b.groups;
+  std::vector<float> sw(static_cast<size_t>(tile_rows * groups)), swz(static_cast<size_t>(tile_rows * groups));
+  int64_t configured = 0;
+  for (int64_t j = j0; j < j1; j += tile_rows) {
+    const int64_t cols = std::min(tile_rows, j1 - j);
+    if (cols != configured) {
+      const tile_config cfg = codes_config(cols);
+      _tile_loadconfig(&cfg);
+      configured = cols;
+    }
+    column_scales(b, j, cols, sw.data(), swz.data());
+    __m512 acc[tile_rows];  // column r's sums, lanes the rows of A
+    for (int r = 0; r < tile_rows; ++r) acc[r] = _mm512_setzero_ps();
+    const uint8_t* codes = b.codes + j * b.row_bytes;
+    for (int64_t g0 = 0; g0 < groups; g0 += 4) {
+      const int64_t nb = std::min<int64_t>(4, groups - g0);
+      _tile_zero(0);
+      PREGATED_GROUP_PRODUCTS(0, 4, 6)
+      if (nb > 1) {
+        _tile_zero(1);
+        PREGATED_GROUP_PRODUCTS(1, 5, 7)
+      }
+      if (nb > 2) {
+        _tile_zero(2);
+        PREGATED_GROUP_PRODUCTS(2, 4, 6)
+      }
+      if (nb > 3) {
+        _tile_zero(3);
+        PREGATED_GROUP_PRODUCTS(3, 5, 7)
+      }
+      _tile_stored(0, sums, 64);
+      if (nb > 1) _tile_stored(1, sums + tile_rows * tile_rows, 64);
+      if (nb > 2) _tile_stored(2, sums + 2 * tile_rows * tile_rows, 64);
+      if (nb > 3) _tile_stored(3, sums + 3 * tile_rows * tile_rows, 64);
+      for (int64_t u = 0; u < nb; ++u) {
+        const int64_t g = g0 + u;
+        const int32_t* su = sums + u * tile_rows * tile_rows;
+        const __m512 sa = _mm512_loadu_ps(in.scale.data() + g * tile_rows);
+        const __m512 ss = _mm512_loadu_ps(in.scaled_sum.data() + g * tile_rows);
+#pragma GCC unroll 16
+        for (int r = 0; r < tile_rows; ++r) {  // past `cols`: zero scales, sums never read out
+          const __m512 x = _mm512_cvtepi32_ps(_mm512_load_si512(su + r * tile_rows));
+          acc[r] = _mm512_fmadd_ps(x, _mm512_mul_ps(sa, _mm512_set1_ps(sw[r * groups + g])), acc[r]);
+          acc[r] = _mm512_fnmadd_ps(ss, _mm512_set1_ps(swz[r * groups + g]), acc[r]);
+        }
+      }
+    }
+    for (int r = 0; r < tile_rows; ++r) _mm512_store_ps(out + r * tile_rows, acc[r]);
+    for (int64_t r = 0; r < cols; ++r) {
+      for (int64_t i = 0; i < in.m; ++i) c[i * ldc + j + r] = out[r * tile_rows + i];
+    }
+  }
+  _tile_release();
+}
+#undef PREGATED_GROUP_PRODUCTS
+
 #endif  // PREGATED_AMX
 
 }  // namespace
@@ -120,7 +254,7 @@ bool amx_usable() {
   static const bool usable = [] {
     const char* env = std::getenv("PREGATED_AMX");
     if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-    return cpu_has_amx_bf16() && kernel_grants_tiles();
+    return cpu_has_amx() && kernel_grants_tiles();
   }();
   return usable;
 #else
@@ -152,6 +286,56 @@ void amx_rows(const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j0, i
   if (j0 < j1) run_tiles(in, b, ldb, j0, j1, c, ldc);
 #else
   (void)in, (void)b, (void)ldb, (void)j0, (void)j1, (void)c, (void)ldc;
+#endif
+}
+
+bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k) {
+  return (b.bits == 8 || b.bits == 4) && b.group_size % 64 == 0 && k % b.group_size == 0 && m >= 1 && m <= tile_rows &&
+         b.groups * b.group_size == k;
+}
+
+amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quantized_matrix& b) {
+  amx_codes_input in;
+  in.m = m;
+  in.k = k;
+  const int64_t G = b.group_size;
+  in.packed.assign(static_cast<size_t>(k * tile_rows), 0);
+  in.scale.assign(static_cast<size_t>(b.groups * tile_rows), 0.0f);
+  in.scaled_sum.assign(static_cast<size_t>(b.groups * tile_rows), 0.0f);
+  std::vector<int8_t> q(static_cast<size_t>(k));
+  for (int64_t i = 0; i < m; ++i) {
+    const float* ai = a + i * k;
+    for (int64_t g = 0; g < b.groups; ++g) {  // as prepare_int8_rows rounds them
+      float amax = 0.0f;
+      for (int64_t t = 0; t < G; ++t) amax = std::max(amax, std::fabs(ai[g * G + t]));
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int64_t t = 0; t < G; ++t) {
+        const int v = std::clamp(static_cast<int>(std::lrint(ai[g * G + t] * inv)), -127, 127);
+        q[static_cast<size_t>(g * G + t)] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      in.scale[static_cast<size_t>(g * tile_rows + i)] = amax / 127.0f;
+      in.scaled_sum[static_cast<size_t>(g * tile_rows + i)] = amax / 127.0f * static_cast<float>(sum);
+    }
+    // tile of codes [c0, c0 + 64): byte (quad, row i, e) holds the code at tile position 4 quad + e
+    for (int64_t c0 = 0; c0 < k; c0 += code_k) {
+      int8_t* tile = in.packed.data() + (c0 / code_k) * tile_rows * code_k;
+      for (int64_t p = 0; p < code_k; ++p) {
+        tile[(p / 4) * tile_rows * 4 + i * 4 + p % 4] = q[static_cast<size_t>(c0 + code_at(b.bits, p))];
+      }
+    }
+  }
+  return in;
+}
+
+void amx_codes(const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
+#ifdef PREGATED_AMX
+  if (j0 >= j1) return;
+  if (b.bits == 8) run_codes<8>(in, b, j0, j1, c, ldc);
+  else run_codes<4>(in, b, j0, j1, c, ldc);
+#else
+  (void)in, (void)b, (void)j0, (void)j1, (void)c, (void)ldc;
 #endif
 }
 

@@ -1,13 +1,20 @@
-// bf16 GEMM on Intel AMX tiles (Sapphire Rapids and later): C[i, j] = A[i, :] . B[j, :] for any
-// number of rows of A, B's rows (the weights' output columns) read in place, 16 at a time, as
-// the tile multiply's first operand; A rounded to bf16 (exact where it came from bf16
-// activations) and packed in pairs as its second. One TDPBF16PS takes 16 columns x 32 of k x 16
-// rows of A, fp32 sums. Usable only where the CPU has AMX-BF16 and Linux lets the process use
-// its tile state (asked once); PREGATED_AMX=0 turns it off.
+// GEMMs on Intel AMX tiles (Sapphire Rapids and later), C[i, j] = A[i, :] . B[j, :]:
+// - bf16 weights, any number of rows of A: B's rows (the weights' output columns) read in place,
+//   16 at a time, as the tile multiply's first operand; A rounded to bf16 (exact where it came
+//   from bf16 activations) and packed in pairs as its second. One TDPBF16PS takes 16 columns x 32
+//   of k x 16 rows of A, fp32 sums.
+// - int8 and int4 codes (quantized experts), up to 16 rows: A rounded to int8 per weight group
+//   exactly as the AVX2/VNNI kernel does (quantized_int8.h); one TDPBUSD takes 16 columns x 64
+//   codes (int8 read in place, int4 unpacked to bytes first) x the rows, int32 sums, scaled per
+//   group in fp32.
+// Usable only where the CPU has AMX-BF16 and AMX-INT8 and Linux lets the process use its tile
+// state (asked once); PREGATED_AMX=0 turns it off.
 #pragma once
 
 #include <cstdint>
 #include <vector>
+
+#include "pregated/backend.h"
 
 namespace pregated::cpu {
 
@@ -28,5 +35,22 @@ amx_input pack_amx(int64_t m, int64_t k, const uint16_t* a, int64_t lda);
 
 // C[i, j] for every row i < in.m and columns j in [j0, j1) of bf16 B ([n, k], row stride ldb).
 void amx_rows(const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j0, int64_t j1, float* c, int64_t ldc);
+
+// Quantized weights: whether amx_codes takes b with inner dimension k and m rows (int8 or int4,
+// groups of whole 64 codes, k whole groups, m <= 16).
+bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k);
+
+// A rounded to int8 per group of b and packed for the tiles, with each group's scales.
+struct amx_codes_input {
+  int64_t m = 0, k = 0;
+  std::vector<int8_t> packed;  // per 64 codes of k: [16 quads of codes][16 rows][4]
+  std::vector<float> scale;    // [groups][16]: A ~= q * scale
+  std::vector<float> scaled_sum;  // [groups][16]: scale * (sum of the group's q)
+};
+
+amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quantized_matrix& b);
+
+// C[i, j] for i < in.m and j in [j0, j1).
+void amx_codes(const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc);
 
 }  // namespace pregated::cpu
