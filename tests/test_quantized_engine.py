@@ -121,9 +121,12 @@ def int4_exact_folder(checkpoint_factory, tmp_path_factory):
 
 @pytest.mark.parametrize("policy", ["on-demand", "prefetch-all", "pregated"])
 def test_int4_moves_the_packed_bytes_of_the_same_copies(policy, int4_exact_folder, kernels):
-    """Same routing, same copies; every copy moves one packed expert; so bytes per token under
-    int4 are bf16's x (4 + 32 / group) / 16 within 5% (row padding and short groups are the rest).
-    The portable kernels keep fp32 activations, so int4-exact weights compute the same function."""
+    """Same routing (the same tokens); every copy moves one packed expert; so a copy under int4
+    moves bf16's bytes x (4 + 32 / group) / 16 within 5% (row padding and short groups are the
+    rest). The portable kernels keep fp32 activations, so int4-exact weights compute the same
+    function. Under on-demand the copies are the misses, the same count for both; with prefetches
+    the count depends on the copy thread's timing (a queued prefetch whose slot is evicted before
+    it starts is dropped), so the bytes are compared per copy."""
     kernels("portable")
     runs = {}
     for fmt in (None, "int4"):
@@ -132,16 +135,18 @@ def test_int4_moves_the_packed_bytes_of_the_same_copies(policy, int4_exact_folde
             one = probe.cfg.expert_bytes()
         with Engine(int4_exact_folder, device="cpu", quiet=True, policy=policy, expert_memory=6 * one,
                     **kw) as eng:
-            eng.generate(PROMPT[:8], max_new_tokens=12)
+            tokens = eng.generate(PROMPT[:8], max_new_tokens=12).token_ids
             s = eng.stats()
             eng.runtime.check()
             copies = s["expert_misses"] + s["prefetch_issued"]
-            assert s["bytes_h2d"] == copies * one, "a copy moved other than one expert's bytes"
-            runs[fmt] = (copies, s["bytes_h2d"], one, eng.cfg)
-    (dense_copies, dense_bytes, dense_one, cfg), (q_copies, q_bytes, _, _) = runs[None], runs["int4"]
-    assert dense_copies == q_copies > 0, "int4 and float32 experts routed differently on int4-exact weights"
+            assert copies > 0 and s["bytes_h2d"] == copies * one, "a copy moved other than one expert's bytes"
+            runs[fmt] = (copies, tokens, one, eng.cfg)
+    (dense_copies, dense_tokens, dense_one, cfg), (q_copies, q_tokens, q_one, _) = runs[None], runs["int4"]
+    assert dense_tokens == q_tokens, "int4 and float32 experts computed differently on int4-exact weights"
+    if policy == "on-demand":
+        assert dense_copies == q_copies, "int4 and float32 experts routed differently on int4-exact weights"
     cfg.dtype = torch.bfloat16
-    bf16_bytes = dense_copies * cfg.expert_bytes()
-    assert cfg.expert_bytes() * 2 == dense_one
-    want = bf16_bytes * (4 + 32 / 64) / 16
-    assert abs(q_bytes / want - 1) < 0.05, f"int4 moved {q_bytes} bytes, bf16 {bf16_bytes}: {q_bytes / bf16_bytes:.4f}"
+    bf16_one = cfg.expert_bytes()
+    assert bf16_one * 2 == dense_one
+    want = bf16_one * (4 + 32 / 64) / 16
+    assert abs(q_one / want - 1) < 0.05, f"an int4 copy moved {q_one} bytes, a bf16 one {bf16_one}: {q_one / bf16_one:.4f}"
