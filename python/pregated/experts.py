@@ -201,16 +201,42 @@ def unregister_runtime(handle: int) -> None:
     _RUNTIMES.pop(handle, None)
 
 
+def _runtime(handle: int):
+    rt = _RUNTIMES.get(handle)
+    if rt is None:
+        raise RuntimeError("the pregated runtime of this model was closed; load the model again")
+    return rt
+
+
+def run_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, runtime: int, layer: int,
+                next_layer: int, next_experts: torch.Tensor | None) -> torch.Tensor:
+    """x [T, H] on the runtime's device; ids, weights [T, K] -> sum_k weights * expert_ids(x) [T, H].
+    next_experts (int, 1-D): block `next_layer`'s experts to prefetch while this block computes.
+    Through torch's dispatcher (the op pregated::moe_experts) only while torch.compile traces:
+    in eager mode a Python custom op's dispatch cost about 100 us a call on our CPU machines, as
+    much as a decode block's experts."""
+    if torch.compiler.is_compiling():
+        return torch.ops.pregated.moe_experts(x, ids, weights, runtime, layer, next_layer, next_experts)
+    nxt = None if next_experts is None else next_experts.tolist()
+    return _runtime(runtime).forward(layer, x, ids, weights, next_layer=next_layer if nxt else -1, next_experts=nxt)
+
+
+def run_experts_resident(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, runtime: int,
+                         layer: int) -> torch.Tensor:
+    """A block whose experts are all resident: x [T, H], ids [T, K] int32 and weights [T, K]
+    float32 on the runtime's device; nothing goes to the host (capturable in a CUDA graph). The
+    op pregated::moe_experts_resident while torch.compile traces, else the runtime directly."""
+    if torch.compiler.is_compiling():
+        return torch.ops.pregated.moe_experts_resident(x, ids, weights, runtime, layer)
+    return _runtime(runtime).forward_resident(layer, x, ids, weights)
+
+
 @torch.library.custom_op("pregated::moe_experts", mutates_args=())
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, runtime: int, layer: int,
                 next_layer: int, next_experts: torch.Tensor | None) -> torch.Tensor:
-    """x [T, H] on the runtime's device; ids, weights [T, K] -> sum_k weights * expert_ids(x) [T, H].
-    next_experts (int, 1-D): block `next_layer`'s experts to prefetch while this block computes."""
-    rt = _RUNTIMES.get(runtime)
-    if rt is None:
-        raise RuntimeError("the pregated runtime of this model was closed; load the model again")
+    """run_experts as an op of torch's (for torch.compile)."""
     nxt = None if next_experts is None else next_experts.tolist()
-    return rt.forward(layer, x, ids, weights, next_layer=next_layer if nxt else -1, next_experts=nxt)
+    return _runtime(runtime).forward(layer, x, ids, weights, next_layer=next_layer if nxt else -1, next_experts=nxt)
 
 
 @moe_experts.register_fake
@@ -221,12 +247,8 @@ def _(x, ids, weights, runtime, layer, next_layer, next_experts):
 @torch.library.custom_op("pregated::moe_experts_resident", mutates_args=())
 def moe_experts_resident(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, runtime: int,
                          layer: int) -> torch.Tensor:
-    """A block whose experts are all resident: x [T, H], ids [T, K] int32 and weights [T, K]
-    float32 on the runtime's device; nothing goes to the host (capturable in a CUDA graph)."""
-    rt = _RUNTIMES.get(runtime)
-    if rt is None:
-        raise RuntimeError("the pregated runtime of this model was closed; load the model again")
-    return rt.forward_resident(layer, x, ids, weights)
+    """run_experts_resident as an op of torch's (for torch.compile)."""
+    return _runtime(runtime).forward_resident(layer, x, ids, weights)
 
 
 @moe_experts_resident.register_fake

@@ -19,6 +19,7 @@ import time
 import torch
 
 from . import _core
+from .experts import run_experts, run_experts_resident
 
 POLICIES = ("gpu-only", "on-demand", "prefetch-all", "pregated", "hybrid")
 LANE_PLANS = ("auto", "host", "copy", "alternate")
@@ -190,7 +191,7 @@ class MoEExecutor:
         if self.resident():
             rows = self.rows
             xs, ids, weights = (x, ids, weights) if rows is None else (x[rows], ids[rows], weights[rows])
-            out = torch.ops.pregated.moe_experts_resident(
+            out = run_experts_resident(
                 xs.contiguous(), ids.to(torch.int32).contiguous(), weights.float().contiguous(), self.handle, m)
             self.taps.take_residual(m)
             return out if rows is None else torch.zeros_like(x).index_copy_(0, rows, out)
@@ -227,12 +228,12 @@ class MoEExecutor:
             nxt = nxt if nxt is not None and len(nxt) else None
 
             def run_local(xr, local_ids):
-                return torch.ops.pregated.moe_experts(xr.contiguous(), local_ids[:, None], torch.ones(len(local_ids), 1),
+                return run_experts(xr.contiguous(), local_ids[:, None], torch.ones(len(local_ids), 1),
                                                       self.handle, m, m + 1 if nxt is not None else -1, nxt)
 
             out = self.ep.forward(m, x.contiguous(), ids, weights, run_local)
         else:
-            out = torch.ops.pregated.moe_experts(x.contiguous(), ids, weights, self.handle, m,
+            out = run_experts(x.contiguous(), ids, weights, self.handle, m,
                                                  m + 1 if nxt is not None else -1, nxt)
         if rows is not None:
             out = torch.zeros_like(full).index_copy_(0, rows, out)
