@@ -16,8 +16,8 @@ void small_rows(dtype dt, int64_t m, int64_t k, const float* a, const void* b, i
                 int64_t j0, int64_t j1, float* c, int64_t ldc);
 
 // Which path small_rows takes on this CPU: "amx", "avx512bf16", "avx512", "avx2" or "portable".
-// "amx": bf16 GEMMs whose k is whole 32s go to amx_rows (the callers pick it), the rest as
-// "avx512bf16".
+// "amx": bf16 GEMMs of two rows or more whose k is whole 32s go to amx_rows (the callers pick
+// it), the rest as "avx512bf16".
 const char* small_rows_isa();
 bool amx_chosen();
 
