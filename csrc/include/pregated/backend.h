@@ -146,6 +146,9 @@ std::unique_ptr<backend> make_cpu_backend(const cpu_backend_options& opts = {});
 // (false when it cannot).
 const char* cpu_kernel_isa();
 bool cpu_kernel_force(const std::string& isa);
+// Host memory read bandwidth in GB/s: the best of five parallel reads of a `bytes` buffer on
+// the CPU backend's pool (0 when it cannot be allocated).
+double cpu_read_gbps(size_t bytes);
 // Threads of the CPU backend's pool (default: one per core, or PREGATED_NUM_THREADS); set
 // while no MoE block runs on the CPU backend. 0 restores the default.
 int cpu_threads();
