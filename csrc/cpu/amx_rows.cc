@@ -1,11 +1,11 @@
 #include "amx_rows.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
 #include "half.h"
+#include "quantized_int8.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #include <cpuid.h>
@@ -13,6 +13,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #define PREGATED_AMX 1
+// GCC 12 warns inside its own AVX-512 intrinsics (a known false positive), as in small_rows.cc.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace pregated::cpu {
@@ -297,7 +299,6 @@ bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k) {
 amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quantized_matrix& b) {
   amx_codes_input in;
   in.m = m;
-  in.k = k;
   const int64_t G = b.group_size;
   in.packed.assign(static_cast<size_t>(k * tile_rows), 0);
   in.scale.assign(static_cast<size_t>(b.groups * tile_rows), 0.0f);
@@ -305,18 +306,9 @@ amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quant
   std::vector<int8_t> q(static_cast<size_t>(k));
   for (int64_t i = 0; i < m; ++i) {
     const float* ai = a + i * k;
-    for (int64_t g = 0; g < b.groups; ++g) {  // as prepare_int8_rows rounds them
-      float amax = 0.0f;
-      for (int64_t t = 0; t < G; ++t) amax = std::max(amax, std::fabs(ai[g * G + t]));
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      int32_t sum = 0;
-      for (int64_t t = 0; t < G; ++t) {
-        const int v = std::clamp(static_cast<int>(std::lrint(ai[g * G + t] * inv)), -127, 127);
-        q[static_cast<size_t>(g * G + t)] = static_cast<int8_t>(v);
-        sum += v;
-      }
-      in.scale[static_cast<size_t>(g * tile_rows + i)] = amax / 127.0f;
-      in.scaled_sum[static_cast<size_t>(g * tile_rows + i)] = amax / 127.0f * static_cast<float>(sum);
+    for (int64_t g = 0; g < b.groups; ++g) {
+      round_group(ai + g * G, G, q.data() + g * G, &in.scale[static_cast<size_t>(g * tile_rows + i)],
+                  &in.scaled_sum[static_cast<size_t>(g * tile_rows + i)]);
     }
     // tile of codes [c0, c0 + 64): byte (quad, row i, e) holds the code at tile position 4 quad + e
     for (int64_t c0 = 0; c0 < k; c0 += code_k) {

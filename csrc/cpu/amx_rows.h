@@ -42,7 +42,7 @@ bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k);
 
 // A rounded to int8 per group of b and packed for the tiles, with each group's scales.
 struct amx_codes_input {
-  int64_t m = 0, k = 0;
+  int64_t m = 0;
   std::vector<int8_t> packed;  // per 64 codes of k: [16 quads of codes][16 rows][4]
   std::vector<float> scale;    // [groups][16]: A ~= q * scale
   std::vector<float> scaled_sum;  // [groups][16]: scale * (sum of the group's q)

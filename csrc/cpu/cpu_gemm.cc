@@ -299,7 +299,7 @@ const char* blas_name() {
       std::string("OpenBLAS (scipy-openblas32) sgemm, one thread per task of pregated's pool; up to 8 rows: "
                   "pregated's kernel reading fp32/bf16/fp16 weights once (") +
       small_rows_isa() + "); " +
-      (amx_usable() ? "bfloat16 at any row count and int8/int4 codes on AMX tiles, float16 widened to float32 in tiles above"
+      (amx_usable() ? "bfloat16 from 2 rows and int8/int4 codes on AMX tiles, float16 widened to float32 in tiles above"
                     : "float16/bfloat16 widened to float32 in tiles above");
   return name.c_str();
 }

@@ -99,6 +99,19 @@ bool int8_rows_usable(const quantized_matrix& b) {
 #endif
 }
 
+void round_group(const float* a, int64_t n, int8_t* q, float* scale, float* scaled_sum) {
+  float amax = 0.0f;
+  for (int64_t t = 0; t < n; ++t) amax = std::max(amax, std::fabs(a[t]));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  int32_t sum = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    q[t] = static_cast<int8_t>(std::clamp(static_cast<int>(std::lrint(a[t] * inv)), -127, 127));
+    sum += q[t];
+  }
+  *scale = amax / 127.0f;
+  *scaled_sum = *scale * static_cast<float>(sum);
+}
+
 int8_rows_input prepare_int8_rows(int64_t m, int64_t k, const float* a, const quantized_matrix& b) {
   int8_rows_input in;
   const int64_t ch = chunk_codes(b.bits), planes = planes_of(b.bits), G = b.group_size;
@@ -114,18 +127,9 @@ int8_rows_input prepare_int8_rows(int64_t m, int64_t k, const float* a, const qu
     const float* ai = a + i * k;
     std::fill(natural.begin(), natural.end(), int8_t{0});
     for (int64_t g = 0; g < b.groups; ++g) {
-      const int64_t c0 = g * G, n = std::min(G, k - c0);
-      float amax = 0.0f;
-      for (int64_t t = 0; t < n; ++t) amax = std::max(amax, std::fabs(ai[c0 + t]));
-      const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      int32_t sum = 0;
-      for (int64_t t = 0; t < n; ++t) {
-        const int v = static_cast<int>(std::lrint(ai[c0 + t] * inv));
-        natural[static_cast<size_t>(c0 + t)] = static_cast<int8_t>(std::clamp(v, -127, 127));
-        sum += natural[static_cast<size_t>(c0 + t)];
-      }
-      in.scale[static_cast<size_t>(i * srow + g)] = scale;
-      in.scaled_sum[static_cast<size_t>(i * srow + g)] = scale * static_cast<float>(sum);
+      const int64_t c0 = g * G;
+      round_group(ai + c0, std::min(G, k - c0), natural.data() + c0, &in.scale[static_cast<size_t>(i * srow + g)],
+                  &in.scaled_sum[static_cast<size_t>(i * srow + g)]);
     }
     int8_t* q = in.q.data() + i * in.kpad;
     for (int64_t base = 0; base < in.kpad; base += ch) {

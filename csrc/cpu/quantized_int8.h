@@ -25,6 +25,11 @@ struct int8_rows_input {
 // Whether the int8 kernel runs b's format on this CPU (AVX2 chosen; 8, 4, 3 or 2 bits).
 bool int8_rows_usable(const quantized_matrix& b);
 
+// One group of n activations rounded to int8 (scale = the group's largest |a| / 127): q, and
+// the scale and scale * (sum of q) written to *scale and *scaled_sum. Every int8-activation
+// kernel rounds through this, so they multiply the same values.
+void round_group(const float* a, int64_t n, int8_t* q, float* scale, float* scaled_sum);
+
 int8_rows_input prepare_int8_rows(int64_t m, int64_t k, const float* a, const quantized_matrix& b);
 
 // C[i, j] for i < m (<= 8), j in [j0, j1).

@@ -12,6 +12,7 @@
 #define PREGATED_X86 1
 // GCC 12 warns inside its own AVX-512 reduction intrinsics (a known false positive).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace pregated::cpu {

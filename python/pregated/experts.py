@@ -217,6 +217,10 @@ def run_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, runti
     much as a decode block's experts."""
     if torch.compiler.is_compiling():
         return torch.ops.pregated.moe_experts(x, ids, weights, runtime, layer, next_layer, next_experts)
+    return _forward(x, ids, weights, runtime, layer, next_layer, next_experts)
+
+
+def _forward(x, ids, weights, runtime, layer, next_layer, next_experts):
     nxt = None if next_experts is None else next_experts.tolist()
     return _runtime(runtime).forward(layer, x, ids, weights, next_layer=next_layer if nxt else -1, next_experts=nxt)
 
@@ -235,8 +239,7 @@ def run_experts_resident(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, runtime: int, layer: int,
                 next_layer: int, next_experts: torch.Tensor | None) -> torch.Tensor:
     """run_experts as an op of torch's (for torch.compile)."""
-    nxt = None if next_experts is None else next_experts.tolist()
-    return _runtime(runtime).forward(layer, x, ids, weights, next_layer=next_layer if nxt else -1, next_experts=nxt)
+    return _forward(x, ids, weights, runtime, layer, next_layer, next_experts)
 
 
 @moe_experts.register_fake

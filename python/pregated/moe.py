@@ -229,12 +229,12 @@ class MoEExecutor:
 
             def run_local(xr, local_ids):
                 return run_experts(xr.contiguous(), local_ids[:, None], torch.ones(len(local_ids), 1),
-                                                      self.handle, m, m + 1 if nxt is not None else -1, nxt)
+                                   self.handle, m, m + 1 if nxt is not None else -1, nxt)
 
             out = self.ep.forward(m, x.contiguous(), ids, weights, run_local)
         else:
             out = run_experts(x.contiguous(), ids, weights, self.handle, m,
-                                                 m + 1 if nxt is not None else -1, nxt)
+                              m + 1 if nxt is not None else -1, nxt)
         if rows is not None:
             out = torch.zeros_like(full).index_copy_(0, rows, out)
         return out
