@@ -1,12 +1,13 @@
 """Dense layers of a CPU decode step on the runtime's pool (`cpu_dense.py`): the kernel against a
-float64 matmul, the Engine's nn.Linear layers routed only for few rows, PyTorch's thread count
-restored after decoding (also when a stream is left early)."""
+float64 matmul, the Engine's nn.Linear layers routed only for few rows, PyTorch's thread count and the pool's
+spin raised for a decode loop and restored after it (also when a stream is left early)."""
 
 import pytest
 import torch
 
 from pregated import _core
-from pregated.cpu_dense import HUGE_PAGE, MAX_ROWS, huge_pages_available, place_on_huge_pages, use_cpu_pool_for_dense
+from pregated.cpu_dense import (HUGE_PAGE, MAX_ROWS, decode_spin_us, decode_threads, huge_pages_available,
+                                place_on_huge_pages, use_cpu_pool_for_dense)
 from pregated.engine import Engine
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # output rounded to its dtype
@@ -84,12 +85,26 @@ def test_huge_pages_can_be_refused(monkeypatch):
     assert place_on_huge_pages(model) == 0 and model.weight.data_ptr() == ptr
 
 
-def test_decode_restores_torch_threads(mixtral_folder):
-    before = torch.get_num_threads()
+def test_decode_restores_torch_threads_and_the_pools_spin(mixtral_folder, monkeypatch):
+    before, spin = torch.get_num_threads(), _core.cpu_spin_us()
+    monkeypatch.setenv("PREGATED_DECODE_SPIN_US", str(spin + 777))
     with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
         eng.generate("hello", max_new_tokens=4)
-        assert torch.get_num_threads() == before
+        assert torch.get_num_threads() == before and _core.cpu_spin_us() == spin
         stream = eng.generate("hello", max_new_tokens=16, stream=True)
         next(iter(stream))
+        assert torch.get_num_threads() == 1 and _core.cpu_spin_us() == spin + 777  # inside the loop
         stream._pieces.close()  # a caller leaving the stream early
-        assert torch.get_num_threads() == before
+        assert torch.get_num_threads() == before and _core.cpu_spin_us() == spin
+
+
+def test_decode_spin_must_be_a_whole_number(monkeypatch):
+    monkeypatch.setenv("PREGATED_DECODE_SPIN_US", "fast")
+    with pytest.raises(ValueError, match="PREGATED_DECODE_SPIN_US='fast'"):
+        with decode_threads("cpu"):
+            pass
+    monkeypatch.setenv("PREGATED_DECODE_SPIN_US", "0")
+    spin = _core.cpu_spin_us()
+    with decode_threads("cpu"):
+        assert _core.cpu_spin_us() == spin  # never lowered below the pool's own spin
+    assert _core.cpu_spin_us() == spin

@@ -435,6 +435,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_cpu_threads", [](int n) { py::gil_scoped_release nogil; set_cpu_threads(n); }, py::arg("threads"),
         "Threads of the CPU backend's pool (0: one per core, or PREGATED_NUM_THREADS); set while no MoE "
         "block runs on the CPU backend.");
+  m.def("cpu_spin_us", [] { return cpu_spin_us(); },
+        "Microseconds the CPU backend's pool spins for its next job before its threads sleep.");
+  m.def("set_cpu_spin_us", [](int us) { set_cpu_spin_us(us); }, py::arg("us"),
+        "Sets cpu_spin_us (0: sleep at once); a CPU decode loop raises it while it runs.");
   m.def("_force_cpu_kernel", [](const std::string& isa) { return cpu_kernel_force(isa); }, py::arg("isa"),
         "Tests: run the CPU backend's decode kernels on `isa`; False when this CPU cannot.");
 

@@ -466,5 +466,7 @@ double cpu_read_gbps(size_t bytes) {
 
 int cpu_threads() { return cpu::thread_pool::shared().size(); }
 void set_cpu_threads(int threads) { cpu::thread_pool::set_shared_size(threads); }
+int cpu_spin_us() { return cpu::thread_pool::shared().spin_us(); }
+void set_cpu_spin_us(int us) { cpu::thread_pool::shared().set_spin_us(us); }
 
 }  // namespace pregated

@@ -44,8 +44,9 @@ thread_pool::~thread_pool() {
 template <class Pred>
 bool thread_pool::spin_until(Pred pred) const {
   if (pred()) return true;
-  if (spin_ns_ <= 0) return false;
-  const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin_ns_);
+  const int64_t spin_ns = spin_ns_.load(std::memory_order_relaxed);
+  if (spin_ns <= 0) return false;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin_ns);
   for (int i = 1;; ++i) {
     PREGATED_PAUSE();
     if (pred()) return true;
@@ -147,7 +148,7 @@ void thread_pool::set_shared_size(int threads) {
   std::lock_guard<std::mutex> lk(shared_mu);
   std::unique_ptr<thread_pool>& slot = shared_slot();
   std::lock_guard<std::mutex> job(slot->job_mu_);  // no job of the old pool is in flight
-  slot = std::make_unique<thread_pool>(threads > 0 ? threads : default_threads());
+  slot = std::make_unique<thread_pool>(threads > 0 ? threads : default_threads(), slot->spin_us());
 }
 
 }  // namespace pregated::cpu

@@ -5,11 +5,14 @@
 // A decode step hands the pool dozens of small jobs a few microseconds apart (one per dense
 // layer and MoE block). Waking a sleeping worker through the kernel costs tens of microseconds on
 // a virtual machine, as much as a job itself, so workers and the caller spin for a short while
-// (`spin_us`, default 50, PREGATED_SPIN_US) before they sleep: long enough to bridge the gaps
-// inside a step, far shorter than OpenMP's 200 ms, so nothing spins while PyTorch's threads
-// work between steps.
+// (`spin_us`, default 50, PREGATED_SPIN_US) before they sleep, far shorter than OpenMP's 200 ms,
+// so little spins while PyTorch's threads work between jobs (prefill). A CPU decode loop, where
+// PyTorch runs on one thread and the gaps between the pool's jobs (norms, attention) last
+// 50-300 us, raises it for its duration (set_spin_us): a worker that fell asleep in such a gap
+// doubled the time of the next small GEMM (a 512x512 fp32 projection: 93 us against 40).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -29,6 +32,9 @@ class thread_pool {
   thread_pool& operator=(const thread_pool&) = delete;
 
   int size() const { return static_cast<int>(workers_.size()) + 1; }
+  // How long workers and the caller spin before they sleep (microseconds; 0: never spin).
+  int spin_us() const { return static_cast<int>(spin_ns_.load(std::memory_order_relaxed) / 1000); }
+  void set_spin_us(int us) { spin_ns_.store(int64_t{1000} * std::max(us, 0), std::memory_order_relaxed); }
   // fn(task) for every task in [0, n), on the workers and the calling thread; returns when all
   // are done. A call made while another is running (another thread's MoE block) runs inline.
   void run(int64_t n, const std::function<void(int64_t)>& fn);
@@ -38,7 +44,8 @@ class thread_pool {
   static thread_pool& shared();
   // The pool the kernels run on in this thread: the one a scoped_pool set, else shared().
   static thread_pool& current();
-  // Replaces the shared pool by one of `threads` threads (waits for a job in progress).
+  // Replaces the shared pool by one of `threads` threads (waits for a job in progress); the
+  // spin time carries over.
   static void set_shared_size(int threads);
 
  private:
@@ -59,7 +66,7 @@ class thread_pool {
   std::atomic<int> busy_{0};             // workers still in the job
   int sleepers_ = 0;                     // workers waiting on start_cv_ (under mu_)
   std::atomic<bool> stop_{false};
-  int64_t spin_ns_;
+  std::atomic<int64_t> spin_ns_;
 };
 
 // Makes `pool` the calling thread's current pool for the guard's lifetime (the host lane's

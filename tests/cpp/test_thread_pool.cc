@@ -38,6 +38,14 @@ TEST(thread_pool_runs_every_task_once_spinning_or_sleeping) {
         std::this_thread::sleep_for(std::chrono::microseconds(spin_us + 300));
         CHECK(run_jobs(pool, 2, i));
       }
+      // The spin changed while workers spin or sleep (a decode loop raising it, then restoring).
+      for (int us : {1000, 0, spin_us}) {
+        pool.set_spin_us(us);
+        CHECK(pool.spin_us() == us);
+        CHECK(run_jobs(pool, 3, threads));
+        std::this_thread::sleep_for(std::chrono::microseconds(300));
+        CHECK(run_jobs(pool, 2, threads));
+      }
     }
   }
 }

@@ -153,6 +153,10 @@ double cpu_read_gbps(size_t bytes);
 // while no MoE block runs on the CPU backend. 0 restores the default.
 int cpu_threads();
 void set_cpu_threads(int threads);
+// How long the pool's threads spin for the next job before they sleep, in microseconds (default
+// 50, PREGATED_SPIN_US); a CPU decode loop raises it while it runs.
+int cpu_spin_us();
+void set_cpu_spin_us(int us);
 
 // The CUDA backend on `device`; fails with status_code_unavailable when CUDA was not compiled
 // in or no usable device exists.
