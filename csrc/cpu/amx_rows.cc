@@ -151,48 +151,84 @@ __attribute__((target("avx2"))) inline void unpack_int4(const uint8_t* src, int6
   }
 }
 
-// The scales of 16 columns from j (zeros past the last column) as fp32: sw[r][g], swz[r][g] =
-// scale * zero.
+// The scales of 16 columns from j as fp32, row r at r * stride: sw[g], swz[g] = scale * zero
+// (zeros past the last column and past the last group, up to `stride`).
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void column_scales(const quantized_matrix& b, int64_t j,
-                                                                            int64_t cols, float* sw, float* swz) {
+                                                                            int64_t cols, int64_t stride, float* sw,
+                                                                            float* swz) {
   const int64_t groups = b.groups;
   for (int64_t r = 0; r < tile_rows; ++r) {
-    for (int64_t g = 0; g < groups; g += 16) {
-      const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, groups - g)) - 1);
-      __m512 s = _mm512_setzero_ps(), z = _mm512_setzero_ps();
-      if (r < cols) {
-        s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, b.scales + (j + r) * groups + g));
-        z = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, b.zeros + (j + r) * groups + g));
-      }
-      _mm512_mask_storeu_ps(sw + r * groups + g, mask, s);
-      _mm512_mask_storeu_ps(swz + r * groups + g, mask, _mm512_mul_ps(s, z));
+    for (int64_t g = 0; g < stride; g += 16) {
+      const int64_t valid = r < cols ? std::clamp<int64_t>(groups - g, 0, 16) : 0;
+      const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, b.scales + (j + r) * groups + g));
+      const __m512 z = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, b.zeros + (j + r) * groups + g));
+      _mm512_storeu_ps(sw + r * stride + g, s);
+      _mm512_storeu_ps(swz + r * stride + g, _mm512_mul_ps(s, z));
     }
   }
 }
 
-// Group g's products into C tile U (B's codes through tile CT, A's through tile AT): tile
-// numbers are literal in the instructions, so this is a macro.
-#define PREGATED_GROUP_PRODUCTS(U, CT, AT)                                                     \
-  for (int64_t s = 0; s < per_group; ++s) {                                                   \
-    const int64_t c0 = (g0 + U) * G + s * code_k;                                             \
-    if constexpr (BITS == 8) {                                                                \
-      _tile_loadd(CT, codes + c0, static_cast<long>(b.row_bytes));                            \
-    } else {                                                                                  \
-      unpack_int4(codes + c0 / 2, b.row_bytes, cols, unpacked + U * tile_rows * 64);          \
-      _tile_loadd(CT, unpacked + U * tile_rows * 64, 64);                                     \
-    }                                                                                         \
-    _tile_loadd(AT, in.packed.data() + (c0 / code_k) * tile_rows * code_k, 64);               \
-    _tile_dpbusd(U, CT, AT);                                                                  \
+// Group g's products into C tile U (B's codes through tile CT, the activations through tile
+// AT); `buf` holds int4 codes unpacked. Tile numbers are literal in the instructions, so this
+// is a macro.
+#define PREGATED_GROUP_PRODUCTS(U, CT, AT, g, buf)                                                \
+  for (int64_t s = 0; s < per_group; ++s) {                                                      \
+    const int64_t c0 = (g) * G + s * code_k;                                                     \
+    if constexpr (BITS == 8) {                                                                   \
+      _tile_loadd(CT, codes + c0, static_cast<long>(b.row_bytes));                               \
+    } else {                                                                                     \
+      unpack_int4(codes + c0 / 2, b.row_bytes, cols, buf);                                       \
+      _tile_loadd(CT, buf, 64);                                                                  \
+    }                                                                                            \
+    _tile_loadd(AT, in.packed.data() + (c0 / code_k) * tile_rows * code_k, 64);                  \
+    _tile_dpbusd(U, CT, AT);                                                                     \
   }
 
+// Block blk0 + U's P groups into C tile U; the int4 unpacking alternates between two buffers per
+// tile.
+#define PREGATED_BLOCK_PRODUCTS(U, CT, AT)                                                        \
+  for (int64_t u = 0; u < P; ++u) {                                                               \
+    const int64_t g = (blk0 + (U)) * P + u;                                                       \
+    uint8_t* buf = unpacked + ((u & 1) * 4 + (U)) * tile_rows * 64;                               \
+    if (g < groups) PREGATED_GROUP_PRODUCTS(U, CT, AT, g, buf)                                    \
+  }
+
+// C tile U's P groups (block blk) scaled into acc: lane (u, i) of column r's sums times
+// scale_w[r, group u] * scale_a[i, group u], less the zero term.
+#define PREGATED_SCALE_BLOCK(U, blk)                                                              \
+  {                                                                                               \
+    const int32_t* su = sums + (U) * tile_rows * tile_rows;                                       \
+    const __m512 sa = _mm512_loadu_ps(in.scale.data() + (blk) * tile_rows);                       \
+    const __m512 ss = _mm512_loadu_ps(in.scaled_sum.data() + (blk) * tile_rows);                  \
+    const int64_t g0 = (blk) * P;                                                                 \
+    _Pragma("GCC unroll 16") for (int r = 0; r < tile_rows; ++r) {                                \
+      const __m512 x = _mm512_cvtepi32_ps(_mm512_load_si512(su + r * tile_rows));                 \
+      const __m512 w = _mm512_permutexvar_ps(group_of_lane, _mm512_loadu_ps(sw.data() + r * gpad + g0));  \
+      const __m512 wz = _mm512_permutexvar_ps(group_of_lane, _mm512_loadu_ps(swz.data() + r * gpad + g0)); \
+      acc[r] = _mm512_fmadd_ps(x, _mm512_mul_ps(w, sa), acc[r]);                                   \
+      acc[r] = _mm512_fnmadd_ps(wz, ss, acc[r]);                                                   \
+    }                                                                                             \
+  }
+
+// A tile multiply sums 64 codes of k into C[column][n] for the 16 columns n of the activations'
+// tile, and decode has few rows: the activations' tiles carry P = 16 / L groups side by side (L:
+// the rows rounded up to a power of two; group g's rows in columns (g % P) * L + i, zeros
+// elsewhere), so P consecutive groups add into one C tile without mixing, and one tile store and
+// one pass of scaling serve P groups. Four C tiles in flight (blocks of P groups each).
 template <int BITS>
 __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c,avx2"))) void run_codes(
     const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
-  alignas(64) int32_t sums[4 * tile_rows * tile_rows] = {};
-  alignas(64) uint8_t unpacked[4 * tile_rows * 64];
+  alignas(64) int32_t sums[4 * tile_rows * tile_rows];
+  alignas(64) uint8_t unpacked[8 * tile_rows * 64];
   alignas(64) float out[tile_rows * tile_rows];
-  const int64_t G = b.group_size, per_group = G / code_k, groups = b.groups;
-  std::vector<float> sw(static_cast<size_t>(tile_rows * groups)), swz(static_cast<size_t>(tile_rows * groups));
+  const int64_t G = b.group_size, per_group = G / code_k, groups = b.groups, P = in.per_tile, L = in.lanes;
+  // rows of whole 16 scales, and a 16-lane load from any block's first group stays inside
+  const int64_t gpad = (in.blocks * P + 15) / 16 * 16 + 16;
+  std::vector<float> sw(static_cast<size_t>(tile_rows * gpad)), swz(static_cast<size_t>(tile_rows * gpad));
+  const __m512i group_of_lane = _mm512_srlv_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(__builtin_ctzll(static_cast<unsigned long long>(L))));
   int64_t configured = 0;
   for (int64_t j = j0; j < j1; j += tile_rows) {
     const int64_t cols = std::min(tile_rows, j1 - j);
@@ -201,50 +237,43 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c,avx2")))
       _tile_loadconfig(&cfg);
       configured = cols;
     }
-    column_scales(b, j, cols, sw.data(), swz.data());
-    __m512 acc[tile_rows];  // column r's sums, lanes the rows of A
+    column_scales(b, j, cols, gpad, sw.data(), swz.data());
+    __m512 acc[tile_rows];  // column r's sums, lanes (group slot u, row i)
     for (int r = 0; r < tile_rows; ++r) acc[r] = _mm512_setzero_ps();
     const uint8_t* codes = b.codes + j * b.row_bytes;
-    for (int64_t g0 = 0; g0 < groups; g0 += 4) {
-      const int64_t nb = std::min<int64_t>(4, groups - g0);
+    for (int64_t blk0 = 0; blk0 < in.blocks; blk0 += 4) {
+      const int64_t nb = std::min<int64_t>(4, in.blocks - blk0);
+      // groups in order (each row of codes read front to back), tile U taking block blk0 + U
       _tile_zero(0);
-      PREGATED_GROUP_PRODUCTS(0, 4, 6)
-      if (nb > 1) {
-        _tile_zero(1);
-        PREGATED_GROUP_PRODUCTS(1, 5, 7)
-      }
-      if (nb > 2) {
-        _tile_zero(2);
-        PREGATED_GROUP_PRODUCTS(2, 4, 6)
-      }
-      if (nb > 3) {
-        _tile_zero(3);
-        PREGATED_GROUP_PRODUCTS(3, 5, 7)
-      }
+      if (nb > 1) _tile_zero(1);
+      if (nb > 2) _tile_zero(2);
+      if (nb > 3) _tile_zero(3);
+      PREGATED_BLOCK_PRODUCTS(0, 4, 6)
+      if (nb > 1) PREGATED_BLOCK_PRODUCTS(1, 5, 7)
+      if (nb > 2) PREGATED_BLOCK_PRODUCTS(2, 4, 6)
+      if (nb > 3) PREGATED_BLOCK_PRODUCTS(3, 5, 7)
       _tile_stored(0, sums, 64);
       if (nb > 1) _tile_stored(1, sums + tile_rows * tile_rows, 64);
       if (nb > 2) _tile_stored(2, sums + 2 * tile_rows * tile_rows, 64);
       if (nb > 3) _tile_stored(3, sums + 3 * tile_rows * tile_rows, 64);
-      for (int64_t u = 0; u < nb; ++u) {
-        const int64_t g = g0 + u;
-        const int32_t* su = sums + u * tile_rows * tile_rows;
-        const __m512 sa = _mm512_loadu_ps(in.scale.data() + g * tile_rows);
-        const __m512 ss = _mm512_loadu_ps(in.scaled_sum.data() + g * tile_rows);
-#pragma GCC unroll 16
-        for (int r = 0; r < tile_rows; ++r) {  // past `cols`: zero scales, sums never read out
-          const __m512 x = _mm512_cvtepi32_ps(_mm512_load_si512(su + r * tile_rows));
-          acc[r] = _mm512_fmadd_ps(x, _mm512_mul_ps(sa, _mm512_set1_ps(sw[r * groups + g])), acc[r]);
-          acc[r] = _mm512_fnmadd_ps(ss, _mm512_set1_ps(swz[r * groups + g]), acc[r]);
-        }
-      }
+      PREGATED_SCALE_BLOCK(0, blk0)
+      if (nb > 1) PREGATED_SCALE_BLOCK(1, blk0 + 1)
+      if (nb > 2) PREGATED_SCALE_BLOCK(2, blk0 + 2)
+      if (nb > 3) PREGATED_SCALE_BLOCK(3, blk0 + 3)
     }
     for (int r = 0; r < tile_rows; ++r) _mm512_store_ps(out + r * tile_rows, acc[r]);
     for (int64_t r = 0; r < cols; ++r) {
-      for (int64_t i = 0; i < in.m; ++i) c[i * ldc + j + r] = out[r * tile_rows + i];
+      for (int64_t i = 0; i < in.m; ++i) {
+        float v = 0.0f;
+        for (int64_t u = 0; u < P; ++u) v += out[r * tile_rows + u * L + i];
+        c[i * ldc + j + r] = v;
+      }
     }
   }
   _tile_release();
 }
+#undef PREGATED_SCALE_BLOCK
+#undef PREGATED_BLOCK_PRODUCTS
 #undef PREGATED_GROUP_PRODUCTS
 
 #endif  // PREGATED_AMX
@@ -299,22 +328,27 @@ bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k) {
 amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quantized_matrix& b) {
   amx_codes_input in;
   in.m = m;
-  const int64_t G = b.group_size;
+  while (in.lanes < m) in.lanes *= 2;
+  in.per_tile = tile_rows / in.lanes;
+  in.blocks = (b.groups + in.per_tile - 1) / in.per_tile;
+  const int64_t G = b.group_size, L = in.lanes, P = in.per_tile;
   in.packed.assign(static_cast<size_t>(k * tile_rows), 0);
-  in.scale.assign(static_cast<size_t>(b.groups * tile_rows), 0.0f);
-  in.scaled_sum.assign(static_cast<size_t>(b.groups * tile_rows), 0.0f);
+  in.scale.assign(static_cast<size_t>(in.blocks * tile_rows), 0.0f);
+  in.scaled_sum.assign(static_cast<size_t>(in.blocks * tile_rows), 0.0f);
   std::vector<int8_t> q(static_cast<size_t>(k));
   for (int64_t i = 0; i < m; ++i) {
     const float* ai = a + i * k;
     for (int64_t g = 0; g < b.groups; ++g) {
-      round_group(ai + g * G, G, q.data() + g * G, &in.scale[static_cast<size_t>(g * tile_rows + i)],
-                  &in.scaled_sum[static_cast<size_t>(g * tile_rows + i)]);
+      const size_t lane = static_cast<size_t>((g / P) * tile_rows + (g % P) * L + i);
+      round_group(ai + g * G, G, q.data() + g * G, &in.scale[lane], &in.scaled_sum[lane]);
     }
-    // tile of codes [c0, c0 + 64): byte (quad, row i, e) holds the code at tile position 4 quad + e
+    // tile of codes [c0, c0 + 64) of group g: byte (quad, column (g % P) L + i, e) holds the code
+    // at tile position 4 quad + e; the other columns stay zero
     for (int64_t c0 = 0; c0 < k; c0 += code_k) {
       int8_t* tile = in.packed.data() + (c0 / code_k) * tile_rows * code_k;
+      const int64_t col = (c0 / G) % P * L + i;
       for (int64_t p = 0; p < code_k; ++p) {
-        tile[(p / 4) * tile_rows * 4 + i * 4 + p % 4] = q[static_cast<size_t>(c0 + code_at(b.bits, p))];
+        tile[(p / 4) * tile_rows * 4 + col * 4 + p % 4] = q[static_cast<size_t>(c0 + code_at(b.bits, p))];
       }
     }
   }

@@ -5,8 +5,9 @@
 //   of k x 16 rows of A, fp32 sums.
 // - int8 and int4 codes (quantized experts), up to 16 rows: A rounded to int8 per weight group
 //   exactly as the AVX2/VNNI kernel does (quantized_int8.h); one TDPBUSD takes 16 columns x 64
-//   codes (int8 read in place, int4 unpacked to bytes first) x the rows, int32 sums, scaled per
-//   group in fp32.
+//   codes (int8 read in place, int4 unpacked to bytes first) x 16 columns of activations, int32
+//   sums, scaled per group in fp32. Decode has few rows, so the activations' 16 columns carry
+//   16 / rows groups side by side and one tile of sums holds that many groups.
 // Usable only where the CPU has AMX-BF16 and AMX-INT8 and Linux lets the process use its tile
 // state (asked once); PREGATED_AMX=0 turns it off.
 #pragma once
@@ -40,12 +41,14 @@ void amx_rows(const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j0, i
 // groups of whole 64 codes, k whole groups, m <= 16).
 bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k);
 
-// A rounded to int8 per group of b and packed for the tiles, with each group's scales.
+// A rounded to int8 per group of b and packed for the tiles, with each group's scales. The
+// tiles' 16 columns carry `per_tile` groups side by side, `lanes` columns each (m rounded up to a
+// power of two): group g, row i in column (g % per_tile) * lanes + i.
 struct amx_codes_input {
-  int64_t m = 0;
-  std::vector<int8_t> packed;  // per 64 codes of k: [16 quads of codes][16 rows][4]
-  std::vector<float> scale;    // [groups][16]: A ~= q * scale
-  std::vector<float> scaled_sum;  // [groups][16]: scale * (sum of the group's q)
+  int64_t m = 0, lanes = 1, per_tile = 16, blocks = 0;  // blocks: groups / per_tile, rounded up
+  std::vector<int8_t> packed;     // per 64 codes of k: [16 quads of codes][16 columns][4]
+  std::vector<float> scale;       // [blocks][16 columns]: A ~= q * scale (0 in unused columns)
+  std::vector<float> scaled_sum;  // [blocks][16 columns]: scale * (sum of the group's q)
 };
 
 amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quantized_matrix& b);
