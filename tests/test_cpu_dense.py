@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pregated import _core
-from pregated.cpu_dense import (HUGE_PAGE, MAX_ROWS, decode_spin_us, decode_threads, huge_pages_available,
+from pregated.cpu_dense import (HUGE_PAGE, LEAN_PREFILL_ROWS, MAX_ROWS, decode_spin_us, decode_threads, huge_pages_available,
                                 place_on_huge_pages, use_cpu_pool_for_dense)
 from pregated.engine import Engine
 
@@ -54,9 +54,13 @@ def test_linear_layers_use_the_pool_for_few_rows_only(monkeypatch):
             x = torch.randn(*shape)
             assert torch.allclose(lin(x), plain(x), atol=1e-5), shape
     assert calls == [1, 8, 1]  # 9 rows: PyTorch's
+    with torch.inference_mode(), decode_threads("cpu"):  # PyTorch on one thread: every row count on the pool
+        x = torch.randn(40, 16)
+        assert torch.allclose(lin(x), plain(x), atol=1e-5)
+    assert calls == [1, 8, 1, 40]
     x = torch.randn(2, 16, requires_grad=True)  # autograd stays with PyTorch
     lin(x).sum().backward()
-    assert x.grad is not None and calls == [1, 8, 1]
+    assert x.grad is not None and calls == [1, 8, 1, 40]
 
 
 @pytest.mark.skipif(not huge_pages_available(), reason="this kernel offers no transparent huge pages")
@@ -96,6 +100,21 @@ def test_decode_restores_torch_threads_and_the_pools_spin(mixtral_folder, monkey
         assert torch.get_num_threads() == 1 and _core.cpu_spin_us() == spin + 777  # inside the loop
         stream._pieces.close()  # a caller leaving the stream early
         assert torch.get_num_threads() == before and _core.cpu_spin_us() == spin
+
+
+def test_a_short_prefill_runs_like_decode_a_long_one_keeps_torchs_threads(mixtral_folder, monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
+            seen = []
+            real = eng._prefill
+            monkeypatch.setattr(eng, "_prefill", lambda p: (seen.append(torch.get_num_threads()), real(p))[1])
+            eng.generate([5] * 20, max_new_tokens=2)
+            eng.generate([[5] * (LEAN_PREFILL_ROWS // 2 + 1)] * 2, max_new_tokens=2)  # 2 x 129 rows
+            assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_decode_spin_must_be_a_whole_number(monkeypatch):

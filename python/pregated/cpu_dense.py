@@ -38,12 +38,18 @@ from . import _core
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_ROWS = 8  # the few-row kernels' limit (above it the backend tiles to sgemm: PyTorch's is as good)
+# A prefill of up to this many rows (prompts x tokens) runs like decode (`decode_threads`): on two
+# cores a 32-token prompt took 31 ms that way and 46 ms with PyTorch's two threads spinning
+# against the pool, 256 tokens 107-112 against 129 ms; at 1024 PyTorch's threads won (397 against
+# 421 ms), its multi-threaded attention then outweighing the contention.
+LEAN_PREFILL_ROWS = 256
 
 
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
     rows = x.numel() // max(x.shape[-1], 1)
-    if 0 < rows <= MAX_ROWS and x.dtype == w.dtype and x.device.type == "cpu" and not (
+    # inside decode_threads PyTorch has one thread: any number of rows is better on the pool
+    if 0 < rows and (rows <= MAX_ROWS or _decode_loops > 0) and x.dtype == w.dtype and x.device.type == "cpu" and not (
             torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
         out = torch.empty(rows, w.shape[0], dtype=x.dtype)
         _core.cpu_linear(x.reshape(rows, -1).contiguous(), w, out)
@@ -130,10 +136,11 @@ _saved: tuple[int, int] = (1, 0)
 
 @contextlib.contextmanager
 def decode_threads(device: str):
-    """While a CPU decode loop runs (restored after, also when the loop is left early; loops in
-    several threads restore when the last one ends): PyTorch's intra-op threads at one, and the
-    pool's threads spin through the gaps of a step (`decode_spin_us`) instead of falling asleep
-    in them. Nothing on other devices."""
+    """While a CPU decode loop (or a prefill of at most LEAN_PREFILL_ROWS rows) runs, restored
+    after, also when the loop is left early; loops in several threads restore when the last one
+    ends: PyTorch's intra-op threads at one, the pool's threads spinning through the gaps of a
+    step (`decode_spin_us`) instead of falling asleep in them, and the dense layers of any number
+    of rows on the pool. Nothing on other devices."""
     global _decode_loops, _saved
     if device != "cpu":
         yield

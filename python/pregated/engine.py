@@ -6,6 +6,7 @@ B = batch, L = new tokens this step, S = tokens so far, H = hidden, V = vocabula
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import time
@@ -23,7 +24,7 @@ from .tensor_parallel import TensorParallel
 from .moe import MoEExecutor, check_eviction, check_hybrid, check_routing, hybrid_split, resolve_policy
 from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
-from .cpu_dense import decode_threads, place_on_huge_pages, use_cpu_pool_for_dense
+from .cpu_dense import LEAN_PREFILL_ROWS, decode_threads, place_on_huge_pages, use_cpu_pool_for_dense
 from .quantize import resolve_expert_quantization, store_writer
 from .prompts import as_token_ids, check_chat_messages, check_token_ids, encode_prompt, split_batch
 from .synthetic import SyntheticModel
@@ -422,9 +423,11 @@ class Engine:
             with torch.inference_mode():
                 yield from self._run_seq2seq(prompts, params)
             return
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as lean:
             gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
             B = len(prompts)
+            if B * max(len(p) for p in prompts) <= LEAN_PREFILL_ROWS:  # a short prefill runs like decode
+                lean.enter_context(decode_threads(self.device))
             t0 = time.perf_counter()
             cache, mask, last_pos, logits = self._prefill(prompts)
             self._sync()
