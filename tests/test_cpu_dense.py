@@ -100,6 +100,12 @@ def test_decode_restores_torch_threads_and_the_pools_spin(mixtral_folder, monkey
         assert torch.get_num_threads() == 1 and _core.cpu_spin_us() == spin + 777  # inside the loop
         stream._pieces.close()  # a caller leaving the stream early
         assert torch.get_num_threads() == before and _core.cpu_spin_us() == spin
+        # with a copy thread that needs the cores the pool does not spin longer
+        eng.reconfigure(policy="pregated", expert_memory=eng.cfg.all_expert_bytes() // 2)
+        stream = eng.generate("hello", max_new_tokens=16, stream=True)
+        next(iter(stream))
+        assert torch.get_num_threads() == 1 and _core.cpu_spin_us() == spin
+        stream._pieces.close()
 
 
 def test_a_short_prefill_runs_like_decode_a_long_one_keeps_torchs_threads(mixtral_folder, monkeypatch):

@@ -17,8 +17,9 @@ runtime's own allocations (expert store, slab) get the same advice in the CPU ba
 During decode PyTorch's own intra-op threads are set to one (`decode_threads`): what is left to
 it (attention over a few rows, norms, elementwise ops) is too small to split, and an OpenMP team
 that spins after each parallel region takes the cores the pool needs. Prefill keeps them. The
-pool's threads, which sleep after 50 us without work, spin for 1 ms during decode: the gaps
-between its jobs inside a step (norms, attention) last 50-300 us, and waking a sleeping worker
+pool's threads, which sleep after 50 us without work, spin for 1 ms during decode where nothing
+else of ours needs the cores (gpu-only: no copy thread, no host lane): the gaps between its jobs
+inside a step (norms, attention) last 50-300 us, and waking a sleeping worker
 costs tens of microseconds on a virtual machine (a 512x512 fp32 projection inside a step took
 93 us with the short spin, 40 us with the long one; mixtral-cpu fp32 decode went from 16.0 to
 12.6-13.4 ms per token).
@@ -135,22 +136,25 @@ _saved: tuple[int, int] = (1, 0)
 
 
 @contextlib.contextmanager
-def decode_threads(device: str):
+def decode_threads(device: str, spin: bool = True):
     """While a CPU decode loop (or a prefill of at most LEAN_PREFILL_ROWS rows) runs, restored
     after, also when the loop is left early; loops in several threads restore when the last one
-    ends: PyTorch's intra-op threads at one, the pool's threads spinning through the gaps of a
-    step (`decode_spin_us`) instead of falling asleep in them, and the dense layers of any number
-    of rows on the pool. Nothing on other devices."""
+    ends: PyTorch's intra-op threads at one, the dense layers of any number of rows on the pool,
+    and with `spin` the pool's threads spinning through the gaps of a step (`decode_spin_us`)
+    instead of falling asleep in them. No spin where other threads of ours need the cores while
+    the model runs (the copy thread of offloading policies, the host lane's pool): a spinning
+    worker starved them (pregated at 25% on two cores: 46.7 -> 31.9 tok/s). Nothing on other
+    devices."""
     global _decode_loops, _saved
     if device != "cpu":
         yield
         return
-    spin = decode_spin_us()
+    spin_us = decode_spin_us() if spin else 0
     with _decode_lock:
         if _decode_loops == 0:
             _saved = (torch.get_num_threads(), _core.cpu_spin_us())
             torch.set_num_threads(1)
-            _core.set_cpu_spin_us(max(spin, _saved[1]))
+            _core.set_cpu_spin_us(max(spin_us, _saved[1]))
         _decode_loops += 1
     try:
         yield

@@ -427,7 +427,7 @@ class Engine:
             gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
             B = len(prompts)
             if B * max(len(p) for p in prompts) <= LEAN_PREFILL_ROWS:  # a short prefill runs like decode
-                lean.enter_context(decode_threads(self.device))
+                lean.enter_context(decode_threads(self.device, spin=self.spin_between_jobs))
             t0 = time.perf_counter()
             cache, mask, last_pos, logits = self._prefill(prompts)
             self._sync()
@@ -437,7 +437,7 @@ class Engine:
             trackers = [TextTracker(self.tokenizer, params.stop) for _ in range(B)]
             finish = [None] * B
             t_decode = time.perf_counter()
-            with decode_threads(self.device):  # PyTorch's own threads off the pool's cores
+            with decode_threads(self.device, spin=self.spin_between_jobs):  # PyTorch's threads off the pool's cores
                 for step in range(params.max_new_tokens):
                     nxt = sample(logits, params, gen)
                     for b in range(B):
@@ -484,6 +484,12 @@ class Engine:
                                                 finish_reason=finish[b] or "length",
                                                 prompt_tokens=len(prompts[b])))
             self._last_results = results
+
+    @property
+    def spin_between_jobs(self) -> bool:
+        """Whether the CPU pool may spin through a step's gaps (cpu_dense.decode_threads): only
+        where no copy thread, host lane or collective of ours needs the cores (gpu-only, one rank)."""
+        return self.policy == "gpu-only" and self.ep is None
 
     def _sync(self):
         if self.device.startswith("cuda"):

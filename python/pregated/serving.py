@@ -117,7 +117,7 @@ class BatchState:
         return mask.cpu()
 
     def _step(self, tokens, positions, mask):
-        with torch.inference_mode(), decode_threads(self.engine.device):
+        with torch.inference_mode(), decode_threads(self.engine.device, spin=self.engine.spin_between_jobs):
             out, self.batch = self._forward(tokens, positions, mask, self.batch)
         return out
 
