@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pregated import _core
-from pregated.cpu_dense import (HUGE_PAGE, LEAN_PREFILL_ROWS, MAX_ROWS, decode_spin_us, decode_threads, huge_pages_available,
-                                place_on_huge_pages, use_cpu_pool_for_dense)
+from pregated.cpu_dense import (HUGE_PAGE, LEAN_PREFILL_ROWS, MAX_ROWS, decode_threads,
+                                huge_pages_available, place_on_huge_pages, use_cpu_pool_for_dense)
 from pregated.engine import Engine
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # output rounded to its dtype

@@ -431,7 +431,8 @@ PYBIND11_MODULE(_core, m) {
         "The instruction set of the CPU backend's decode kernels on this CPU: avx512, avx2 or portable.");
   m.def("cpu_threads", [] { return cpu_threads(); }, "Threads of the CPU backend's pool.");
   m.def("cpu_read_gbps", [](size_t nbytes) { py::gil_scoped_release nogil; return cpu_read_gbps(nbytes); },
-        py::arg("nbytes"), "Host memory read bandwidth (GB/s): the best of five reads of an nbytes buffer on the CPU pool.");
+        py::arg("nbytes"),
+        "Host memory read bandwidth (GB/s): the best of five reads of an nbytes buffer on the CPU pool.");
   m.def("set_cpu_threads", [](int n) { py::gil_scoped_release nogil; set_cpu_threads(n); }, py::arg("threads"),
         "Threads of the CPU backend's pool (0: one per core, or PREGATED_NUM_THREADS); set while no MoE "
         "block runs on the CPU backend.");

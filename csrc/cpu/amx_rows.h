@@ -1,8 +1,8 @@
 // GEMMs on Intel AMX tiles (Sapphire Rapids and later), C[i, j] = A[i, :] . B[j, :]:
-// - bf16 weights, any number of rows of A (the callers take it from two): B's rows (the weights' output columns) read in place,
-//   16 at a time, as the tile multiply's first operand; A rounded to bf16 (exact where it came
-//   from bf16 activations) and packed in pairs as its second. One TDPBF16PS takes 16 columns x 32
-//   of k x 16 rows of A, fp32 sums.
+// - bf16 weights, any number of rows of A (the callers take it from two): B's rows (the
+//   weights' output columns) read in place, 16 at a time, as the tile multiply's first operand;
+//   A rounded to bf16 (exact where it came from bf16 activations) and packed in pairs as its
+//   second. One TDPBF16PS takes 16 columns x 32 of k x 16 rows of A, fp32 sums.
 // - int8 and int4 codes (quantized experts), up to 16 rows: A rounded to int8 per weight group
 //   exactly as the AVX2/VNNI kernel does (quantized_int8.h); one TDPBUSD takes 16 columns x 64
 //   codes (int8 read in place, int4 unpacked to bytes first) x 16 columns of activations, int32

@@ -16,13 +16,14 @@ runtime's own allocations (expert store, slab) get the same advice in the CPU ba
 
 During decode PyTorch's own intra-op threads are set to one (`decode_threads`): what is left to
 it (attention over a few rows, norms, elementwise ops) is too small to split, and an OpenMP team
-that spins after each parallel region takes the cores the pool needs. Prefill keeps them. The
-pool's threads, which sleep after 50 us without work, spin for 1 ms during decode where nothing
-else of ours needs the cores (gpu-only: no copy thread, no host lane): the gaps between its jobs
-inside a step (norms, attention) last 50-300 us, and waking a sleeping worker
-costs tens of microseconds on a virtual machine (a 512x512 fp32 projection inside a step took
-93 us with the short spin, 40 us with the long one; mixtral-cpu fp32 decode went from 16.0 to
-12.6-13.4 ms per token).
+that spins after each parallel region takes the cores the pool needs. A prefill of up to
+LEAN_PREFILL_ROWS rows does the same, its nn.Linear layers on the pool whatever their rows;
+longer prefills keep PyTorch's threads. The pool's threads, which sleep after 50 us without
+work, spin for 1 ms during decode where nothing else of ours needs the cores (gpu-only: no copy
+thread, no host lane): the gaps between its jobs inside a step (norms, attention) last 50-300 us,
+and waking a sleeping worker costs tens of microseconds on a virtual machine (a 512x512 fp32
+projection inside a step took 93 us with the short spin, 40 us with the long one; mixtral-cpu
+fp32 decode went from 16.0 to 12.6-13.4 ms per token).
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
     rows = x.numel() // max(x.shape[-1], 1)
     # inside decode_threads PyTorch has one thread: any number of rows is better on the pool
-    if 0 < rows and (rows <= MAX_ROWS or _decode_loops > 0) and x.dtype == w.dtype and x.device.type == "cpu" and not (
-            torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+    if (0 < rows and (rows <= MAX_ROWS or _decode_loops > 0) and x.dtype == w.dtype and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         out = torch.empty(rows, w.shape[0], dtype=x.dtype)
         _core.cpu_linear(x.reshape(rows, -1).contiguous(), w, out)
         if self.bias is not None:
