@@ -145,6 +145,16 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Tears down the torch.distributed group a command joined under torchrun (--expert-parallel)
+    before the interpreter exits, instead of leaving it to the interpreter's teardown."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # --- commands ---------------------------------------------------------------------------
