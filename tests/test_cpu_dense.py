@@ -63,6 +63,51 @@ def test_linear_layers_use_the_pool_for_few_rows_only(monkeypatch):
     assert x.grad is not None and calls == [1, 8, 1, 40]
 
 
+class Attention(torch.nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(16, 24, bias=bias)
+        self.k_proj = torch.nn.Linear(16, 8, bias=bias)
+        self.v_proj = torch.nn.Linear(16, 8, bias=bias)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sibling_projections_share_one_call(bias, monkeypatch):
+    torch.manual_seed(0)
+    attn, plain = Attention(bias), Attention(bias)
+    plain.load_state_dict(attn.state_dict())
+    assert use_cpu_pool_for_dense(attn) == 3
+    group = attn.q_proj._pregated_siblings
+    assert group is not None and attn.k_proj._pregated_siblings is group and attn.v_proj._pregated_siblings is group
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + 24 * 16 * 4  # side by side
+    calls = []
+    real = _core.cpu_linear
+    monkeypatch.setattr(_core, "cpu_linear", lambda *a: (calls.append(a[1].shape[0]), real(*a)))
+    with torch.inference_mode():
+        x = torch.randn(2, 16)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            torch.testing.assert_close(getattr(attn, name)(x), getattr(plain, name)(x))
+        assert calls == [40] and group.last is None  # one call; the input let go after the last sibling
+        other = torch.randn(2, 16)  # k_proj on another input than q_proj's: a new pass for all three
+        attn.q_proj(x)
+        torch.testing.assert_close(attn.k_proj(other), plain.k_proj(other))
+        torch.testing.assert_close(attn.v_proj(other), plain.v_proj(other))
+        assert calls == [40, 40, 40]
+        attn.v_proj.weight = torch.nn.Parameter(torch.randn(8, 16))  # replaced: no longer a view of the group's
+        plain.v_proj.weight = attn.v_proj.weight
+        torch.testing.assert_close(attn.v_proj(x), plain.v_proj(x))
+        assert calls == [40, 40, 40, 8]
+
+
+def test_siblings_with_different_inputs_stay_apart():
+    mlp = torch.nn.Module()
+    mlp.gate_proj, mlp.up_proj = torch.nn.Linear(16, 32), torch.nn.Linear(12, 32)
+    lone = torch.nn.Module()
+    lone.q_proj, lone.k_proj = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)  # no v_proj
+    assert use_cpu_pool_for_dense(torch.nn.ModuleList([mlp, lone])) == 4
+    assert all(m._pregated_siblings is None for m in (mlp.gate_proj, mlp.up_proj, lone.q_proj, lone.k_proj))
+
+
 @pytest.mark.skipif(not huge_pages_available(), reason="this kernel offers no transparent huge pages")
 def test_dense_weights_move_to_huge_pages_unchanged():
     torch.manual_seed(0)

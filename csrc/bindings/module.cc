@@ -499,6 +499,54 @@ PYBIND11_MODULE(_core, m) {
         "out = x @ weight.T on the CPU backend's pool (float32, bfloat16 or float16; all three the same "
         "dtype, contiguous): up to 8 rows read the weight once with the few-row kernels.");
 
+  m.def("cpu_rms_norm", [](const py::object& x_obj, const py::object& w_obj, double eps, const py::object& out_obj) {
+    tensor_info x = inspect(x_obj, "x"), w = inspect(w_obj, "weight"), out = inspect(out_obj, "out");
+    expect_dims(x, "x", {-1, -1}, "rows, hidden");
+    expect_dims(w, "weight", {x.shape[1]}, "hidden");
+    expect_dims(out, "out", {x.shape[0], x.shape[1]}, "rows, hidden");
+    for (const auto* t : {&x, &w, &out}) {
+      const char* name = t == &x ? "x" : t == &w ? "weight" : "out";
+      expect_device(*t, name, "cpu");
+      expect_dtype(*t, name, x.dtype);
+      expect_contiguous(*t, name);
+    }
+    dtype dt;
+    throw_if_error(parse_dtype(x.dtype, &dt));
+    py::gil_scoped_release nogil;
+    cpu_rms_norm(dt, x.shape[0], x.shape[1], reinterpret_cast<const void*>(x.data), reinterpret_cast<const void*>(w.data),
+                 static_cast<float>(eps), reinterpret_cast<void*>(out.data));
+  }, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"),
+        "out = transformers' RMSNorm of x's rows on the CPU (float32 inside; float32, bfloat16 or float16, "
+        "all three the same dtype, contiguous).");
+
+  m.def("cpu_route", [](const py::object& x_obj, const py::object& w_obj, int64_t top_k, bool normalize,
+                        const py::object& logits_obj, const py::object& weights_obj, const py::object& ids_obj) {
+    tensor_info x = inspect(x_obj, "x"), w = inspect(w_obj, "weight"), logits = inspect(logits_obj, "logits"),
+                weights = inspect(weights_obj, "weights"), ids = inspect(ids_obj, "ids");
+    expect_dims(x, "x", {-1, -1}, "rows, hidden");
+    const int64_t rows = x.shape[0], hidden = x.shape[1];
+    expect_dims(w, "weight", {-1, hidden}, "experts, hidden");
+    const int64_t experts = w.shape[0];
+    expect_dims(logits, "logits", {rows, experts}, "rows, experts");
+    expect_dims(weights, "weights", {rows, top_k}, "rows, top_k");
+    expect_dims(ids, "ids", {rows, top_k}, "rows, top_k");
+    for (const auto* t : {&x, &w, &logits, &weights, &ids}) {
+      const char* name = t == &x ? "x" : t == &w ? "weight" : t == &logits ? "logits" : t == &weights ? "weights" : "ids";
+      expect_device(*t, name, "cpu");
+      expect_dtype(*t, name, t == &weights ? "float32" : t == &ids ? "int64" : x.dtype);
+      expect_contiguous(*t, name);
+    }
+    dtype dt;
+    throw_if_error(parse_dtype(x.dtype, &dt));
+    py::gil_scoped_release nogil;
+    throw_if_error(cpu_route(dt, rows, experts, hidden, reinterpret_cast<const void*>(x.data),
+                             reinterpret_cast<const void*>(w.data), top_k, normalize, reinterpret_cast<void*>(logits.data),
+                             reinterpret_cast<float*>(weights.data), reinterpret_cast<int64_t*>(ids.data)));
+  }, py::arg("x"), py::arg("weight"), py::arg("top_k"), py::arg("normalize"), py::arg("logits"), py::arg("weights"),
+        py::arg("ids"),
+        "A softmax-top-k router on the CPU: logits = x @ weight.T (x, weight, logits in one dtype), softmax in "
+        "float32, the top_k largest (weights float32, ids int64, descending), divided by their sum when normalize.");
+
   m.def("expert_bytes", [](int64_t hidden, int64_t intermediate, const std::string& ffn,
                            const std::string& dt, bool has_bias, const std::string& expert_format,
                            int64_t group_size) {

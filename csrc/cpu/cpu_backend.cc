@@ -23,7 +23,9 @@
 
 #include "cpu_gemm.h"
 #include "half.h"
+#include "rms_norm.h"
 #include "small_rows.h"
+#include "softmax_topk.h"
 #include "thread_pool.h"
 #include "pregated/backend.h"
 
@@ -429,7 +431,29 @@ std::unique_ptr<backend> make_cpu_backend(const cpu_backend_options& opts) {
 }
 
 const char* cpu_kernel_isa() { return cpu::small_rows_isa(); }
-bool cpu_kernel_force(const std::string& isa) { return cpu::small_rows_force(isa.c_str()); }
+bool cpu_kernel_force(const std::string& isa) {
+  if (!cpu::small_rows_force(isa.c_str())) return false;
+  cpu::rms_norm_force_portable(isa == "portable");
+  return true;
+}
+void cpu_rms_norm(dtype dt, int64_t rows, int64_t n, const void* x, const void* w, float eps, void* out) {
+  cpu::rms_norm(dt, rows, n, x, w, eps, out);
+}
+status cpu_route(dtype dt, int64_t rows, int64_t experts, int64_t hidden, const void* x, const void* w, int64_t k,
+                 bool normalize, void* logits, float* weights, int64_t* ids) {
+  if (k < 1 || k > experts) return invalid_argument("top_k must be between 1 and the number of experts");
+  PREGATED_RETURN_IF_ERROR(cpu::gemm_nt(dt, rows, experts, hidden, x, hidden, w, hidden, logits, experts));
+  const float* l32 = static_cast<const float*>(logits);
+  std::vector<float> wide;
+  if (dt != dtype::dtype_f32) {
+    wide.resize(static_cast<size_t>(rows * experts));
+    const auto* h = static_cast<const uint16_t*>(logits);
+    for (size_t i = 0; i < wide.size(); ++i) wide[i] = dt == dtype::dtype_bf16 ? cpu::bf16_to_f32(h[i]) : cpu::f16_to_f32(h[i]);
+    l32 = wide.data();
+  }
+  cpu::softmax_topk(rows, experts, l32, k, normalize, weights, ids);
+  return {};
+}
 // Sums of 64-bit words (the compiler vectorises the loop; built for several widths).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__) && !defined(__SANITIZE_ADDRESS__)
 __attribute__((target_clones("avx512f", "avx2", "default")))

@@ -47,18 +47,84 @@ MAX_ROWS = 8  # the few-row kernels' limit (above it the backend tiles to sgemm:
 LEAN_PREFILL_ROWS = 256
 
 
-def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    w = self.weight
+# Linear layers that transformers' modules call one after another on the same input (attention's
+# projections, a gated MLP's two inputs): their weights lie side by side and the first call
+# computes all of them in one pass of the pool; the others take their share of its output. Each
+# call inside a step paid 35-45 us besides reading its weight (a dispatch of the pool, a Python
+# path whose code the experts' stream had evicted from the caches).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _Siblings:
+    """Linear layers of one module that read the same input: their weights [sum n, k] (each
+    layer's weight is a view of its rows), biases, the column span of each and the last output."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spans: list[tuple[int, int]]):
+        self.weight, self.bias, self.spans = weight, bias, spans
+        self.last: tuple | None = None  # (input, output [..., sum n]) until the last sibling took its share
+
+
+def _few_rows(x: torch.Tensor, w: torch.Tensor) -> int:
+    """Rows of x for the pool's kernels, 0 where PyTorch's linear should run."""
     rows = x.numel() // max(x.shape[-1], 1)
     # inside decode_threads PyTorch has one thread: any number of rows is better on the pool
     if (0 < rows and (rows <= MAX_ROWS or _decode_loops > 0) and x.dtype == w.dtype and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-        out = torch.empty(rows, w.shape[0], dtype=x.dtype)
-        _core.cpu_linear(x.reshape(rows, -1).contiguous(), w, out)
-        if self.bias is not None:
-            out += self.bias
-        return out.view(*x.shape[:-1], w.shape[0])
-    return torch.nn.functional.linear(x, w, self.bias)
+        return rows
+    return 0
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    out = torch.empty(rows, w.shape[0], dtype=x.dtype)
+    _core.cpu_linear(x.reshape(rows, -1).contiguous(), w, out)
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
+def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    w = self.weight
+    rows = _few_rows(x, w)
+    if not rows:
+        return torch.nn.functional.linear(x, w, self.bias)
+    group = self._pregated_siblings
+    if group is None or w.data_ptr() != self._pregated_ptr:  # not grouped, or its weight was replaced
+        return _linear(x, w, self.bias, rows)
+    last = group.last
+    if last is None or last[0] is not x:
+        last = (x, _linear(x, group.weight, group.bias, rows))
+        group.last = last
+    index = self._pregated_index
+    if index == len(group.spans) - 1:
+        group.last = None
+    start, end = group.spans[index]
+    return last[1][..., start:end]
+
+
+def _group_siblings(layers: list[torch.nn.Linear]) -> bool:
+    """Moves the weights (and biases) of `layers` side by side into one buffer and marks them as
+    siblings; False where they cannot share a pass (different inputs, dtypes, bias or not)."""
+    w0 = layers[0].weight
+    if any(lin.in_features != w0.shape[1] or lin.weight.dtype != w0.dtype or (lin.bias is None) != (layers[0].bias is None)
+           for lin in layers):
+        return False
+    total = sum(lin.weight.numel() for lin in layers) * w0.element_size()
+    buf = huge_page_buffer(total) if huge_pages_available() else torch.empty(total, dtype=torch.uint8)
+    weight = buf.view(w0.dtype).view(-1, w0.shape[1])
+    bias = None if layers[0].bias is None else torch.cat([lin.bias.data for lin in layers])
+    spans, row = [], 0
+    for lin in layers:
+        n = lin.weight.shape[0]
+        weight[row:row + n].copy_(lin.weight.data)
+        lin.weight.data = weight[row:row + n]
+        if bias is not None:
+            lin.bias.data = bias[row:row + n]
+        spans.append((row, row + n))
+        row += n
+    group = _Siblings(weight, bias, spans)
+    for index, lin in enumerate(layers):
+        lin._pregated_siblings, lin._pregated_index, lin._pregated_ptr = group, index, lin.weight.data_ptr()
+    return True
 
 
 HUGE_PAGE = 2 << 20
@@ -107,14 +173,21 @@ def place_on_huge_pages(model: torch.nn.Module) -> int:
 
 def use_cpu_pool_for_dense(model: torch.nn.Module) -> int:
     """Routes few-row calls of every plain nn.Linear of `model` with a contiguous CPU weight in
-    float32/bfloat16/float16 through the CPU backend's kernels; returns how many."""
+    float32/bfloat16/float16 through the CPU backend's kernels, siblings (SIBLINGS) in one call;
+    returns how many layers."""
     n = 0
     for module in model.modules():
         w = getattr(module, "weight", None)
         if (type(module) is torch.nn.Linear and isinstance(w, torch.Tensor) and w.device.type == "cpu"
                 and w.dtype in DTYPES and w.is_contiguous()):
             module.forward = types.MethodType(_forward, module)
+            module._pregated_siblings = None
             n += 1
+    for module in model.modules():
+        for names in SIBLINGS:
+            layers = [getattr(module, name, None) for name in names]
+            if all(getattr(lin, "_pregated_siblings", 0) is None for lin in layers):
+                _group_siblings(layers)
     return n
 
 

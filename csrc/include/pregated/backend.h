@@ -146,6 +146,15 @@ std::unique_ptr<backend> make_cpu_backend(const cpu_backend_options& opts = {});
 // (false when it cannot).
 const char* cpu_kernel_isa();
 bool cpu_kernel_force(const std::string& isa);
+// transformers' RMSNorm of `rows` rows of n on the host (x, w, out in dt): float32 inside,
+// y = x * rsqrt(mean(x^2) + eps) rounded to dt, times w; many rows go over the CPU pool.
+void cpu_rms_norm(dtype dt, int64_t rows, int64_t n, const void* x, const void* w, float eps, void* out);
+// A softmax-top-k router on the host (transformers' Mixtral, Qwen and OLMoE routers): logits[rows,
+// experts] = x[rows, hidden] w[experts, hidden]^T in dt (x, w, logits in dt), then softmax in
+// float32, the k largest in descending order (weights float32, ids), divided by their sum when
+// `normalize`.
+status cpu_route(dtype dt, int64_t rows, int64_t experts, int64_t hidden, const void* x, const void* w, int64_t k,
+                 bool normalize, void* logits, float* weights, int64_t* ids);
 // Host memory read bandwidth in GB/s: the best of five parallel reads of a `bytes` buffer on
 // the CPU backend's pool (0 when it cannot be allocated).
 double cpu_read_gbps(size_t bytes);

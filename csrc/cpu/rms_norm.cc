@@ -1,0 +1,165 @@
+#include "rms_norm.h"
+
+#include <cmath>
+
+#include "half.h"
+#include "simd_x86.h"
+#include "thread_pool.h"
+
+namespace pregated::cpu {
+
+namespace {
+
+inline float load_one(dtype dt, const void* p, int64_t i) {
+  if (dt == dtype::dtype_f32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return dt == dtype::dtype_bf16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+// v rounded to dt and widened back (what `tensor.to(dt)` keeps of it).
+inline float round_to(dtype dt, float v) {
+  if (dt == dtype::dtype_f32) return v;
+  return dt == dtype::dtype_bf16 ? bf16_to_f32(f32_to_bf16(v)) : f16_to_f32(f32_to_f16(v));
+}
+
+inline void store_one(dtype dt, void* p, int64_t i, float v) {
+  if (dt == dtype::dtype_f32) {
+    static_cast<float*>(p)[i] = v;
+  } else {
+    static_cast<uint16_t*>(p)[i] = dt == dtype::dtype_bf16 ? f32_to_bf16(v) : f32_to_f16(v);
+  }
+}
+
+// The per-row scale and the output of elements [from, n), portable.
+float sum_squares_portable(dtype dt, const void* x, int64_t from, int64_t n) {
+  float s = 0;
+  for (int64_t i = from; i < n; ++i) {
+    const float v = load_one(dt, x, i);
+    s += v * v;
+  }
+  return s;
+}
+
+void scale_portable(dtype dt, const void* x, const void* w, float r, int64_t from, int64_t n, void* out) {
+  for (int64_t i = from; i < n; ++i) {
+    store_one(dt, out, i, load_one(dt, w, i) * round_to(dt, load_one(dt, x, i) * r));
+  }
+}
+
+void row_portable(dtype dt, int64_t n, const void* x, const void* w, float eps, void* out) {
+  const float r = 1.0f / std::sqrt(sum_squares_portable(dt, x, 0, n) / static_cast<float>(n) + eps);
+  scale_portable(dt, x, w, r, 0, n, out);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+template <dtype DT>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const void* p, int64_t i) {
+  if constexpr (DT == dtype::dtype_f32) {
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    if constexpr (DT == dtype::dtype_bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+  }
+}
+
+// bf16 bits of 8 floats, rounded to nearest even, NaN kept NaN (as f32_to_bf16), in the low
+// 16 bits of each 32-bit lane.
+__attribute__((target("avx2,fma,f16c"))) inline __m256i bf16_bits(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, quiet, nan);
+}
+
+template <dtype DT>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 round8(__m256 v) {
+  if constexpr (DT == dtype::dtype_f32) return v;
+  if constexpr (DT == dtype::dtype_bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16));
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <dtype DT>
+__attribute__((target("avx2,fma,f16c"))) inline void store8(void* p, int64_t i, __m256 v) {
+  if constexpr (DT == dtype::dtype_f32) {
+    _mm256_storeu_ps(static_cast<float*>(p) + i, v);
+  } else {
+    __m128i h;
+    if constexpr (DT == dtype::dtype_bf16) {
+      const __m256i b = bf16_bits(v);
+      h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    } else {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), h);
+  }
+}
+
+template <dtype DT>
+__attribute__((target("avx2,fma,f16c"))) void row_avx2(int64_t n, const void* x, const void* w, float eps, void* out) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  const int64_t whole = n / 8 * 8;
+  for (int64_t i = 0; i < whole; i += 8) {
+    const __m256 v = load8<DT>(x, i);
+    acc[(i / 8) & 1] = _mm256_fmadd_ps(v, v, acc[(i / 8) & 1]);
+  }
+  const float s = hsum8(_mm256_add_ps(acc[0], acc[1])) + sum_squares_portable(DT, x, whole, n);
+  const float r = 1.0f / std::sqrt(s / static_cast<float>(n) + eps);
+  const __m256 vr = _mm256_set1_ps(r);
+  for (int64_t i = 0; i < whole; i += 8) {
+    store8<DT>(out, i, _mm256_mul_ps(load8<DT>(w, i), round8<DT>(_mm256_mul_ps(load8<DT>(x, i), vr))));
+  }
+  scale_portable(DT, x, w, r, whole, n, out);
+}
+
+bool avx2_present() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+#else
+
+bool avx2_present() { return false; }
+
+#endif
+
+bool& use_avx2() {
+  static bool value = avx2_present();
+  return value;
+}
+
+void row(dtype dt, int64_t n, const void* x, const void* w, float eps, void* out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) {
+    switch (dt) {
+      case dtype::dtype_f32: return row_avx2<dtype::dtype_f32>(n, x, w, eps, out);
+      case dtype::dtype_bf16: return row_avx2<dtype::dtype_bf16>(n, x, w, eps, out);
+      default: return row_avx2<dtype::dtype_f16>(n, x, w, eps, out);
+    }
+  }
+#endif
+  row_portable(dt, n, x, w, eps, out);
+}
+
+// Below this many elements one thread does all rows: a job on the pool costs more.
+constexpr int64_t pool_elements = int64_t{1} << 16;
+
+}  // namespace
+
+void rms_norm(dtype dt, int64_t rows, int64_t n, const void* x, const void* w, float eps, void* out) {
+  const int64_t es = dt == dtype::dtype_f32 ? 4 : 2;
+  const auto* xb = static_cast<const uint8_t*>(x);
+  auto* ob = static_cast<uint8_t*>(out);
+  if (rows * n < pool_elements) {
+    for (int64_t i = 0; i < rows; ++i) row(dt, n, xb + i * n * es, w, eps, ob + i * n * es);
+    return;
+  }
+  thread_pool::current().run(rows, [&](int64_t i) { row(dt, n, xb + i * n * es, w, eps, ob + i * n * es); });
+}
+
+void rms_norm_force_portable(bool portable) { use_avx2() = !portable && avx2_present(); }
+
+}  // namespace pregated::cpu
