@@ -180,3 +180,145 @@ def test_the_engine_fuses_norms_routers_and_projections_on_the_cpu(mixtral_folde
         attn = eng.model.model.layers[0].self_attn
         group = attn.q_proj._pregated_siblings
         assert group is not None and attn.k_proj._pregated_siblings is group and attn.v_proj._pregated_siblings is group
+
+
+# --- attention of a decode step ---------------------------------------------------------------
+
+from transformers.cache_utils import DynamicCache  # noqa: E402
+from transformers.models.mixtral.modeling_mixtral import MixtralAttention, MixtralRotaryEmbedding, apply_rotary_pos_emb  # noqa: E402
+from transformers.models.olmoe.modeling_olmoe import OlmoeAttention  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention  # noqa: E402
+from transformers import Qwen3MoeConfig  # noqa: E402
+
+from pregated.cpu_dense import use_cpu_pool_for_dense  # noqa: E402
+from pregated.cpu_fused import use_lean_attention  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rope_against_transformers(dtype, kernels):
+    B, L, Hq, Hkv, D = 2, 3, 8, 2, 64
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(B, L, Hq, D, generator=g).to(dtype), torch.randn(B, L, Hkv, D, generator=g).to(dtype)
+    angles = torch.rand(B, L, D // 2, generator=g) * 6.3
+    emb = torch.cat([angles, angles], -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    for isa in ("portable", "best"):
+        kernels(isa)
+        x = torch.cat([q.reshape(B * L, -1), k.reshape(B * L, -1), torch.ones(B * L, 5, dtype=dtype)], 1)
+        _core.cpu_rope(x, cos.reshape(B * L, D), sin.reshape(B * L, D), Hq + Hkv)
+        tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=0)  # rounded as PyTorch's ops
+        torch.testing.assert_close(x[:, :Hq * D].view(B, L, Hq, D).transpose(1, 2), want_q, **tol)
+        torch.testing.assert_close(x[:, Hq * D:(Hq + Hkv) * D].view(B, L, Hkv, D).transpose(1, 2), want_k, **tol)
+        assert torch.equal(x[:, (Hq + Hkv) * D:], torch.ones(B * L, 5, dtype=dtype))  # past the heads: untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("new,old", [(1, 0), (1, 37), (3, 5), (2, 300)])
+def test_attention_against_float64_sdpa(dtype, new, old, kernels):
+    B, Hq, Hkv, D = 2, 8, 2, 64
+    g = torch.Generator().manual_seed(new * 1000 + old)
+    keys = old + new
+    q = torch.randn(B, new, Hq * D + 16, generator=g).to(dtype)  # q heads lead each row, then other columns
+    k, v = (torch.randn(B, Hkv, keys, D, generator=g).to(dtype) for _ in range(2))
+    causal = torch.ones(new, keys, dtype=torch.bool).tril(old)
+    qh = q[..., :Hq * D].view(B, new, Hq, D).transpose(1, 2).double()
+    want = torch.nn.functional.scaled_dot_product_attention(
+        qh, k.double().repeat_interleave(Hq // Hkv, 1), v.double().repeat_interleave(Hq // Hkv, 1),
+        attn_mask=causal, scale=0.11).transpose(1, 2).reshape(B * new, Hq * D)
+    for isa in ("portable", "best"):
+        kernels(isa)
+        out = torch.full((B * new, Hq * D), float("nan"), dtype=dtype)
+        _core.cpu_attention(q.reshape(B * new, -1), k, v, Hq, 0.11, out)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+
+
+def test_rope_and_attention_refuse_bad_tensors():
+    x, cs = torch.zeros(2, 64), torch.zeros(2, 16)
+    with pytest.raises(ValueError, match="must fit"):
+        _core.cpu_rope(x, cs, cs, 5)
+    with pytest.raises(ValueError, match="sin"):
+        _core.cpu_rope(x, cs, torch.zeros(3, 16), 2)
+    k = torch.zeros(2, 2, 4, 8)
+    with pytest.raises(ValueError, match="whole rows per sequence"):
+        _core.cpu_attention(torch.zeros(3, 32), k, k, 4, 1.0, torch.zeros(3, 32))
+    with pytest.raises(ValueError, match="multiple"):
+        _core.cpu_attention(torch.zeros(2, 24), k, k, 3, 1.0, torch.zeros(2, 24))
+    with pytest.raises(ValueError, match="out"):
+        _core.cpu_attention(torch.zeros(2, 32), k, k, 4, 1.0, torch.zeros(2, 30))
+
+
+def _attention(kind, dtype):
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        cfg = MixtralConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+        cls = MixtralAttention
+    elif kind == "qwen3_moe":  # q_norm / k_norm over each head
+        cfg = Qwen3MoeConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+        cls = Qwen3MoeAttention
+    else:  # q_norm / k_norm over the whole projection, values clipped
+        cfg = OlmoeConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=4, clip_qkv=0.5)
+        cls = OlmoeAttention
+    cfg._attn_implementation = "sdpa"
+    parent = torch.nn.Module()
+    parent.attn = cls(cfg, layer_idx=0)
+    for p in parent.parameters():
+        torch.nn.init.normal_(p, std=0.3 if p.dim() == 1 else 0.1)
+        if p.dim() == 1:
+            p.data += 1
+    return parent.to(dtype), MixtralRotaryEmbedding(cfg) if kind != "qwen3_moe" else None, cfg
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lean_attention_decodes_as_transformers_attention(kind, dtype, monkeypatch):
+    import copy
+
+    parent, _, cfg = _attention(kind, dtype)
+    ref = copy.deepcopy(parent)
+    use_cpu_pool_for_dense(parent)
+    assert use_lean_attention(parent) == 1
+    calls = []
+    real = _core.cpu_attention
+    monkeypatch.setattr(_core, "cpu_attention", lambda *a: (calls.append(a[0].shape), real(*a)))
+    head_dim = parent.attn.head_dim
+    caches = [DynamicCache(), DynamicCache()]
+    g = torch.Generator().manual_seed(3)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    with torch.inference_mode():
+        for step, new in enumerate([4, 1, 1, 1]):  # a prefill (its own forward), then decode steps
+            h = torch.randn(2, new, 128, generator=g).to(dtype)
+            angles = torch.rand(2, new, head_dim // 2, generator=g) * 6.3
+            pe = tuple(t.to(dtype) for t in (torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()))
+            want, _ = ref.attn(hidden_states=h, position_embeddings=pe, attention_mask=None, cache=caches[0])
+            got, _ = parent.attn(hidden_states=h, position_embeddings=pe, attention_mask=None, cache=caches[1])
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+            assert len(calls) == step  # the prefill of 4 tokens went to transformers' forward
+        mask = torch.ones(2, 1, 1, 1, dtype=torch.bool)  # with a mask: transformers' forward
+        parent.attn(hidden_states=h, position_embeddings=pe, attention_mask=mask, cache=DynamicCache())
+        assert len(calls) == 3
+    a, b = caches[0].layers[0], caches[1].layers[0]
+    torch.testing.assert_close(b.keys.float(), a.keys.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(b.values.float(), a.values.float(), rtol=tol, atol=tol)
+
+
+class SinkAttention(MixtralAttention):  # an extra parameter (GPT-OSS-like sinks)
+    def __init__(self, cfg, layer_idx):
+        super().__init__(cfg, layer_idx)
+        self.sinks = torch.nn.Parameter(torch.zeros(cfg.num_attention_heads))
+
+
+class HalfScaleAttention(MixtralAttention):  # scales the output: the check catches it
+    def forward(self, *args, **kwargs):
+        out, w = super().forward(*args, **kwargs)
+        return out * 0.5, w
+
+
+def test_attention_that_is_not_llama_style_keeps_its_forward():
+    cfg = MixtralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    cfg._attn_implementation = "sdpa"
+    model = torch.nn.ModuleList([SinkAttention(cfg, 0), HalfScaleAttention(cfg, 0), MixtralAttention(cfg, 0)])
+    use_cpu_pool_for_dense(model)
+    assert use_lean_attention(model) == 1
+    assert ["forward" in vars(m) for m in model] == [False, False, True]

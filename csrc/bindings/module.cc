@@ -519,6 +519,64 @@ PYBIND11_MODULE(_core, m) {
         "out = transformers' RMSNorm of x's rows on the CPU (float32 inside; float32, bfloat16 or float16, "
         "all three the same dtype, contiguous).");
 
+  m.def("cpu_rope", [](const py::object& x_obj, const py::object& cos_obj, const py::object& sin_obj, int64_t heads) {
+    tensor_info x = inspect(x_obj, "x"), cs = inspect(cos_obj, "cos"), sn = inspect(sin_obj, "sin");
+    expect_dims(x, "x", {-1, -1}, "rows, width");
+    expect_dims(cs, "cos", {x.shape[0], -1}, "rows, head_dim");
+    const int64_t d = cs.shape[1];
+    expect_dims(sn, "sin", {x.shape[0], d}, "rows, head_dim");
+    if (d % 2 != 0 || heads < 0 || heads * d > x.shape[1]) {
+      throw py::value_error("cpu_rope: " + std::to_string(heads) + " heads of " + std::to_string(d) +
+                            " (an even head_dim) must fit in x's rows of " + std::to_string(x.shape[1]));
+    }
+    for (const auto* t : {&x, &cs, &sn}) {
+      const char* name = t == &x ? "x" : t == &cs ? "cos" : "sin";
+      expect_device(*t, name, "cpu");
+      expect_dtype(*t, name, x.dtype);
+      expect_contiguous(*t, name);
+    }
+    dtype dt;
+    throw_if_error(parse_dtype(x.dtype, &dt));
+    py::gil_scoped_release nogil;
+    cpu_rope(dt, x.shape[0], x.shape[1], heads, d, reinterpret_cast<void*>(x.data), reinterpret_cast<const void*>(cs.data),
+             reinterpret_cast<const void*>(sn.data));
+  }, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("heads"),
+        "In place: the first `heads` heads (of cos.shape[1]) of each row of x turned by transformers' rotary "
+        "embedding (rotate_half convention) with the row's cos / sin; one dtype, contiguous, on the CPU.");
+
+  m.def("cpu_attention", [](const py::object& q_obj, const py::object& k_obj, const py::object& v_obj, int64_t q_heads,
+                            double scale, const py::object& out_obj) {
+    tensor_info q = inspect(q_obj, "q"), k = inspect(k_obj, "k"), v = inspect(v_obj, "v"), out = inspect(out_obj, "out");
+    expect_dims(k, "k", {-1, -1, -1, -1}, "batch, kv_heads, keys, head_dim");
+    const int64_t batch = k.shape[0], kv_heads = k.shape[1], keys = k.shape[2], d = k.shape[3];
+    expect_dims(v, "v", {batch, kv_heads, keys, d}, "batch, kv_heads, keys, head_dim");
+    expect_dims(q, "q", {-1, -1}, "rows, width");
+    const int64_t rows = q.shape[0];
+    if (batch < 1 || rows % batch != 0 || rows / batch > keys || kv_heads < 1 || q_heads % kv_heads != 0 ||
+        q_heads * d > q.shape[1]) {
+      throw py::value_error("cpu_attention: q's " + std::to_string(rows) + " rows must be whole rows per sequence of "
+                            "the " + std::to_string(batch) + " in k, no more than its " + std::to_string(keys) +
+                            " keys, and hold " + std::to_string(q_heads) + " heads (a multiple of k's " +
+                            std::to_string(kv_heads) + ") of " + std::to_string(d));
+    }
+    expect_dims(out, "out", {rows, q_heads * d}, "rows, q_heads * head_dim");
+    for (const auto* t : {&q, &k, &v, &out}) {
+      const char* name = t == &q ? "q" : t == &k ? "k" : t == &v ? "v" : "out";
+      expect_device(*t, name, "cpu");
+      expect_dtype(*t, name, q.dtype);
+      expect_contiguous(*t, name);
+    }
+    dtype dt;
+    throw_if_error(parse_dtype(q.dtype, &dt));
+    py::gil_scoped_release nogil;
+    cpu_attention(dt, batch, rows / batch, q_heads, kv_heads, keys, d, reinterpret_cast<const void*>(q.data), q.shape[1],
+                  reinterpret_cast<const void*>(k.data), reinterpret_cast<const void*>(v.data), static_cast<float>(scale),
+                  reinterpret_cast<void*>(out.data));
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_heads"), py::arg("scale"), py::arg("out"),
+        "transformers' attention of the new rows on the CPU: q [batch * new, width] holds q_heads heads at the "
+        "start of each row; k, v [batch, kv_heads, keys, head_dim]; causal over the new rows (the last of the "
+        "keys); out [batch * new, q_heads * head_dim]; one dtype, contiguous.");
+
   m.def("cpu_route", [](const py::object& x_obj, const py::object& w_obj, int64_t top_k, bool normalize,
                         const py::object& logits_obj, const py::object& weights_obj, const py::object& ids_obj) {
     tensor_info x = inspect(x_obj, "x"), w = inspect(w_obj, "weight"), logits = inspect(logits_obj, "logits"),

@@ -22,6 +22,7 @@
 #endif
 
 #include "cpu_gemm.h"
+#include "decode_attention.h"
 #include "half.h"
 #include "rms_norm.h"
 #include "small_rows.h"
@@ -434,10 +435,19 @@ const char* cpu_kernel_isa() { return cpu::small_rows_isa(); }
 bool cpu_kernel_force(const std::string& isa) {
   if (!cpu::small_rows_force(isa.c_str())) return false;
   cpu::rms_norm_force_portable(isa == "portable");
+  cpu::decode_attention_force_portable(isa == "portable");
   return true;
 }
 void cpu_rms_norm(dtype dt, int64_t rows, int64_t n, const void* x, const void* w, float eps, void* out) {
   cpu::rms_norm(dt, rows, n, x, w, eps, out);
+}
+void cpu_rope(dtype dt, int64_t rows, int64_t width, int64_t heads, int64_t d, void* x, const void* cos,
+              const void* sin) {
+  cpu::rope_rows(dt, rows, width, heads, d, x, cos, sin);
+}
+void cpu_attention(dtype dt, int64_t batch, int64_t new_rows, int64_t q_heads, int64_t kv_heads, int64_t keys,
+                   int64_t d, const void* q, int64_t q_width, const void* k, const void* v, float scale, void* out) {
+  cpu::attention_rows(dt, batch, new_rows, q_heads, kv_heads, keys, d, q, q_width, k, v, scale, out);
 }
 status cpu_route(dtype dt, int64_t rows, int64_t experts, int64_t hidden, const void* x, const void* w, int64_t k,
                  bool normalize, void* logits, float* weights, int64_t* ids) {

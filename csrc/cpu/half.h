@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "pregated/types.h"
+
 namespace pregated::cpu {
 
 inline float bf16_to_f32(uint16_t h) {
@@ -70,6 +72,27 @@ inline uint16_t f32_to_f16(float f) {
   uint32_t v = abs - 0x38000000u;  // rebias exponent 127 -> 15
   v += 0xfffu + ((v >> 13) & 1u);
   return static_cast<uint16_t>(sign | (v >> 13));
+}
+
+// Element i of p in dt (float32, bfloat16 or float16), widened; v rounded to dt and widened back
+// (what `tensor.to(dt)` keeps of it); v stored as element i of p in dt.
+inline float widen_at(dtype dt, const void* p, int64_t i) {
+  if (dt == dtype::dtype_f32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return dt == dtype::dtype_bf16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+inline float round_to(dtype dt, float v) {
+  if (dt == dtype::dtype_f32) return v;
+  return dt == dtype::dtype_bf16 ? bf16_to_f32(f32_to_bf16(v)) : f16_to_f32(f32_to_f16(v));
+}
+
+inline void store_at(dtype dt, void* p, int64_t i, float v) {
+  if (dt == dtype::dtype_f32) {
+    static_cast<float*>(p)[i] = v;
+  } else {
+    static_cast<uint16_t*>(p)[i] = dt == dtype::dtype_bf16 ? f32_to_bf16(v) : f32_to_f16(v);
+  }
 }
 
 }  // namespace pregated::cpu

@@ -10,31 +10,11 @@ namespace pregated::cpu {
 
 namespace {
 
-inline float load_one(dtype dt, const void* p, int64_t i) {
-  if (dt == dtype::dtype_f32) return static_cast<const float*>(p)[i];
-  const uint16_t h = static_cast<const uint16_t*>(p)[i];
-  return dt == dtype::dtype_bf16 ? bf16_to_f32(h) : f16_to_f32(h);
-}
-
-// v rounded to dt and widened back (what `tensor.to(dt)` keeps of it).
-inline float round_to(dtype dt, float v) {
-  if (dt == dtype::dtype_f32) return v;
-  return dt == dtype::dtype_bf16 ? bf16_to_f32(f32_to_bf16(v)) : f16_to_f32(f32_to_f16(v));
-}
-
-inline void store_one(dtype dt, void* p, int64_t i, float v) {
-  if (dt == dtype::dtype_f32) {
-    static_cast<float*>(p)[i] = v;
-  } else {
-    static_cast<uint16_t*>(p)[i] = dt == dtype::dtype_bf16 ? f32_to_bf16(v) : f32_to_f16(v);
-  }
-}
-
 // The per-row scale and the output of elements [from, n), portable.
 float sum_squares_portable(dtype dt, const void* x, int64_t from, int64_t n) {
   float s = 0;
   for (int64_t i = from; i < n; ++i) {
-    const float v = load_one(dt, x, i);
+    const float v = widen_at(dt, x, i);
     s += v * v;
   }
   return s;
@@ -42,7 +22,7 @@ float sum_squares_portable(dtype dt, const void* x, int64_t from, int64_t n) {
 
 void scale_portable(dtype dt, const void* x, const void* w, float r, int64_t from, int64_t n, void* out) {
   for (int64_t i = from; i < n; ++i) {
-    store_one(dt, out, i, load_one(dt, w, i) * round_to(dt, load_one(dt, x, i) * r));
+    store_at(dt, out, i, widen_at(dt, w, i) * round_to(dt, widen_at(dt, x, i) * r));
   }
 }
 
@@ -52,17 +32,6 @@ void row_portable(dtype dt, int64_t n, const void* x, const void* w, float eps, 
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-
-template <dtype DT>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const void* p, int64_t i) {
-  if constexpr (DT == dtype::dtype_f32) {
-    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-  } else {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
-    if constexpr (DT == dtype::dtype_bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    return _mm256_cvtph_ps(h);
-  }
-}
 
 // bf16 bits of 8 floats, rounded to nearest even, NaN kept NaN (as f32_to_bf16), in the low
 // 16 bits of each 32-bit lane.

@@ -4,7 +4,23 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
+#include <cstdint>
+
+#include "pregated/types.h"
+
 namespace pregated::cpu {
+
+// Eight elements of p (float32, bfloat16 or float16) from index i, widened to float32.
+template <dtype DT>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const void* p, int64_t i) {
+  if constexpr (DT == dtype::dtype_f32) {
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    if constexpr (DT == dtype::dtype_bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+  }
+}
 
 // The sum of a vector's eight lanes.
 __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {

@@ -19,13 +19,6 @@ namespace pregated::cpu {
 
 namespace {
 
-// One element of B, widened.
-inline float weight_at(dtype dt, const void* b, int64_t at) {
-  if (dt == dtype::dtype_f32) return static_cast<const float*>(b)[at];
-  const uint16_t h = static_cast<const uint16_t*>(b)[at];
-  return dt == dtype::dtype_bf16 ? bf16_to_f32(h) : f16_to_f32(h);
-}
-
 // --- portable ---------------------------------------------------------------------------------
 
 template <int M>
@@ -37,7 +30,7 @@ void rows_portable(dtype dt, int64_t k, const float* a, const void* b, int64_t l
     for (int64_t kk = 0; kk < k; kk += lanes) {
       float w[lanes] = {};
       const int64_t n = k - kk < lanes ? k - kk : lanes;
-      for (int64_t l = 0; l < n; ++l) w[l] = weight_at(dt, b, j * ldb + kk + l);
+      for (int64_t l = 0; l < n; ++l) w[l] = widen_at(dt, b, j * ldb + kk + l);
       for (int i = 0; i < M; ++i) {
         for (int64_t l = 0; l < n; ++l) acc[i][l] += a[i * k + kk + l] * w[l];
       }
@@ -156,17 +149,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows_bf16do
 
 // --- AVX2 -------------------------------------------------------------------------------------
 
-template <dtype DT>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const void* b, int64_t at) {
-  if constexpr (DT == dtype::dtype_f32) {
-    return _mm256_loadu_ps(static_cast<const float*>(b) + at);
-  } else {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(b) + at));
-    if constexpr (DT == dtype::dtype_bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    return _mm256_cvtph_ps(h);
-  }
-}
-
 // A accumulators per row taken in turn: with one or two rows a single FMA chain (4 cycles a
 // link) would cap a core at 4-8 bytes of weights a cycle, below the memory's pace for bf16.
 template <int M, dtype DT>
@@ -191,7 +173,7 @@ __attribute__((target("avx2,fma,f16c"))) void rows_avx2_t(int64_t k, const float
     for (int i = 0; i < M; ++i) {
       for (int u = 1; u < A; ++u) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][u]);
       float s = hsum8(acc[i][0]);
-      for (int64_t t = kk; t < k; ++t) s += a[i * k + t] * weight_at(DT, b, j * ldb + t);
+      for (int64_t t = kk; t < k; ++t) s += a[i * k + t] * widen_at(DT, b, j * ldb + t);
       c[i * ldc + j] = s;
     }
   }
@@ -217,7 +199,7 @@ __attribute__((target("avx2,fma,f16c"))) inline void pair_avx2(int64_t k, const 
   for (int i = 0; i < M; ++i) {
     for (int u = 0; u < 2; ++u) {
       float s = hsum8(acc[i][u]);
-      for (int64_t t = kk; t < k; ++t) s += a[i * k + t] * weight_at(DT, b, (j + u) * ldb + t);
+      for (int64_t t = kk; t < k; ++t) s += a[i * k + t] * widen_at(DT, b, (j + u) * ldb + t);
       c[i * ldc + j + u] = s;
     }
   }

@@ -63,8 +63,18 @@ class _Siblings:
         self.weight, self.bias, self.spans = weight, bias, spans
         self.last: tuple | None = None  # (input, output [..., sum n]) until the last sibling took its share
 
+    def forward(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """All siblings' outputs for x (of `rows` rows): [..., sum n]."""
+        return _linear(x, self.weight, self.bias, rows)
 
-def _few_rows(x: torch.Tensor, w: torch.Tensor) -> int:
+
+def siblings_of(layer: torch.nn.Module) -> _Siblings | None:
+    """The group of a Linear layer whose weights still are the group's views, else None."""
+    group = getattr(layer, "_pregated_siblings", None)
+    return group if group is not None and layer.weight.data_ptr() == layer._pregated_ptr else None
+
+
+def few_rows(x: torch.Tensor, w: torch.Tensor) -> int:
     """Rows of x for the pool's kernels, 0 where PyTorch's linear should run."""
     rows = x.numel() // max(x.shape[-1], 1)
     # inside decode_threads PyTorch has one thread: any number of rows is better on the pool
@@ -84,15 +94,15 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, rows: i
 
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
-    rows = _few_rows(x, w)
+    rows = few_rows(x, w)
     if not rows:
         return torch.nn.functional.linear(x, w, self.bias)
-    group = self._pregated_siblings
-    if group is None or w.data_ptr() != self._pregated_ptr:  # not grouped, or its weight was replaced
+    group = siblings_of(self)
+    if group is None:  # not grouped, or its weight was replaced
         return _linear(x, w, self.bias, rows)
     last = group.last
     if last is None or last[0] is not x:
-        last = (x, _linear(x, group.weight, group.bias, rows))
+        last = (x, group.forward(x, rows))
         group.last = last
     index = self._pregated_index
     if index == len(group.spans) - 1:

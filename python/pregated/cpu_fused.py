@@ -19,7 +19,7 @@ import types
 import torch
 
 from . import _core
-from .cpu_dense import DTYPES
+from .cpu_dense import DTYPES, few_rows, siblings_of
 
 
 def _plain(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -172,4 +172,122 @@ def use_fused_routers(model: torch.nn.Module) -> int:
             module._pregated_normalize, module._pregated_cast = form
             _swap(module, _router_forward)
             n += 1
+    return n
+
+
+ATTENTION_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
+_ATTENTION_ARGS = {"hidden_states", "position_embeddings", "attention_mask", "cache", "past_key_values"}
+
+
+def _attention_forward(self, *args, **kwargs):
+    out = _lean_attention(self, args, kwargs)
+    return out if out is not None else self._pregated_forward(*args, **kwargs)
+
+
+def _norm_heads(norm, x: torch.Tensor, heads: int, d: int) -> torch.Tensor:
+    """A q_norm / k_norm over the whole projection (OLMoE) or over each head (Qwen3)."""
+    rows = x.shape[0]
+    return norm(x) if norm.weight.numel() == x.shape[1] else norm(x.reshape(rows, heads, d)).reshape(rows, heads * d)
+
+
+def _lean_attention(self, args, kwargs):
+    """One decode step of transformers' Llama-style attention in four calls (q/k/v in one pass,
+    rotary embedding, attention, o_proj) around the cache's own update; None where the call is not
+    one it takes (a mask, several new tokens, autograd, another device)."""
+    if len(args) > 1 or kwargs.get("output_attentions"):
+        return None
+    h = args[0] if args else kwargs.get("hidden_states")
+    pe, cache = kwargs.get("position_embeddings"), kwargs.get("cache", kwargs.get("past_key_values"))
+    if kwargs.get("attention_mask") is not None or not isinstance(pe, tuple) or h is None or h.dim() != 3 or h.shape[1] != 1:
+        return None
+    group = siblings_of(self.q_proj)
+    rows = few_rows(h, self.q_proj.weight)
+    if group is None or not rows or not _plain(h, self.o_proj.weight):
+        return None
+    cos, sin = pe
+    d = self.head_dim
+    if cos.shape[-1] != d or cos.dtype != h.dtype or cos.numel() != rows * d:
+        return None
+    nq, nk = group.spans[0][1], group.spans[1][1] - group.spans[1][0]
+    qh, kvh = nq // d, nk // d
+    qkv = group.forward(h, rows).view(rows, -1)
+    q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+    normed = hasattr(self, "q_norm") or hasattr(self, "k_norm")
+    if normed:
+        q = _norm_heads(self.q_norm, q, qh, d) if hasattr(self, "q_norm") else q.contiguous()
+        k = _norm_heads(self.k_norm, k, kvh, d) if hasattr(self, "k_norm") else k.contiguous()
+    clip = getattr(self.config, "clip_qkv", None)
+    if clip is not None:
+        for t in (q, k, v):
+            t.clamp_(min=-clip, max=clip)
+    cos, sin = cos.reshape(rows, d), sin.reshape(rows, d)
+    if normed:
+        _core.cpu_rope(q, cos, sin, qh)
+        _core.cpu_rope(k, cos, sin, kvh)
+    else:  # q and k heads lead every row of the projections' output
+        _core.cpu_rope(qkv, cos, sin, qh + kvh)
+        q = qkv
+    batch = h.shape[0]
+    keys, values = k.view(batch, 1, kvh, d).transpose(1, 2), v.view(batch, 1, kvh, d).transpose(1, 2)
+    if cache is not None:
+        rest = {name: value for name, value in kwargs.items() if name not in _ATTENTION_ARGS}
+        keys, values = cache.update(keys, values, self.layer_idx, kwargs=rest)
+    out = torch.empty(rows, qh * d, dtype=h.dtype)
+    _core.cpu_attention(q, keys.contiguous(), values.contiguous(), qh, self.scaling, out)
+    return self.o_proj(out.view(batch, 1, qh * d)), None
+
+
+def _lean_attention_agrees(module: torch.nn.Module) -> bool:
+    """Whether the lean decode step gives what the module's own forward gives: three steps of one
+    new token for two sequences from an empty cache, outputs and cached keys and values."""
+    from transformers.cache_utils import DynamicCache
+
+    w = module.q_proj.weight
+    params = inspect.signature(module._pregated_forward).parameters
+    cache_arg = "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
+    gen = torch.Generator().manual_seed(20251205)
+    caches = [DynamicCache(), DynamicCache()]
+    tol = 1e-4 if w.dtype == torch.float32 else 3e-2
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                h = torch.randn(2, 1, w.shape[1], generator=gen).to(w.dtype)
+                angles = torch.rand(2, 1, module.head_dim // 2, generator=gen) * 6.3
+                emb = torch.cat([angles, angles], dim=-1)
+                pe = (emb.cos().to(w.dtype), emb.sin().to(w.dtype))
+                want = module._pregated_forward(hidden_states=h, position_embeddings=pe, attention_mask=None,
+                                                **{cache_arg: caches[0]})
+                got = _lean_attention(module, (), {"hidden_states": h, "position_embeddings": pe,
+                                                   "attention_mask": None, "cache": caches[1]})
+                if got is None or not torch.allclose(got[0].float(), want[0].float(), rtol=tol,
+                                                     atol=tol * want[0].abs().max().item()):
+                    return False
+    except Exception:  # a forward that needs more than a Llama-style attention gets
+        return False
+    a, b = caches[0].layers[module.layer_idx], caches[1].layers[module.layer_idx]
+    return all(torch.allclose(x.float(), y.float(), rtol=tol, atol=tol) for x, y in ((a.keys, b.keys), (a.values, b.values)))
+
+
+def use_lean_attention(model: torch.nn.Module) -> int:
+    """Runs the decode steps of every Llama-style attention of `model` (q/k/v grouped as siblings
+    by use_cpu_pool_for_dense, an o_proj, optional q_norm / k_norm, no other parameters, a
+    rotary embedding given as cos / sin) with the CPU backend's rotary embedding and attention,
+    where three decode steps agree with the module's own forward; returns how many."""
+    n = 0
+    for module in model.modules():
+        children = {name for name, _ in module.named_children()}
+        q_proj = getattr(module, "q_proj", None)
+        if not ({"q_proj", "k_proj", "v_proj", "o_proj"} <= children <= ATTENTION_CHILDREN
+                and not list(module.parameters(recurse=False)) and isinstance(getattr(module, "head_dim", None), int)
+                and isinstance(getattr(module, "layer_idx", None), int) and hasattr(module, "scaling")
+                and getattr(getattr(module, "config", None), "attn_logit_softcapping", None) is None
+                and "forward" not in vars(module) and siblings_of(q_proj) is not None
+                and siblings_of(q_proj) is siblings_of(module.k_proj) is siblings_of(module.v_proj)
+                and [q_proj._pregated_index, module.k_proj._pregated_index, module.v_proj._pregated_index] == [0, 1, 2]):
+            continue
+        _swap(module, _attention_forward)
+        if _lean_attention_agrees(module):
+            n += 1
+        else:  # back to the class's forward
+            del module.forward, module._pregated_forward
     return n
