@@ -482,12 +482,9 @@ PYBIND11_MODULE(_core, m) {
     expect_dims(w, "weight", {-1, k}, "out, in");
     const int64_t n = w.shape[0];
     expect_dims(out, "out", {m, n}, "rows, out");
-    for (const auto* t : {&x, &w, &out}) {
-      const char* name = t == &x ? "x" : t == &w ? "weight" : "out";
-      expect_device(*t, name, "cpu");
-      expect_dtype(*t, name, x.dtype);
-      expect_contiguous(*t, name);
-    }
+    expect_host_contiguous(x, "x", x.dtype);
+    expect_host_contiguous(w, "weight", x.dtype);
+    expect_host_contiguous(out, "out", x.dtype);
     dtype dt;
     throw_if_error(parse_dtype(x.dtype, &dt));
     static const std::unique_ptr<backend> be = make_cpu_backend();
@@ -504,12 +501,9 @@ PYBIND11_MODULE(_core, m) {
     expect_dims(x, "x", {-1, -1}, "rows, hidden");
     expect_dims(w, "weight", {x.shape[1]}, "hidden");
     expect_dims(out, "out", {x.shape[0], x.shape[1]}, "rows, hidden");
-    for (const auto* t : {&x, &w, &out}) {
-      const char* name = t == &x ? "x" : t == &w ? "weight" : "out";
-      expect_device(*t, name, "cpu");
-      expect_dtype(*t, name, x.dtype);
-      expect_contiguous(*t, name);
-    }
+    expect_host_contiguous(x, "x", x.dtype);
+    expect_host_contiguous(w, "weight", x.dtype);
+    expect_host_contiguous(out, "out", x.dtype);
     dtype dt;
     throw_if_error(parse_dtype(x.dtype, &dt));
     py::gil_scoped_release nogil;
@@ -529,12 +523,9 @@ PYBIND11_MODULE(_core, m) {
       throw py::value_error("cpu_rope: " + std::to_string(heads) + " heads of " + std::to_string(d) +
                             " (an even head_dim) must fit in x's rows of " + std::to_string(x.shape[1]));
     }
-    for (const auto* t : {&x, &cs, &sn}) {
-      const char* name = t == &x ? "x" : t == &cs ? "cos" : "sin";
-      expect_device(*t, name, "cpu");
-      expect_dtype(*t, name, x.dtype);
-      expect_contiguous(*t, name);
-    }
+    expect_host_contiguous(x, "x", x.dtype);
+    expect_host_contiguous(cs, "cos", x.dtype);
+    expect_host_contiguous(sn, "sin", x.dtype);
     dtype dt;
     throw_if_error(parse_dtype(x.dtype, &dt));
     py::gil_scoped_release nogil;
@@ -560,12 +551,10 @@ PYBIND11_MODULE(_core, m) {
                             std::to_string(kv_heads) + ") of " + std::to_string(d));
     }
     expect_dims(out, "out", {rows, q_heads * d}, "rows, q_heads * head_dim");
-    for (const auto* t : {&q, &k, &v, &out}) {
-      const char* name = t == &q ? "q" : t == &k ? "k" : t == &v ? "v" : "out";
-      expect_device(*t, name, "cpu");
-      expect_dtype(*t, name, q.dtype);
-      expect_contiguous(*t, name);
-    }
+    expect_host_contiguous(q, "q", q.dtype);
+    expect_host_contiguous(k, "k", q.dtype);
+    expect_host_contiguous(v, "v", q.dtype);
+    expect_host_contiguous(out, "out", q.dtype);
     dtype dt;
     throw_if_error(parse_dtype(q.dtype, &dt));
     py::gil_scoped_release nogil;
@@ -588,12 +577,11 @@ PYBIND11_MODULE(_core, m) {
     expect_dims(logits, "logits", {rows, experts}, "rows, experts");
     expect_dims(weights, "weights", {rows, top_k}, "rows, top_k");
     expect_dims(ids, "ids", {rows, top_k}, "rows, top_k");
-    for (const auto* t : {&x, &w, &logits, &weights, &ids}) {
-      const char* name = t == &x ? "x" : t == &w ? "weight" : t == &logits ? "logits" : t == &weights ? "weights" : "ids";
-      expect_device(*t, name, "cpu");
-      expect_dtype(*t, name, t == &weights ? "float32" : t == &ids ? "int64" : x.dtype);
-      expect_contiguous(*t, name);
-    }
+    expect_host_contiguous(x, "x", x.dtype);
+    expect_host_contiguous(w, "weight", x.dtype);
+    expect_host_contiguous(logits, "logits", x.dtype);
+    expect_host_contiguous(weights, "weights", "float32");
+    expect_host_contiguous(ids, "ids", "int64");
     dtype dt;
     throw_if_error(parse_dtype(x.dtype, &dt));
     py::gil_scoped_release nogil;

@@ -150,6 +150,12 @@ void expect_contiguous(const tensor_info& t, const char* name) {
                         " must be contiguous; call .contiguous() on it first");
 }
 
+void expect_host_contiguous(const tensor_info& t, const char* name, const std::string& dtype) {
+  expect_device(t, name, "cpu");
+  expect_dtype(t, name, dtype);
+  expect_contiguous(t, name);
+}
+
 tensor_info to_host(const tensor_info& t, const char* name, const char* dtype) {
   py::module_ torch = py::module_::import("torch");
   py::object host = t.tensor.attr("to")("cpu", torch.attr(dtype)).attr("contiguous")();

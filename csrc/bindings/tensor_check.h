@@ -37,6 +37,8 @@ void expect_dims(const tensor_info& t, const char* name, std::vector<int64_t> di
 void expect_dtype(const tensor_info& t, const char* name, const std::string& dtype);
 void expect_device(const tensor_info& t, const char* name, const std::string& device);
 void expect_contiguous(const tensor_info& t, const char* name);
+// On the host, contiguous and of `dtype`.
+void expect_host_contiguous(const tensor_info& t, const char* name, const std::string& dtype);
 
 // Copy to a contiguous host tensor of the given torch dtype name ("int32", "float32").
 tensor_info to_host(const tensor_info& t, const char* name, const char* dtype);

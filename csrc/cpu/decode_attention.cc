@@ -85,19 +85,10 @@ __attribute__((target("avx2,fma,f16c"))) void axpy_avx2(float p, const void* v, 
   for (; i < d; ++i) acc[i] += p * widen_at(DT, v, i);
 }
 
-bool avx2_present() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-
-#else
-
-bool avx2_present() { return false; }
-
 #endif
 
 bool& use_avx2() {
-  static bool value = avx2_present();
+  static bool value = cpu_has_avx2();
   return value;
 }
 
@@ -196,6 +187,6 @@ void attention_rows(dtype dt, int64_t batch, int64_t new_rows, int64_t q_heads, 
   thread_pool::current().run(tasks, one);
 }
 
-void decode_attention_force_portable(bool portable) { use_avx2() = !portable && avx2_present(); }
+void decode_attention_force_portable(bool portable) { use_avx2() = !portable && cpu_has_avx2(); }
 
 }  // namespace pregated::cpu

@@ -30,11 +30,6 @@ int64_t chunk_codes(int bits) { return chunk_bytes * planes_of(bits); }
 
 #ifdef PREGATED_X86
 
-bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-
 // The kernels, once per instruction set (quantized_int8_kernels.inc).
 #define PREGATED_INT8_TARGET "avx2,fma,f16c"
 #define PREGATED_INT8_VNNI 0

@@ -84,19 +84,10 @@ __attribute__((target("avx2,fma,f16c"))) void row_avx2(int64_t n, const void* x,
   scale_portable(DT, x, w, r, whole, n, out);
 }
 
-bool avx2_present() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-
-#else
-
-bool avx2_present() { return false; }
-
 #endif
 
 bool& use_avx2() {
-  static bool value = avx2_present();
+  static bool value = cpu_has_avx2();
   return value;
 }
 
@@ -129,6 +120,6 @@ void rms_norm(dtype dt, int64_t rows, int64_t n, const void* x, const void* w, f
   thread_pool::current().run(rows, [&](int64_t i) { row(dt, n, xb + i * n * es, w, eps, ob + i * n * es); });
 }
 
-void rms_norm_force_portable(bool portable) { use_avx2() = !portable && avx2_present(); }
+void rms_norm_force_portable(bool portable) { use_avx2() = !portable && cpu_has_avx2(); }
 
 }  // namespace pregated::cpu

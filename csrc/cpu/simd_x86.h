@@ -33,3 +33,17 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
 }  // namespace pregated::cpu
 
 #endif
+
+namespace pregated::cpu {
+
+// AVX2 with FMA and F16C, what the CPU kernels' AVX2 paths need (false off x86).
+inline bool cpu_has_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+}  // namespace pregated::cpu
