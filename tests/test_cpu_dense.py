@@ -99,6 +99,29 @@ def test_sibling_projections_share_one_call(bias, monkeypatch):
         assert calls == [40, 40, 40, 8]
 
 
+@pytest.mark.parametrize("huge", [True, False])
+def test_siblings_on_huge_pages_are_viewed_where_they_lie(huge, monkeypatch):
+    if huge and not huge_pages_available():
+        pytest.skip("this kernel offers no transparent huge pages")
+    if not huge:
+        monkeypatch.setenv("PREGATED_HUGE_PAGES", "0")
+    torch.manual_seed(0)
+    model, plain = torch.nn.Sequential(torch.nn.Linear(16, 16), Attention(True)), torch.nn.Sequential(
+        torch.nn.Linear(16, 16), Attention(True))
+    plain.load_state_dict(model.state_dict())
+    place_on_huge_pages(model)
+    use_cpu_pool_for_dense(model)
+    attn = model[1]
+    group = attn.q_proj._pregated_siblings
+    shared = group.weight.untyped_storage().data_ptr() == model[0].weight.untyped_storage().data_ptr()
+    assert shared == huge  # in the arena, not a copy beside it; else one buffer of their own
+    assert group.weight.data_ptr() == attn.q_proj.weight.data_ptr()
+    with torch.inference_mode():
+        x = torch.randn(1, 16)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            torch.testing.assert_close(getattr(attn, name)(x), getattr(plain[1], name)(x))
+
+
 def test_siblings_with_different_inputs_stay_apart():
     mlp = torch.nn.Module()
     mlp.gate_proj, mlp.up_proj = torch.nn.Linear(16, 32), torch.nn.Linear(12, 32)

@@ -111,22 +111,43 @@ def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return last[1][..., start:end]
 
 
+def _sibling_sets(model: torch.nn.Module):
+    """Each module's SIBLINGS that are all plain nn.Linear layers, in order."""
+    for module in model.modules():
+        for names in SIBLINGS:
+            layers = [getattr(module, name, None) for name in names]
+            if all(type(lin) is torch.nn.Linear for lin in layers):
+                yield layers
+
+
+def _adjacent(weights: list[torch.Tensor]) -> bool:
+    """The weights lie one after another in one storage (place_on_huge_pages puts them so)."""
+    return all(a.is_contiguous() and b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+               and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size() for a, b in zip(weights, weights[1:]))
+
+
 def _group_siblings(layers: list[torch.nn.Linear]) -> bool:
-    """Moves the weights (and biases) of `layers` side by side into one buffer and marks them as
-    siblings; False where they cannot share a pass (different inputs, dtypes, bias or not)."""
+    """Marks `layers` as siblings with their weights side by side: viewed where they already lie
+    so, else copied into one buffer; False where they cannot share a pass (different inputs,
+    dtypes, bias or not)."""
     w0 = layers[0].weight
     if any(lin.in_features != w0.shape[1] or lin.weight.dtype != w0.dtype or (lin.bias is None) != (layers[0].bias is None)
            for lin in layers):
         return False
-    total = sum(lin.weight.numel() for lin in layers) * w0.element_size()
-    buf = huge_page_buffer(total) if huge_pages_available() else torch.empty(total, dtype=torch.uint8)
-    weight = buf.view(w0.dtype).view(-1, w0.shape[1])
+    rows = sum(lin.weight.shape[0] for lin in layers)
+    if _adjacent([lin.weight.data for lin in layers]):
+        weight = torch.empty(0, dtype=w0.dtype).set_(w0.untyped_storage(), w0.storage_offset(), (rows, w0.shape[1]))
+    else:
+        total = rows * w0.shape[1] * w0.element_size()
+        buf = huge_page_buffer(total) if huge_pages_available() else torch.empty(total, dtype=torch.uint8)
+        weight = buf.view(w0.dtype).view(rows, w0.shape[1])
     bias = None if layers[0].bias is None else torch.cat([lin.bias.data for lin in layers])
     spans, row = [], 0
     for lin in layers:
         n = lin.weight.shape[0]
-        weight[row:row + n].copy_(lin.weight.data)
-        lin.weight.data = weight[row:row + n]
+        if lin.weight.data_ptr() != weight[row].data_ptr():
+            weight[row:row + n].copy_(lin.weight.data)
+            lin.weight.data = weight[row:row + n]
         if bias is not None:
             lin.bias.data = bias[row:row + n]
         spans.append((row, row + n))
@@ -166,13 +187,16 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
 def place_on_huge_pages(model: torch.nn.Module) -> int:
     """Copies every CPU parameter of `model` into one huge-page buffer (64-byte aligned views;
     tied parameters stay tied) and returns the bytes moved; 0 where huge pages are not offered."""
-    params = list({id(p): p for p in model.parameters() if p.device.type == "cpu" and p.numel()}.values())
+    # siblings' weights first, one after another, so that use_cpu_pool_for_dense can view them as
+    # one matrix where it lies instead of copying them (the copy would leave the arena's holding)
+    siblings = [lin.weight for layers in _sibling_sets(model) for lin in layers]
+    params = list({id(p): p for p in siblings + list(model.parameters()) if p.device.type == "cpu" and p.numel()}.values())
     if not params or not huge_pages_available():
         return 0
     offsets, total = [], 0
     for p in params:
         offsets.append(total)
-        total += (p.numel() * p.element_size() + 63) // 64 * 64
+        total += (p.numel() * p.element_size() + 63) // 64 * 64  # 64-byte aligned (a weight's rows: no gap)
     arena = huge_page_buffer(total)
     for p, off in zip(params, offsets):
         view = arena[off:off + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
@@ -193,11 +217,9 @@ def use_cpu_pool_for_dense(model: torch.nn.Module) -> int:
             module.forward = types.MethodType(_forward, module)
             module._pregated_siblings = None
             n += 1
-    for module in model.modules():
-        for names in SIBLINGS:
-            layers = [getattr(module, name, None) for name in names]
-            if all(getattr(lin, "_pregated_siblings", 0) is None for lin in layers):
-                _group_siblings(layers)
+    for layers in _sibling_sets(model):
+        if all(getattr(lin, "_pregated_siblings", 0) is None for lin in layers):
+            _group_siblings(layers)
     return n
 
 
