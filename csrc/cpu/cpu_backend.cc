@@ -457,8 +457,7 @@ status cpu_route(dtype dt, int64_t rows, int64_t experts, int64_t hidden, const 
   std::vector<float> wide;
   if (dt != dtype::dtype_f32) {
     wide.resize(static_cast<size_t>(rows * experts));
-    const auto* h = static_cast<const uint16_t*>(logits);
-    for (size_t i = 0; i < wide.size(); ++i) wide[i] = dt == dtype::dtype_bf16 ? cpu::bf16_to_f32(h[i]) : cpu::f16_to_f32(h[i]);
+    for (size_t i = 0; i < wide.size(); ++i) wide[i] = cpu::widen_at(dt, logits, static_cast<int64_t>(i));
     l32 = wide.data();
   }
   cpu::softmax_topk(rows, experts, l32, k, normalize, weights, ids);

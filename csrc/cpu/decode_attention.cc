@@ -40,31 +40,18 @@ void axpy_portable(dtype dt, float p, const void* v, float* acc, int64_t d) {
 #if defined(__x86_64__) && defined(__GNUC__)
 
 template <dtype DT>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 round8(__m256 v) {
-  if constexpr (DT == dtype::dtype_f32) return v;
-  if constexpr (DT == dtype::dtype_f16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  alignas(32) float f[8];
-  _mm256_store_ps(f, v);
-  for (float& e : f) e = round_to(DT, e);
-  return _mm256_load_ps(f);
-}
-
-template <dtype DT>
 __attribute__((target("avx2,fma,f16c"))) void rope_head_avx2(int64_t d, void* x, const void* cos, const void* sin) {
   const int64_t half = d / 2;
   if (half % 8 != 0) return rope_head_portable(DT, d, x, cos, sin);
-  alignas(32) float out[512];
-  if (d > 512) return rope_head_portable(DT, d, x, cos, sin);
   for (int64_t i = 0; i < half; i += 8) {
     const __m256 x1 = load8<DT>(x, i), x2 = load8<DT>(x, i + half);
     const __m256 lo = _mm256_add_ps(round8<DT>(_mm256_mul_ps(x1, load8<DT>(cos, i))),
                                     round8<DT>(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), x2), load8<DT>(sin, i))));
     const __m256 hi = _mm256_add_ps(round8<DT>(_mm256_mul_ps(x2, load8<DT>(cos, i + half))),
                                     round8<DT>(_mm256_mul_ps(x1, load8<DT>(sin, i + half))));
-    _mm256_store_ps(out + i, lo);
-    _mm256_store_ps(out + i + half, hi);
+    store8<DT>(x, i, lo);  // both halves of chunk i were read above; later chunks are elsewhere
+    store8<DT>(x, i + half, hi);
   }
-  for (int64_t i = 0; i < d; ++i) store_at(DT, x, i, out[i]);
 }
 
 template <dtype DT>

@@ -33,40 +33,6 @@ void row_portable(dtype dt, int64_t n, const void* x, const void* w, float eps, 
 
 #if defined(__x86_64__) && defined(__GNUC__)
 
-// bf16 bits of 8 floats, rounded to nearest even, NaN kept NaN (as f32_to_bf16), in the low
-// 16 bits of each 32-bit lane.
-__attribute__((target("avx2,fma,f16c"))) inline __m256i bf16_bits(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(rounded, quiet, nan);
-}
-
-template <dtype DT>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 round8(__m256 v) {
-  if constexpr (DT == dtype::dtype_f32) return v;
-  if constexpr (DT == dtype::dtype_bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16));
-  return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-template <dtype DT>
-__attribute__((target("avx2,fma,f16c"))) inline void store8(void* p, int64_t i, __m256 v) {
-  if constexpr (DT == dtype::dtype_f32) {
-    _mm256_storeu_ps(static_cast<float*>(p) + i, v);
-  } else {
-    __m128i h;
-    if constexpr (DT == dtype::dtype_bf16) {
-      const __m256i b = bf16_bits(v);
-      h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-    } else {
-      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), h);
-  }
-}
-
 template <dtype DT>
 __attribute__((target("avx2,fma,f16c"))) void row_avx2(int64_t n, const void* x, const void* w, float eps, void* out) {
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};

@@ -74,14 +74,17 @@ def siblings_of(layer: torch.nn.Module) -> _Siblings | None:
     return group if group is not None and layer.weight.data_ptr() == layer._pregated_ptr else None
 
 
+def host_call(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """A call the CPU backend's kernels take: on the CPU, one dtype, no autograd."""
+    return (x.dtype == w.dtype and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+
 def few_rows(x: torch.Tensor, w: torch.Tensor) -> int:
     """Rows of x for the pool's kernels, 0 where PyTorch's linear should run."""
     rows = x.numel() // max(x.shape[-1], 1)
     # inside decode_threads PyTorch has one thread: any number of rows is better on the pool
-    if (0 < rows and (rows <= MAX_ROWS or _decode_loops > 0) and x.dtype == w.dtype and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-        return rows
-    return 0
+    return rows if 0 < rows and (rows <= MAX_ROWS or _decode_loops > 0) and host_call(x, w) else 0
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .moe import MoEExecutor, check_eviction, check_hybrid, check_routing, hybri
 from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
 from .cpu_dense import LEAN_PREFILL_ROWS, decode_threads, place_on_huge_pages, use_cpu_pool_for_dense
-from .cpu_fused import use_fused_norms, use_fused_routers, use_lean_attention
+from .cpu_fused import use_fused_modules
 from .quantize import resolve_expert_quantization, store_writer
 from .prompts import as_token_ids, check_chat_messages, check_token_ids, encode_prompt, split_batch
 from .synthetic import SyntheticModel
@@ -166,9 +166,7 @@ class Engine:
             if self.device == "cpu":
                 place_on_huge_pages(self.model)
                 use_cpu_pool_for_dense(self.model)
-                use_fused_norms(self.model)
-                use_fused_routers(self.model)
-                use_lean_attention(self.model)
+                use_fused_modules(self.model)
             self.taps = BlockTaps(self.blocks)
             self.pregate = SpeculativePregate(self.blocks, self.taps)
             self.moe = MoEExecutor(self.runtime, self._handle, cfg, self.policy, self.pregate, self.taps, routing)
