@@ -26,6 +26,7 @@ from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
 from .cpu_dense import LEAN_PREFILL_ROWS, decode_threads, place_on_huge_pages, use_cpu_pool_for_dense
 from .cpu_fused import use_fused_modules
+from .lean_step import lean_step_for
 from .quantize import resolve_expert_quantization, store_writer
 from .prompts import as_token_ids, check_chat_messages, check_token_ids, encode_prompt, split_batch
 from .synthetic import SyntheticModel
@@ -174,6 +175,8 @@ class Engine:
             for m, b in enumerate(self.blocks):
                 b.experts._pregated = Binding(self.moe, m)
             self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+            self.lean_step = (lean_step_for(self.model, self.blocks, self.taps, self._cache_arg)
+                              if self.device == "cpu" and self.ep is None and not tensor_parallel else None)
             self.dense_bytes = dense_bytes(self.model)
             self._counters = {"tokens": 0, "decode_seconds": 0.0, "prefill_tokens": 0, "prefill_seconds": 0.0}
             self.eos_ids = set(cfg.eos_token_ids)
@@ -288,11 +291,17 @@ class Engine:
     # --- the forward pass --------------------------------------------------------------
 
     def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
-                 active: torch.Tensor, all_logits: bool = False):
+                 active: torch.Tensor, all_logits: bool = False, unpadded: bool = False):
         """tokens, positions: [B, L]; mask: [B, S] (1 = a real token, over every token so far);
         active: [B, L] bool on the host, rows that go through the experts (known on the host,
-        so choosing them costs no device synchronisation).
+        so choosing them costs no device synchronisation); unpadded: the mask is all ones (known
+        on the host), so a decode step may take the lean step (lean_step.py).
         -> (logits [B, L, V] or of the last position [B, 1, V], the cache)."""
+        if (unpadded and self.lean_step is not None and cache is not None and tokens.shape[1] == 1
+                and not all_logits and bool(active.all())):
+            logits = self.lean_step(tokens, positions, cache)
+            if logits is not None:
+                return logits, cache
         self.moe.rows = None if bool(active.all()) else active.reshape(-1).nonzero().squeeze(-1).to(self.device)
         try:
             out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -432,6 +441,7 @@ class Engine:
                 lean.enter_context(decode_threads(self.device, spin=self.spin_between_jobs))
             t0 = time.perf_counter()
             cache, mask, last_pos, logits = self._prefill(prompts)
+            unpadded = len({len(p) for p in prompts}) == 1
             self._sync()
             self._counters["prefill_seconds"] += time.perf_counter() - t0
             self._counters["prefill_tokens"] += sum(len(p) for p in prompts)
@@ -463,7 +473,8 @@ class Engine:
                         self.runtime.set_tracing(True)
                         self.moe.host_seconds = [0.0] * self.cfg.num_moe_layers
                         t_step = time.perf_counter()
-                    out, cache = self._forward(nxt[:, None].to(self.device), mask, last_pos[:, None], cache, active)
+                    out, cache = self._forward(nxt[:, None].to(self.device), mask, last_pos[:, None], cache, active,
+                                               unpadded=unpadded)
                     logits = out[:, -1].float()
                     if tracing:
                         host_step = time.perf_counter() - t_step  # before waiting for the device

@@ -79,6 +79,12 @@ class BlockTaps:
             raise RuntimeError("the pre-gate ran before the first MoE block was seen")
         return None if self.norm_name is None else getattr(self.blocks[m].decoder, self.norm_name)
 
+    def recording_hooks(self) -> set[int]:
+        """Ids of the hooks that record the residual stream (on the MoE blocks and norms): a caller
+        that runs a decoder layer without them sets `residual[m]` itself."""
+        handles = self._handles + sum(self._norm_handles.values(), [])
+        return {h.id for h in handles}
+
     def take_residual(self, m: int) -> torch.Tensor | None:
         """Block m's residual stream [..., H] from this forward (then forgotten)."""
         h, self.residual[m] = self.residual[m], None
