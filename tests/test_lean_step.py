@@ -59,7 +59,8 @@ def test_qwen2_moe_keeps_its_shared_expert_block_and_olmoe_inlines_its_block(che
 
 def test_the_pregated_policy_sees_the_same_residual_stream(mixtral_folder):
     """The step records block m's residual stream for the pre-gate as the taps' hooks would:
-    the same tokens, the same copies and the same prediction scores with it and without it."""
+    the same tokens and the same prediction scores with it and without it (how many copies a
+    run makes depends on the copy thread's timing, so those are not compared)."""
     with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
         budget = 3 * eng.cfg.top_k * eng.cfg.expert_bytes()  # evicting on every step
     runs = []
@@ -68,8 +69,8 @@ def test_the_pregated_policy_sees_the_same_residual_stream(mixtral_folder):
             assert eng.lean_step is not None
             eng.lean_step = counting = Counting(eng.lean_step)
             out = _generate(eng, PROMPT, lean=lean)
-            s = eng.stats()
-            runs.append((out.token_ids, s["bytes_h2d"], s["prefetch_used"], eng.moe.prediction_totals()))
+            assert eng.stats()["bytes_h2d"] > 0
+            runs.append((out.token_ids, eng.moe.prediction_totals()))
             assert counting.taken == (11 if lean else 0)
             eng.runtime.check()
     assert runs[0] == runs[1]
@@ -97,6 +98,20 @@ def test_a_hook_it_would_skip_sends_the_step_to_the_model(mixtral_folder):
         assert counting.taken == 0 and counting.refused == 3 and len(seen) == 4  # the prefill and 3 steps
         handle.remove()
         assert _generate(eng, PROMPT, n=4).token_ids == out and counting.taken == 3
+
+
+def test_a_hook_on_a_projection_runs_on_every_step(mixtral_folder):
+    """q/k/v are computed in one pass by the lean attention; a hook on one of them sends the
+    attention (and the step) back to transformers' forward, so the hook sees every call."""
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
+        want = _generate(eng, PROMPT, n=4).token_ids
+        seen = []
+        handle = eng.model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, a, out: seen.append(1))
+        try:
+            assert _generate(eng, PROMPT, n=4).token_ids == want
+        finally:
+            handle.remove()
+        assert len(seen) == 4  # the prefill and three decode steps
 
 
 def test_a_sliding_window_the_cache_reaches_sends_the_step_to_the_model(checkpoint_factory):
@@ -134,3 +149,32 @@ def test_the_environment_turns_it_off(mixtral_folder, monkeypatch):
     monkeypatch.setenv("PREGATED_LEAN_STEP", "yes")
     with pytest.raises(ValueError, match="PREGATED_LEAN_STEP"):
         Engine(mixtral_folder, device="cpu", quiet=True)
+
+
+def test_the_server_steps_one_request_through_it(mixtral_folder):
+    """A request alone in the server's batch (no row padded) decodes through the lean step and
+    gives Engine.generate's text."""
+    import threading
+
+    from pregated.generation import SamplingParams
+    from pregated.serving import Request, Scheduler
+
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
+        eng.eos_ids = set()  # random weights may emit eos: eight tokens either way
+        want = eng.generate(PROMPT, max_new_tokens=8).text
+        eng.lean_step = counting = Counting(eng.lean_step)
+        sched = Scheduler(eng, max_batch=2)
+        events, done = [], threading.Event()
+
+        def emit(ev):
+            events.append(ev)
+            if "finish_reason" in ev:
+                done.set()
+
+        try:
+            sched.submit(Request(PROMPT, SamplingParams(max_new_tokens=8), emit))
+            assert done.wait(120)
+        finally:
+            sched.shutdown(drain=True, timeout=120)
+        assert "".join(ev.get("text", "") for ev in events) == want
+        assert counting.taken == 7

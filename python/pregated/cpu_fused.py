@@ -20,6 +20,7 @@ import inspect
 import types
 
 import torch
+from torch.nn.modules import module as _module
 
 from . import _core
 from .cpu_dense import DTYPES, few_rows, host_call, siblings_of
@@ -50,6 +51,14 @@ def _takes_one_tensor(module: torch.nn.Module) -> bool:
     except (TypeError, ValueError):
         return False
     return len(params) == 1 and all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def hooked(module: torch.nn.Module, allowed: set[int] = frozenset()) -> bool:
+    """Whether calling past `module`'s __call__ would skip a forward hook (its own, other than
+    the `allowed` ids, or a global one)."""
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(hooks and not allowed.issuperset(hooks) for hooks in (module._forward_pre_hooks, module._forward_hooks))
 
 
 def _swap(module: torch.nn.Module, forward) -> None:
@@ -214,6 +223,8 @@ def _lean_attention(self, args, kwargs):
     group = siblings_of(self.q_proj)
     rows = few_rows(h, self.q_proj.weight)
     if group is None or not rows:  # few_rows: a host call
+        return None
+    if hooked(self.q_proj) or hooked(self.k_proj) or hooked(self.v_proj):  # one pass computes all three
         return None
     cos, sin = pe
     d = self.head_dim

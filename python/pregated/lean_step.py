@@ -19,10 +19,9 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.nn.modules import module as _module
 
 from .cpu_dense import few_rows, siblings_of
-from .cpu_fused import CHECK_SEED, _attention_forward, _lean_attention, _router_forward, _tolerance
+from .cpu_fused import CHECK_SEED, _attention_forward, _lean_attention, _router_forward, _tolerance, hooked
 from .experts import Binding
 
 LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -45,8 +44,9 @@ class _Layer:
         self.m, self.experts = block if block is not None else (None, None)
         self.gate = layer.mlp.gate if block is not None else None
         # called directly (their hooks do not run): what the step checks for hooks
-        self.direct = [layer, self.attn, self.norm1] + ([self.norm2, self.mlp, self.gate, self.experts]
-                                                        if block is not None else [])
+        attn = layer.self_attn
+        self.direct = [layer, attn, attn.q_proj, attn.k_proj, attn.v_proj, self.norm1] + (
+            [self.norm2, self.mlp, self.gate, self.experts] if block is not None else [])
 
 
 class LeanStep:
@@ -57,18 +57,16 @@ class LeanStep:
         inner = model.model
         self.model, self.embed, self.rotary, self.norm, self.head = model, inner.embed_tokens, inner.rotary_emb, inner.norm, model.lm_head
         self.layers, self.taps, self.cache_arg, self.window = layers, taps, cache_arg, window
-        self.direct = [model, inner] + [mod for lay in layers for mod in lay.direct]
+        direct = [model, inner] + [mod for lay in layers for mod in lay.direct]
+        self.hook_dicts = [d for mod in direct for d in (mod._forward_pre_hooks, mod._forward_hooks)]
 
     def _hooks_allow(self) -> bool:
         """No hook would be skipped but the block taps' (whose records the step makes itself)."""
-        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        if hooked(self.model):  # a global hook
             return False
-        ours = self.taps.recording_hooks() if self.taps is not None else set()
-        for mod in self.direct:
-            for hooks in (mod._forward_pre_hooks, mod._forward_hooks):
-                if hooks and not ours.issuperset(hooks):
-                    return False
-        return True
+        hooks = [d for d in self.hook_dicts if d]
+        ours = self.taps.recording_hooks() if hooks and self.taps is not None else set()
+        return all(ours.issuperset(d) for d in hooks)
 
     def _feeds_taps(self) -> bool:
         """The taps know (from a forward of the model) that they record block m's residual stream

@@ -91,10 +91,11 @@ class BatchState:
     def apply(self, op: str, *args):
         return getattr(self, "_" + op)(*args)
 
-    def _forward(self, tokens, positions, mask, cache):
+    def _forward(self, tokens, positions, mask, cache, unpadded: bool = False):
         eng = self.engine
         rows = torch.ones(tokens.shape, dtype=torch.bool)
-        return eng._forward(tokens.to(eng.device), mask.to(eng.device), positions.to(eng.device), cache, rows)
+        return eng._forward(tokens.to(eng.device), mask.to(eng.device), positions.to(eng.device), cache, rows,
+                            unpadded=unpadded)
 
     def _prefill(self, tokens, positions, mask, fresh: bool):
         """One chunk of the pending prompt (fresh: its first)."""
@@ -118,7 +119,8 @@ class BatchState:
 
     def _step(self, tokens, positions, mask):
         with torch.inference_mode(), decode_threads(self.engine.device, spin=self.engine.spin_between_jobs):
-            out, self.batch = self._forward(tokens, positions, mask, self.batch)
+            # an all-ones mask (a host tensor): no row is padded, so the step may be the lean one
+            out, self.batch = self._forward(tokens, positions, mask, self.batch, unpadded=bool(mask.all()))
         return out
 
     def _drop(self, which: str):  # "batch" or "pending"
