@@ -234,11 +234,11 @@ def _lean_attention(self, args, kwargs):
     qh, kvh = nq // d, nk // d
     qkv = group.forward(h, rows).view(rows, -1)
     q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
-    normed = hasattr(self, "q_norm") or hasattr(self, "k_norm")
+    q_norm, k_norm, clip = self._pregated_lean
+    normed = q_norm is not None or k_norm is not None
     if normed:
-        q = _norm_heads(self.q_norm, q, qh, d) if hasattr(self, "q_norm") else q.contiguous()
-        k = _norm_heads(self.k_norm, k, kvh, d) if hasattr(self, "k_norm") else k.contiguous()
-    clip = getattr(self.config, "clip_qkv", None)
+        q = _norm_heads(q_norm, q, qh, d) if q_norm is not None else q.contiguous()
+        k = _norm_heads(k_norm, k, kvh, d) if k_norm is not None else k.contiguous()
     if clip is not None:
         for t in (q, k, v):
             t.clamp_(min=-clip, max=clip)
@@ -256,7 +256,8 @@ def _lean_attention(self, args, kwargs):
         keys, values = cache.update(keys, values, self.layer_idx, kwargs=rest)
     out = torch.empty(rows, qh * d, dtype=h.dtype)
     _core.cpu_attention(q, keys.contiguous(), values.contiguous(), qh, self.scaling, out)
-    return self.o_proj(out.view(batch, 1, qh * d)), None
+    o_proj = self.o_proj
+    return (o_proj if hooked(o_proj) else o_proj.forward)(out.view(batch, 1, qh * d)), None
 
 
 def _lean_attention_agrees(module: torch.nn.Module) -> bool:
@@ -307,11 +308,14 @@ def use_lean_attention(model: torch.nn.Module) -> int:
                 and siblings_of(q_proj) is siblings_of(module.k_proj) is siblings_of(module.v_proj)
                 and [q_proj._pregated_index, module.k_proj._pregated_index, module.v_proj._pregated_index] == [0, 1, 2]):
             continue
+        # read once: a module attribute that is missing costs a raised AttributeError per lookup
+        module._pregated_lean = (getattr(module, "q_norm", None), getattr(module, "k_norm", None),
+                                 getattr(module.config, "clip_qkv", None))
         _swap(module, _attention_forward)
         if _lean_attention_agrees(module):
             n += 1
         else:  # back to the class's forward
-            del module.forward, module._pregated_forward
+            del module.forward, module._pregated_forward, module._pregated_lean
     return n
 
 
