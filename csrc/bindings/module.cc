@@ -552,19 +552,21 @@ PYBIND11_MODULE(_core, m) {
     }
     expect_dims(out, "out", {rows, q_heads * d}, "rows, q_heads * head_dim");
     expect_host_contiguous(q, "q", q.dtype);
-    expect_host_contiguous(k, "k", q.dtype);
-    expect_host_contiguous(v, "v", q.dtype);
+    expect_host_rows(k, "k", q.dtype);
+    expect_host_rows(v, "v", q.dtype);
     expect_host_contiguous(out, "out", q.dtype);
     dtype dt;
     throw_if_error(parse_dtype(q.dtype, &dt));
+    const kv_layout kl{k.strides[0], k.strides[1]}, vl{v.strides[0], v.strides[1]};
     py::gil_scoped_release nogil;
     cpu_attention(dt, batch, rows / batch, q_heads, kv_heads, keys, d, reinterpret_cast<const void*>(q.data), q.shape[1],
-                  reinterpret_cast<const void*>(k.data), reinterpret_cast<const void*>(v.data), static_cast<float>(scale),
-                  reinterpret_cast<void*>(out.data));
+                  reinterpret_cast<const void*>(k.data), kl, reinterpret_cast<const void*>(v.data), vl,
+                  static_cast<float>(scale), reinterpret_cast<void*>(out.data));
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_heads"), py::arg("scale"), py::arg("out"),
         "transformers' attention of the new rows on the CPU: q [batch * new, width] holds q_heads heads at the "
-        "start of each row; k, v [batch, kv_heads, keys, head_dim]; causal over the new rows (the last of the "
-        "keys); out [batch * new, q_heads * head_dim]; one dtype, contiguous.");
+        "start of each row; k, v [batch, kv_heads, keys, head_dim], each head's keys contiguous rows (views of a "
+        "larger cache buffer are fine); causal over the new rows (the last of the keys); out [batch * new, "
+        "q_heads * head_dim]; one dtype; q and out contiguous.");
 
   m.def("cpu_route", [](const py::object& x_obj, const py::object& w_obj, int64_t top_k, bool normalize,
                         const py::object& logits_obj, const py::object& weights_obj, const py::object& ids_obj) {

@@ -78,6 +78,7 @@ tensor_info inspect_attributes(py::handle obj) {
   t.device_index = idx.is_none() ? -1 : idx.cast<int>();
   if (t.device_type == "cuda" && t.device_index < 0) t.device_index = 0;
   t.contiguous = obj.attr("is_contiguous")().cast<bool>();
+  for (py::handle st : obj.attr("stride")()) t.strides.push_back(st.cast<int64_t>());
   return t;
 }
 
@@ -105,12 +106,12 @@ tensor_info inspect(py::handle obj, const char* name) {
   t.device_type = d.device.device_type == 2 ? "cuda" : d.device.device_type == 1 || d.device.device_type == 3 ? "cpu" : "other";
   t.device_index = d.device.device_type == 2 ? d.device.device_id : -1;
   t.contiguous = true;
-  if (d.strides != nullptr) {
-    int64_t expect = 1;
-    for (int32_t i = d.ndim - 1; i >= 0; --i) {
-      if (d.shape[i] != 1 && d.strides[i] != expect) t.contiguous = false;
-      expect *= d.shape[i];
-    }
+  t.strides.assign(static_cast<size_t>(d.ndim), 0);
+  int64_t compact = 1;
+  for (int32_t i = d.ndim - 1; i >= 0; --i) {
+    t.strides[static_cast<size_t>(i)] = d.strides != nullptr ? d.strides[i] : compact;
+    if (d.shape[i] != 1 && t.strides[static_cast<size_t>(i)] != compact) t.contiguous = false;
+    compact *= d.shape[i];
   }
   // The tensor stays alive (t.tensor): the capsule's extra reference can go now.
   PyCapsule_SetName(cap.ptr(), "used_dltensor");
@@ -154,6 +155,18 @@ void expect_host_contiguous(const tensor_info& t, const char* name, const std::s
   expect_device(t, name, "cpu");
   expect_dtype(t, name, dtype);
   expect_contiguous(t, name);
+}
+
+void expect_host_rows(const tensor_info& t, const char* name, const std::string& dtype) {
+  expect_device(t, name, "cpu");
+  expect_dtype(t, name, dtype);
+  const size_t n = t.shape.size();
+  const bool rows = n < 2 || ((t.shape[n - 1] == 1 || t.strides[n - 1] == 1) &&
+                              (t.shape[n - 2] == 1 || t.strides[n - 2] == t.shape[n - 1]));
+  if (!rows) {
+    throw py::value_error(std::string(name) + " (shape " + t.shape_str() +
+                          ") must have its last two dimensions contiguous; call .contiguous() on it first");
+  }
 }
 
 tensor_info to_host(const tensor_info& t, const char* name, const char* dtype) {

@@ -20,6 +20,7 @@ struct tensor_info {
   uintptr_t data = 0;
   std::string dtype;         // "float32", "bfloat16", "int64", ...
   std::vector<int64_t> shape;
+  std::vector<int64_t> strides;  // in elements, one per dimension
   std::string device_type;   // "cpu", "cuda", ...
   int device_index = -1;
   bool contiguous = false;
@@ -39,6 +40,9 @@ void expect_device(const tensor_info& t, const char* name, const std::string& de
 void expect_contiguous(const tensor_info& t, const char* name);
 // On the host, contiguous and of `dtype`.
 void expect_host_contiguous(const tensor_info& t, const char* name, const std::string& dtype);
+// On the host, of `dtype`, its last two dimensions compact (rows of contiguous elements one after
+// another); the others may have any stride (a view of a larger buffer).
+void expect_host_rows(const tensor_info& t, const char* name, const std::string& dtype);
 
 // Copy to a contiguous host tensor of the given torch dtype name ("int32", "float32").
 tensor_info to_host(const tensor_info& t, const char* name, const char* dtype);

@@ -446,8 +446,10 @@ void cpu_rope(dtype dt, int64_t rows, int64_t width, int64_t heads, int64_t d, v
   cpu::rope_rows(dt, rows, width, heads, d, x, cos, sin);
 }
 void cpu_attention(dtype dt, int64_t batch, int64_t new_rows, int64_t q_heads, int64_t kv_heads, int64_t keys,
-                   int64_t d, const void* q, int64_t q_width, const void* k, const void* v, float scale, void* out) {
-  cpu::attention_rows(dt, batch, new_rows, q_heads, kv_heads, keys, d, q, q_width, k, v, scale, out);
+                   int64_t d, const void* q, int64_t q_width, const void* k, kv_layout k_layout, const void* v,
+                   kv_layout v_layout, float scale, void* out) {
+  cpu::attention_rows(dt, batch, new_rows, q_heads, kv_heads, keys, d, q, q_width, k, k_layout, v, v_layout, scale,
+                      out);
 }
 status cpu_route(dtype dt, int64_t rows, int64_t experts, int64_t hidden, const void* x, const void* w, int64_t k,
                  bool normalize, void* logits, float* weights, int64_t* ids) {

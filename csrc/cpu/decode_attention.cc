@@ -135,7 +135,8 @@ void rope_rows(dtype dt, int64_t rows, int64_t width, int64_t heads, int64_t d, 
 }
 
 void attention_rows(dtype dt, int64_t batch, int64_t new_rows, int64_t q_heads, int64_t kv_heads, int64_t keys,
-                    int64_t d, const void* q, int64_t q_width, const void* k, const void* v, float scale, void* out) {
+                    int64_t d, const void* q, int64_t q_width, const void* k, kv_layout k_layout, const void* v,
+                    kv_layout v_layout, float scale, void* out) {
   const int64_t es = dtype_size(dt);
   const int64_t group = q_heads / kv_heads;
   const auto* qb = static_cast<const uint8_t*>(q);
@@ -145,7 +146,9 @@ void attention_rows(dtype dt, int64_t batch, int64_t new_rows, int64_t q_heads, 
   auto one = [&](int64_t task) {  // task = (b * new_rows + l) * q_heads + h
     const int64_t h = task % q_heads, row = task / q_heads, b = row / new_rows, l = row % new_rows;
     const int64_t limit = keys - new_rows + l + 1;
-    const int64_t kv = (b * kv_heads + h / group) * keys * d;
+    const int64_t g = h / group;
+    const uint8_t* kh = kb + (b * k_layout.batch_stride + g * k_layout.head_stride) * es;
+    const uint8_t* vh = vb + (b * v_layout.batch_stride + g * v_layout.head_stride) * es;
     thread_local std::vector<float> qf, scores, acc;
     qf.resize(static_cast<size_t>(d));
     acc.assign(static_cast<size_t>(d), 0.0f);
@@ -154,7 +157,7 @@ void attention_rows(dtype dt, int64_t batch, int64_t new_rows, int64_t q_heads, 
     for (int64_t i = 0; i < d; ++i) qf[i] = widen_at(dt, qrow, i);
     float top = -INFINITY;
     for (int64_t j = 0; j < limit; ++j) {
-      scores[j] = scale * dot(dt, qf.data(), kb + (kv + j * d) * es, d);
+      scores[j] = scale * dot(dt, qf.data(), kh + j * d * es, d);
       top = std::fmax(top, scores[j]);
     }
     float sum = 0;
@@ -162,7 +165,7 @@ void attention_rows(dtype dt, int64_t batch, int64_t new_rows, int64_t q_heads, 
       scores[j] = std::exp(scores[j] - top);
       sum += scores[j];
     }
-    for (int64_t j = 0; j < limit; ++j) axpy(dt, scores[j] / sum, vb + (kv + j * d) * es, acc.data(), d);
+    for (int64_t j = 0; j < limit; ++j) axpy(dt, scores[j] / sum, vh + j * d * es, acc.data(), d);
     uint8_t* orow = ob + (row * q_heads + h) * d * es;
     for (int64_t i = 0; i < d; ++i) store_at(dt, orow, i, acc[i]);
   };

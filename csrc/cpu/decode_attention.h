@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "pregated/backend.h"
 #include "pregated/types.h"
 
 namespace pregated::cpu {
@@ -19,10 +20,12 @@ void rope_rows(dtype dt, int64_t rows, int64_t width, int64_t heads, int64_t d, 
 
 // out[b * new + l, h * d ...] = softmax(scale * q . k[b, h / group, :limit]) . v[b, h / group, :limit],
 // with q the first q_heads * d elements of row b * new + l of q (row stride q_width), k and v
-// [batch, kv_heads, keys, d], limit = keys - new + l + 1 (causal over the new rows). All in dt;
-// float32 inside. Many (row, head) pairs go over the current pool.
+// [batch, kv_heads, keys, d] (head (b, g) starting at b * batch_stride + g * head_stride of its
+// kv_layout, its keys contiguous rows of d), limit = keys - new + l + 1 (causal over the new
+// rows). All in dt; float32 inside. Many (row, head) pairs go over the current pool.
 void attention_rows(dtype dt, int64_t batch, int64_t new_rows, int64_t q_heads, int64_t kv_heads, int64_t keys,
-                    int64_t d, const void* q, int64_t q_width, const void* k, const void* v, float scale, void* out);
+                    int64_t d, const void* q, int64_t q_width, const void* k, kv_layout k_layout, const void* v,
+                    kv_layout v_layout, float scale, void* out);
 
 // For tests: true forces the portable paths, false restores the best this CPU has.
 void decode_attention_force_portable(bool portable);

@@ -210,6 +210,12 @@ def _norm_heads(norm, x: torch.Tensor, heads: int, d: int) -> torch.Tensor:
     return norm(x) if norm.weight.numel() == x.shape[1] else norm(x.reshape(rows, heads, d)).reshape(rows, heads * d)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t itself where its last two dimensions are compact (a growing cache's view of its buffer:
+    cpu_attention reads it in place), else a contiguous copy."""
+    return t if t.stride(-1) == 1 and (t.shape[-2] == 1 or t.stride(-2) == t.shape[-1]) else t.contiguous()
+
+
 def _lean_attention(self, args, kwargs):
     """One decode step of transformers' Llama-style attention in four calls (q/k/v in one pass,
     rotary embedding, attention, o_proj) around the cache's own update; None where the call is not
@@ -255,7 +261,7 @@ def _lean_attention(self, args, kwargs):
         rest = {name: value for name, value in kwargs.items() if name not in _ATTENTION_ARGS}
         keys, values = cache.update(keys, values, self.layer_idx, kwargs=rest)
     out = torch.empty(rows, qh * d, dtype=h.dtype)
-    _core.cpu_attention(q, keys.contiguous(), values.contiguous(), qh, self.scaling, out)
+    _core.cpu_attention(q, _rows(keys), _rows(values), qh, self.scaling, out)
     o_proj = self.o_proj
     return (o_proj if hooked(o_proj) else o_proj.forward)(out.view(batch, 1, qh * d)), None
 

@@ -308,7 +308,12 @@ class Engine:
                              logits_to_keep=0 if all_logits else 1, **{self._cache_arg: cache})
         finally:
             self.moe.rows = None
-        return out.logits, getattr(out, self._cache_arg, None)
+        cache = getattr(out, self._cache_arg, None)
+        if self.device == "cpu" and cache is not None:
+            from .kv_cache import grow_in_place  # here: the module needs transformers, the Engine's import not
+
+            grow_in_place(cache)  # later steps append in place
+        return out.logits, cache
 
     def _prefill(self, prompts: list[list[int]]):
         """Left-pads the prompts into one batch and runs them; returns the cache, the attention

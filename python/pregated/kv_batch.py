@@ -1,7 +1,9 @@
 """A running decode batch's KV cache: rows leave it and new rows join it at step boundaries
 (continuous batching). Works on transformers' DynamicCache whose layers are all full-attention
 DynamicLayers ([B, heads, S, head_dim] keys and values); other caches (sliding windows, state
-spaces) cannot take a row of another length, and `can_join` says so.
+spaces) cannot take a row of another length, and `can_join` says so. A GrowingLayer (kv_cache.py)
+takes the concatenated tensors as any DynamicLayer does and copies them into new room on its next
+update.
 
 Rows are left-padded: a batch of S cached positions and a new row of L < S positions gets S - L
 zeros in front of the new row's keys and values, and zeros in the attention mask, so neither
@@ -14,11 +16,14 @@ import torch
 
 
 def can_join(cache) -> bool:
-    """Whether rows of other lengths can join `cache` (every layer a plain DynamicLayer)."""
+    """Whether rows of other lengths can join `cache` (every layer a plain DynamicLayer, or the
+    GrowingLayer a CPU Engine turns it into)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
+    from .kv_cache import GrowingLayer
+
     return (type(cache) is DynamicCache and len(cache.layers) > 0
-            and all(type(layer) is DynamicLayer for layer in cache.layers))
+            and all(type(layer) in (DynamicLayer, GrowingLayer) for layer in cache.layers))
 
 
 def keep_rows(cache, mask: torch.Tensor, rows: list[int]):

@@ -97,20 +97,26 @@ TEST(cpu_rope_and_attention_over_the_pool) {
       CHECK(x[r * width + width - 1] == before[r * width + width - 1]);
     }
     CHECK(worst < 1e-5);
-    // attention, causal over the fresh rows at the end of the keys
-    const std::vector<float> k = normal_values(static_cast<size_t>(batch * kvh * keys * d), 6),
-                             v = normal_values(static_cast<size_t>(batch * kvh * keys * d), 7);
+    // attention, causal over the fresh rows at the end of the keys; k and v are views of buffers
+    // with room for `cap` keys a head (as a growing KV cache holds them), NaN past the keys
+    const int64_t cap = keys + 5;
+    std::vector<float> k = normal_values(static_cast<size_t>(batch * kvh * cap * d), 6),
+                       v = normal_values(static_cast<size_t>(batch * kvh * cap * d), 7);
+    for (int64_t head = 0; head < batch * kvh; ++head) {
+      for (int64_t i = keys * d; i < cap * d; ++i) k[head * cap * d + i] = v[head * cap * d + i] = NAN;
+    }
+    const kv_layout layout{kvh * cap * d, cap * d};
     std::vector<float> out(static_cast<size_t>(rows * qh * d), NAN);
     const float scale = 0.125f;
-    cpu::attention_rows(dtype::dtype_f32, batch, fresh, qh, kvh, keys, d, x.data(), width, k.data(), v.data(), scale,
-                        out.data());
+    cpu::attention_rows(dtype::dtype_f32, batch, fresh, qh, kvh, keys, d, x.data(), width, k.data(), layout, v.data(),
+                        layout, scale, out.data());
     worst = 0;
     for (int64_t b = 0; b < batch; ++b) {
       for (int64_t l = 0; l < fresh; ++l) {
         const int64_t row = b * fresh + l, limit = keys - fresh + l + 1;
         for (int64_t h = 0; h < qh; ++h) {
           const float* q = x.data() + row * width + h * d;
-          const int64_t base = (b * kvh + h / (qh / kvh)) * keys * d;
+          const int64_t base = (b * kvh + h / (qh / kvh)) * cap * d;
           std::vector<double> s(limit);
           double top = -1e300, sum = 0;
           for (int64_t j = 0; j < limit; ++j) {

@@ -155,11 +155,18 @@ void cpu_rms_norm(dtype dt, int64_t rows, int64_t n, const void* x, const void* 
 // `normalize`.
 // transformers' Llama-style attention of a few new rows on the host (see cpu/decode_attention.h):
 // rotary embedding in place on the first `heads` heads of each row of x [rows, width]; then the
-// attention of q (row stride q_width) against k, v [batch, kv_heads, keys, d] into out.
+// attention of q (row stride q_width) against k, v [batch, kv_heads, keys, d] (heads placed by
+// their kv_layout) into out.
 void cpu_rope(dtype dt, int64_t rows, int64_t width, int64_t heads, int64_t d, void* x, const void* cos,
               const void* sin);
+// Where a key/value head starts, in elements: b * batch_stride + h * head_stride (its keys are
+// contiguous rows of d).
+struct kv_layout {
+  int64_t batch_stride = 0, head_stride = 0;
+};
 void cpu_attention(dtype dt, int64_t batch, int64_t new_rows, int64_t q_heads, int64_t kv_heads, int64_t keys,
-                   int64_t d, const void* q, int64_t q_width, const void* k, const void* v, float scale, void* out);
+                   int64_t d, const void* q, int64_t q_width, const void* k, kv_layout k_layout, const void* v,
+                   kv_layout v_layout, float scale, void* out);
 status cpu_route(dtype dt, int64_t rows, int64_t experts, int64_t hidden, const void* x, const void* w, int64_t k,
                  bool normalize, void* logits, float* weights, int64_t* ids);
 // Host memory read bandwidth in GB/s: the best of five parallel reads of a `bytes` buffer on
