@@ -178,3 +178,23 @@ def test_the_server_steps_one_request_through_it(mixtral_folder):
             sched.shutdown(drain=True, timeout=120)
         assert "".join(ev.get("text", "") for ev in events) == want
         assert counting.taken == 7
+
+
+def test_an_attention_refusal_before_the_cache_is_written_runs_the_model(mixtral_folder, monkeypatch):
+    import pregated.lean_step as lean_step
+
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
+        want = _generate(eng, PROMPT, n=4).token_ids
+        real = lean_step._lean_attention
+        refuse = {"layer": 0}
+
+        def attention(module, args, kwargs):
+            return None if module.layer_idx == refuse["layer"] else real(module, args, kwargs)
+
+        monkeypatch.setattr(lean_step, "_lean_attention", attention)
+        eng.lean_step = counting = Counting(eng.lean_step)
+        assert _generate(eng, PROMPT, n=4).token_ids == want  # refused at the first layer: the model ran
+        assert counting.refused == 3 and counting.taken == 0
+        refuse["layer"] = 1  # after layer 0 wrote the cache: an error, not a wrong answer
+        with pytest.raises(RuntimeError, match="PREGATED_LEAN_STEP=0"):
+            _generate(eng, PROMPT, n=4)
