@@ -53,12 +53,14 @@ def _takes_one_tensor(module: torch.nn.Module) -> bool:
     return len(params) == 1 and all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
-def hooked(module: torch.nn.Module, allowed: set[int] = frozenset()) -> bool:
-    """Whether calling past `module`'s __call__ would skip a forward hook (its own, other than
-    the `allowed` ids, or a global one)."""
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-        return True
-    return any(hooks and not allowed.issuperset(hooks) for hooks in (module._forward_pre_hooks, module._forward_hooks))
+def global_hooks() -> bool:
+    """Whether a forward hook is registered for every module (torch.nn.modules.module's)."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
+def hooked(module: torch.nn.Module) -> bool:
+    """Whether calling past `module`'s __call__ would skip a forward hook (its own or a global one)."""
+    return global_hooks() or bool(module._forward_pre_hooks or module._forward_hooks)
 
 
 def _swap(module: torch.nn.Module, forward) -> None:

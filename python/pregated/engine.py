@@ -297,12 +297,13 @@ class Engine:
         so choosing them costs no device synchronisation); unpadded: the mask is all ones (known
         on the host), so a decode step may take the lean step (lean_step.py).
         -> (logits [B, L, V] or of the last position [B, 1, V], the cache)."""
-        if (unpadded and self.lean_step is not None and cache is not None and tokens.shape[1] == 1
-                and not all_logits and bool(active.all())):
+        everyone = bool(active.all())
+        if (unpadded and everyone and self.lean_step is not None and cache is not None and tokens.shape[1] == 1
+                and not all_logits):
             logits = self.lean_step(tokens, positions, cache)
             if logits is not None:
                 return logits, cache
-        self.moe.rows = None if bool(active.all()) else active.reshape(-1).nonzero().squeeze(-1).to(self.device)
+        self.moe.rows = None if everyone else active.reshape(-1).nonzero().squeeze(-1).to(self.device)
         try:
             out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=0 if all_logits else 1, **{self._cache_arg: cache})

@@ -21,7 +21,7 @@ import os
 import torch
 
 from .cpu_dense import few_rows, siblings_of
-from .cpu_fused import CHECK_SEED, _attention_forward, _lean_attention, _router_forward, _tolerance, hooked
+from .cpu_fused import CHECK_SEED, _attention_forward, _lean_attention, _router_forward, _tolerance, global_hooks
 from .experts import Binding
 
 LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -38,13 +38,12 @@ class _Layer:
     inline: a router swapped by cpu_fused and an experts module, nothing else."""
 
     def __init__(self, layer: torch.nn.Module, block: tuple[int, torch.nn.Module] | None):
-        self.layer, self.attn = layer, layer.self_attn
+        attn = self.attn = layer.self_attn
         self.norm1, self.norm2, self.mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
-        self.q_proj = layer.self_attn.q_proj
+        self.q_proj = attn.q_proj
         self.m, self.experts = block if block is not None else (None, None)
         self.gate = layer.mlp.gate if block is not None else None
         # called directly (their hooks do not run): what the step checks for hooks
-        attn = layer.self_attn
         self.direct = [layer, attn, attn.q_proj, attn.k_proj, attn.v_proj, self.norm1] + (
             [self.norm2, self.mlp, self.gate, self.experts] if block is not None else [])
 
@@ -62,11 +61,10 @@ class LeanStep:
 
     def _hooks_allow(self) -> bool:
         """No hook would be skipped but the block taps' (whose records the step makes itself)."""
-        if hooked(self.model):  # a global hook
+        if global_hooks():
             return False
-        hooks = [d for d in self.hook_dicts if d]
-        ours = self.taps.recording_hooks() if hooks and self.taps is not None else set()
-        return all(ours.issuperset(d) for d in hooks)
+        ours = self.taps.recording_hooks if self.taps is not None else frozenset()
+        return all(ours.issuperset(d) for d in self.hook_dicts if d)
 
     def _feeds_taps(self) -> bool:
         """The taps know (from a forward of the model) that they record block m's residual stream
@@ -139,7 +137,6 @@ def _agrees(step: LeanStep, blocks) -> bool:
     gen = torch.Generator().manual_seed(CHECK_SEED)
     vocab = step.embed.weight.shape[0]
     saved = [b.experts.__dict__.get("_pregated") for b in blocks]
-    residual = list(step.taps.residual) if step.taps is not None else None
     tol = _tolerance(w.dtype)
     try:
         for m, b in enumerate(blocks):
@@ -166,8 +163,8 @@ def _agrees(step: LeanStep, blocks) -> bool:
                 b.experts.__dict__.pop("_pregated", None)
             else:
                 b.experts._pregated = binding
-        if residual is not None:
-            step.taps.residual[:] = [None] * len(residual)
+        if step.taps is not None:  # what the check's forwards recorded for the pre-gate
+            step.taps.residual[:] = [None] * len(step.taps.residual)
     pairs = [(a.keys, b.keys) for a, b in zip(caches[0].layers, caches[1].layers)]
     pairs += [(a.values, b.values) for a, b in zip(caches[0].layers, caches[1].layers)]
     return all(x.shape == y.shape and torch.allclose(x.float(), y.float(), rtol=tol, atol=tol) for x, y in pairs)

@@ -36,6 +36,10 @@ class BlockTaps:
                 self._norm_handles.setdefault(name, []).append(norm.register_forward_hook(self._norm_hook(m, name)))
             self._handles.append(b.block.register_forward_pre_hook(self._block_hook(m)))
             self._rank_handles.append(b.router.register_forward_pre_hook(self._rank_hook(m)))
+        # the hooks that record the residual stream (fixed from here on; removing one only makes
+        # its id absent from its module): a caller that runs a decoder layer without them sets
+        # `residual[m]` itself
+        self.recording_hooks = frozenset(h.id for h in self._handles + sum(self._norm_handles.values(), []))
 
     def _norm_hook(self, m: int, name: str):
         def hook(module, args, output):
@@ -78,12 +82,6 @@ class BlockTaps:
         if not self.found:
             raise RuntimeError("the pre-gate ran before the first MoE block was seen")
         return None if self.norm_name is None else getattr(self.blocks[m].decoder, self.norm_name)
-
-    def recording_hooks(self) -> set[int]:
-        """Ids of the hooks that record the residual stream (on the MoE blocks and norms): a caller
-        that runs a decoder layer without them sets `residual[m]` itself."""
-        handles = self._handles + sum(self._norm_handles.values(), [])
-        return {h.id for h in handles}
 
     def take_residual(self, m: int) -> torch.Tensor | None:
         """Block m's residual stream [..., H] from this forward (then forgotten)."""
