@@ -153,12 +153,12 @@ def test_cpu_gemm_kernels_against_dequantize_then_matmul(isa, fmt, group):
     try:
         spec = QuantSpec(BITS[fmt], group)
         torch.manual_seed(group + spec.bits)
-        for k in (37, 200, 256, 384):
+        for k in (37, 200, 256, 320, 384):
             n = 45
             codes, scale, zero = quantize(torch.randn(n, k), spec)
             w = dequantize(codes, scale, zero, group).double()
             packed = pack(codes, spec.bits)
-            for m in (1, 2, 5, 8, 9, 64):
+            for m in (1, 2, 3, 4, 5, 8, 9, 64):
                 a = torch.randn(m, k) * torch.linspace(0.1, 3, k)  # groups of different ranges
                 out = torch.zeros(m, n)
                 _core._quantized_gemm(a, packed, scale, zero, spec.bits, group, out)

@@ -15,6 +15,7 @@
 #define PREGATED_AMX 1
 // GCC 12 warns inside its own AVX-512 intrinsics (a known false positive), as in small_rows.cc.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace pregated::cpu {
@@ -24,10 +25,6 @@ namespace {
 constexpr int64_t tile_rows = 16;  // columns of B (rows of a tile) and rows of A per block
 constexpr int64_t tile_k = 32;     // bf16 values of k per tile row (64 bytes)
 constexpr int64_t code_k = 64;     // codes of k per tile row (64 bytes)
-
-// Byte p of a tile row of 64 codes holds code code_at(p): int8 in place; int4 unpacked as the
-// low nibbles of the row's 32 bytes (even codes), then the high ones (odd codes).
-inline int64_t code_at(int bits, int64_t p) { return bits == 8 ? p : p < 32 ? 2 * p : 2 * (p - 32) + 1; }
 
 #ifdef PREGATED_AMX
 
@@ -140,17 +137,6 @@ tile_config codes_config(int64_t columns) {
   return cfg;
 }
 
-// 16 rows of 32 bytes of int4 codes from `src` (row stride `stride`) as 16 rows of 64 bytes.
-__attribute__((target("avx2"))) inline void unpack_int4(const uint8_t* src, int64_t stride, int64_t rows,
-                                                        uint8_t* dst) {
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * stride));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(dst + r * 64), _mm256_and_si256(v, low));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(dst + r * 64 + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
-  }
-}
-
 // The scales of 16 columns from j as fp32, row r at r * stride: sw[g], swz[g] = scale * zero
 // (zeros past the last column and past the last group, up to `stride`).
 __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void column_scales(const quantized_matrix& b, int64_t j,
@@ -169,58 +155,56 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void column_scales(con
   }
 }
 
-// Group g's products into C tile U (B's codes through tile CT, the activations through tile
-// AT); `buf` holds int4 codes unpacked. Tile numbers are literal in the instructions, so this
-// is a macro.
-#define PREGATED_GROUP_PRODUCTS(U, CT, AT, g, buf)                                                \
+// Group g's products into C tile U (int8 codes read in place through tile CT, the activations
+// through tile AT). Tile numbers are literal in the instructions, so this is a macro.
+#define PREGATED_GROUP_PRODUCTS(U, CT, AT, g)                                                     \
   for (int64_t s = 0; s < per_group; ++s) {                                                      \
     const int64_t c0 = (g) * G + s * code_k;                                                     \
-    if constexpr (BITS == 8) {                                                                   \
-      _tile_loadd(CT, codes + c0, static_cast<long>(b.row_bytes));                               \
-    } else {                                                                                     \
-      unpack_int4(codes + c0 / 2, b.row_bytes, cols, buf);                                       \
-      _tile_loadd(CT, buf, 64);                                                                  \
-    }                                                                                            \
+    _tile_loadd(CT, codes + c0, static_cast<long>(b.row_bytes));                                 \
     _tile_loadd(AT, in.packed.data() + (c0 / code_k) * tile_rows * code_k, 64);                  \
     _tile_dpbusd(U, CT, AT);                                                                     \
   }
 
-// Block blk0 + U's P groups into C tile U; the int4 unpacking alternates between two buffers per
-// tile.
+// Block blk0 + U's P groups into C tile U.
 #define PREGATED_BLOCK_PRODUCTS(U, CT, AT)                                                        \
   for (int64_t u = 0; u < P; ++u) {                                                               \
     const int64_t g = (blk0 + (U)) * P + u;                                                       \
-    uint8_t* buf = unpacked + ((u & 1) * 4 + (U)) * tile_rows * 64;                               \
-    if (g < groups) PREGATED_GROUP_PRODUCTS(U, CT, AT, g, buf)                                    \
+    if (g < groups) PREGATED_GROUP_PRODUCTS(U, CT, AT, g)                                         \
   }
 
-// C tile U's P groups (block blk) scaled into acc: lane (u, i) of column r's sums times
-// scale_w[r, group u] * scale_a[i, group u], less the zero term.
-#define PREGATED_SCALE_BLOCK(U, blk)                                                              \
-  {                                                                                               \
-    const int32_t* su = sums + (U) * tile_rows * tile_rows;                                       \
-    const __m512 sa = _mm512_loadu_ps(in.scale.data() + (blk) * tile_rows);                       \
-    const __m512 ss = _mm512_loadu_ps(in.scaled_sum.data() + (blk) * tile_rows);                  \
-    const int64_t g0 = (blk) * P;                                                                 \
-    _Pragma("GCC unroll 16") for (int r = 0; r < tile_rows; ++r) {                                \
-      const __m512 x = _mm512_cvtepi32_ps(_mm512_load_si512(su + r * tile_rows));                 \
-      const __m512 w = _mm512_permutexvar_ps(group_of_lane, _mm512_loadu_ps(sw.data() + r * gpad + g0));  \
-      const __m512 wz = _mm512_permutexvar_ps(group_of_lane, _mm512_loadu_ps(swz.data() + r * gpad + g0)); \
-      acc[r] = _mm512_fmadd_ps(x, _mm512_mul_ps(w, sa), acc[r]);                                   \
-      acc[r] = _mm512_fnmadd_ps(wz, ss, acc[r]);                                                   \
-    }                                                                                             \
+// A block's sums (column r's in row r, lanes (group slot u, row i)) into acc: times `factor` *
+// scale_w[r, group u] (sw[r * gpad + u]) * scale_a[i, group u] (lane of sa_row), less the zero
+// term scale_w * zero (swz) * scale_a * (sum of the group's activation codes) (ss_row).
+__attribute__((target("avx512f"))) inline void scale_sums(const int32_t* sums, const float* sa_row, const float* ss_row,
+                                                         float factor, const float* sw, const float* swz,
+                                                         int64_t gpad, __m512i group_of_lane,
+                                                         __m512 (&acc)[tile_rows]) {
+  const __m512 sa = _mm512_mul_ps(_mm512_loadu_ps(sa_row), _mm512_set1_ps(factor));
+  const __m512 ss = _mm512_loadu_ps(ss_row);
+#pragma GCC unroll 16
+  for (int r = 0; r < tile_rows; ++r) {
+    const __m512 x = _mm512_cvtepi32_ps(_mm512_load_si512(sums + r * tile_rows));
+    const __m512 w = _mm512_permutexvar_ps(group_of_lane, _mm512_loadu_ps(sw + r * gpad));
+    const __m512 wz = _mm512_permutexvar_ps(group_of_lane, _mm512_loadu_ps(swz + r * gpad));
+    acc[r] = _mm512_fnmadd_ps(wz, ss, _mm512_fmadd_ps(x, _mm512_mul_ps(w, sa), acc[r]));
   }
+}
+
+// C tile U's P groups (block blk) scaled into acc.
+#define PREGATED_SCALE_BLOCK(U, blk)                                                              \
+  scale_sums(sums + (U) * tile_rows * tile_rows, in.scale.data() + (blk) * tile_rows,             \
+             in.scaled_sum.data() + (blk) * tile_rows, 1.0f, sw.data() + (blk) * P, swz.data() + (blk) * P, gpad, \
+             group_of_lane, acc);
 
 // A tile multiply sums 64 codes of k into C[column][n] for the 16 columns n of the activations'
 // tile, and decode has few rows: the activations' tiles carry P = 16 / L groups side by side (L:
 // the rows rounded up to a power of two; group g's rows in columns (g % P) * L + i, zeros
 // elsewhere), so P consecutive groups add into one C tile without mixing, and one tile store and
-// one pass of scaling serve P groups. Four C tiles in flight (blocks of P groups each).
-template <int BITS>
-__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c,avx2"))) void run_codes(
+// one pass of scaling serve P groups. Four C tiles in flight (blocks of P groups each). int8
+// codes (int4 goes through run_pieces below).
+__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void run_codes(
     const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
   alignas(64) int32_t sums[4 * tile_rows * tile_rows];
-  alignas(64) uint8_t unpacked[8 * tile_rows * 64];
   alignas(64) float out[tile_rows * tile_rows];
   const int64_t G = b.group_size, per_group = G / code_k, groups = b.groups, P = in.per_tile, L = in.lanes;
   // rows of whole 16 scales, and a 16-lane load from any block's first group stays inside
@@ -276,7 +260,121 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c,avx2")))
 #undef PREGATED_BLOCK_PRODUCTS
 #undef PREGATED_GROUP_PRODUCTS
 
+// --- int4 codes in pieces ---------------------------------------------------------------------
+//
+// A piece is 64 bytes of a row of int4 codes (128 codes). Its high nibbles masked in place are 16 x
+// the odd codes, its low nibbles shifted up 4 are 16 x the even codes: two tiles of 64 bytes a
+// row, each byte of codes read once, three vector operations for 128 codes of a row (the half
+// chunks unpacked to bytes took six for 64). Tile 2s + h of the activations holds the codes
+// 128 s + 2 p + h at position p, so the even tile meets the even codes; the sums carry a factor
+// 16, taken out in the scaling. 16 columns x 128 codes: two tile multiplies, at any row count.
+//
+// A tile load does not take data from the store buffer: it waits until the stores it reads have
+// left the core. So piece s is unpacked into one buffer while piece s - 1's, unpacked a step
+// earlier, goes through the tiles. Each row's codes are prefetched `piece_prefetch` pieces ahead:
+// sixteen rows read side by side are more streams than the hardware's prefetch keeps ahead of
+// (Mixtral's gate and up at 4 rows, two cores: 4.0 ms with it, 5.0 without). Measured and not
+// kept: 32 or 64 columns at a time sharing the activations' tiles (slower from memory: too many
+// streams), chunks of k whose activation tiles stay in L1 (slower), the sums alternating between
+// two C tiles, a later tile load, the shift by an affine byte map (GFNI): none changed the time.
+
+constexpr int64_t piece_bytes = 2 * tile_rows * code_k;  // one unpacked piece: even tile, then odd
+constexpr int64_t piece_prefetch = 4;
+
+// Piece s of 16 rows (row stride `stride`; `valid` bytes of each row there; rows from `rows` on
+// are left alone) as 16 x the even codes in buf and 16 x the odd codes after them, 64 bytes a row.
+__attribute__((target("avx512f,avx512bw"))) inline void unpack_piece(const uint8_t* src, int64_t stride, int64_t rows,
+                                                                    int64_t valid, uint8_t* buf) {
+  const __m512i high = _mm512_set1_epi8(static_cast<char>(0xF0));
+  const __mmask64 mask = valid >= 64 ? ~__mmask64{0} : (__mmask64{1} << valid) - 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(src + r * stride + piece_prefetch * 64), _MM_HINT_T0);
+    const __m512i v = _mm512_maskz_loadu_epi8(mask, src + r * stride);
+    _mm512_store_si512(buf + r * 64, _mm512_and_si512(_mm512_slli_epi16(v, 4), high));
+    _mm512_store_si512(buf + tile_rows * code_k + r * 64, _mm512_and_si512(v, high));
+  }
+}
+
+// An unpacked piece into C tile 0: the activations' even and odd tiles through 4 and 5, the
+// codes' through 6 and 7.
+__attribute__((target("amx-tile,amx-int8"))) inline void piece_products(const int8_t* activations, const uint8_t* buf) {
+  _tile_loadd(4, activations, 64);
+  _tile_loadd(5, activations + tile_rows * code_k, 64);
+  _tile_loadd(6, buf, 64);
+  _tile_loadd(7, buf + tile_rows * code_k, 64);
+  _tile_dpbusd(0, 6, 4);
+  _tile_dpbusd(0, 7, 5);
+}
+
+__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void run_pieces(
+    const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
+  alignas(64) int32_t sums[tile_rows * tile_rows];
+  alignas(64) uint8_t unpacked[2][piece_bytes];  // pieces s and s - 1
+  alignas(64) float out[tile_rows * tile_rows];
+  const int64_t G = b.group_size, P = in.per_tile, L = in.lanes;
+  const int64_t pieces = (b.groups * G + 127) / 128, per_block = P * G / 128;  // k = groups * G
+  const int64_t gpad = (in.blocks * P + 15) / 16 * 16 + 16;
+  std::vector<float> sw(static_cast<size_t>(tile_rows * gpad)), swz(sw.size());
+  const __m512i group_of_lane = _mm512_srlv_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(__builtin_ctzll(static_cast<unsigned long long>(L))));
+  const tile_config cfg = codes_config(tile_rows);
+  _tile_loadconfig(&cfg);
+  for (int64_t j = j0; j < j1; j += tile_rows) {
+    const int64_t cols = std::min(tile_rows, j1 - j);
+    column_scales(b, j, cols, gpad, sw.data(), swz.data());
+    if (cols < tile_rows) {  // the last columns: zero codes, zero sums in the rows past them
+      for (auto& buf : unpacked) {
+        std::memset(buf + cols * code_k, 0, static_cast<size_t>((tile_rows - cols) * code_k));
+        std::memset(buf + (tile_rows + cols) * code_k, 0, static_cast<size_t>((tile_rows - cols) * code_k));
+      }
+    }
+    __m512 acc[tile_rows];  // column r's sums, lanes (group slot u, row i)
+    for (auto& a : acc) a = _mm512_setzero_ps();
+    const uint8_t* codes = b.codes + j * b.row_bytes;
+    _tile_zero(0);
+    unpack_piece(codes, b.row_bytes, cols, b.row_bytes, unpacked[0]);
+    int64_t in_block = 0, blk = 0;  // pieces of block blk through the tiles
+    for (int64_t s = 1; s <= pieces; ++s) {
+      if (s < pieces) unpack_piece(codes + s * 64, b.row_bytes, cols, b.row_bytes - s * 64, unpacked[s & 1]);
+      piece_products(in.packed.data() + (s - 1) * piece_bytes, unpacked[(s - 1) & 1]);
+      if (++in_block < per_block && s != pieces) continue;
+      // block blk's P groups are in (the sums carry 16 x the codes)
+      in_block = 0;
+      _tile_stored(0, sums, 64);
+      _tile_zero(0);
+      scale_sums(sums, in.scale.data() + blk * tile_rows, in.scaled_sum.data() + blk * tile_rows, 1.0f / 16,
+                 sw.data() + blk * P, swz.data() + blk * P, gpad, group_of_lane, acc);
+      ++blk;
+    }
+    for (int r = 0; r < tile_rows; ++r) _mm512_store_ps(out + r * tile_rows, acc[r]);
+    for (int64_t r = 0; r < cols; ++r) {
+      for (int64_t i = 0; i < in.m; ++i) {
+        float v = 0.0f;
+        for (int64_t u = 0; u < P; ++u) v += out[r * tile_rows + u * L + i];
+        c[i * ldc + j + r] = v;
+      }
+    }
+  }
+  _tile_release();
+}
+
+// scatter_piece_codes (below): each 16 codes' four dwords (two of even codes, two of odd) gathered
+// in their 128-bit lane by one shuffle, then scattered.
+__attribute__((target("avx512f,avx512bw"))) void scatter_piece_codes_avx512(const int8_t* q, int64_t c0, int64_t col,
+                                                                          int8_t* packed) {
+  // in each 128-bit lane: codes 0 2 4 6 | 8 10 12 14 | 1 3 5 7 | 9 11 13 15
+  const __m512i order = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  const __m512i v = _mm512_shuffle_epi8(_mm512_loadu_si512(q), order);
+  // dword d of lane l: tile 2s + (d >= 2), quad (c0 % 128) / 8 + 2 l + d % 2; in dwords of packed
+  const __m512i lanes = _mm512_setr_epi32(0, 16, 256, 256 + 16, 32, 48, 256 + 32, 256 + 48, 64, 80, 256 + 64, 256 + 80,
+                                          96, 112, 256 + 96, 256 + 112);
+  const int64_t base = (c0 / 128) * 2 * 256 + (c0 % 128) / 8 * 16 + col;
+  _mm512_i32scatter_epi32(reinterpret_cast<int*>(packed) + base, lanes, v, 4);
+}
+
 #endif  // PREGATED_AMX
+
 
 }  // namespace
 
@@ -321,9 +419,27 @@ void amx_rows(const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j0, i
 }
 
 bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k) {
-  return (b.bits == 8 || b.bits == 4) && b.group_size % 64 == 0 && k % b.group_size == 0 && m >= 1 && m <= tile_rows &&
+  // int4 up to 8 rows: then a block of groups (16 / rows rounded up, at least two) covers whole pieces
+  const int64_t rows = b.bits == 8 ? tile_rows : tile_rows / 2;
+  return (b.bits == 8 || b.bits == 4) && b.group_size % 64 == 0 && k % b.group_size == 0 && m >= 1 && m <= rows &&
          b.groups * b.group_size == k;
 }
+
+namespace {
+
+// 64 activation codes from c0 (a multiple of 64, so one group and one piece) into the pieces'
+// tiles at column `col`: code c at tile 2 (c / 128) + c % 2, position p = (c % 128) / 2, byte
+// (p / 4) * 64 + col * 4 + p % 4. Every CPU with AMX has AVX-512BW; elsewhere nothing runs the
+// tiles.
+void scatter_piece_codes(const int8_t* q, int64_t c0, int64_t col, int8_t* packed) {
+#ifdef PREGATED_AMX
+  scatter_piece_codes_avx512(q, c0, col, packed);
+#else
+  (void)q, (void)c0, (void)col, (void)packed;
+#endif
+}
+
+}  // namespace
 
 amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quantized_matrix& b) {
   amx_codes_input in;
@@ -332,7 +448,8 @@ amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quant
   in.per_tile = tile_rows / in.lanes;
   in.blocks = (b.groups + in.per_tile - 1) / in.per_tile;
   const int64_t G = b.group_size, L = in.lanes, P = in.per_tile;
-  in.packed.assign(static_cast<size_t>(k * tile_rows), 0);
+  in.pieces = b.bits == 4;
+  in.packed.assign(static_cast<size_t>(in.pieces ? (k + 127) / 128 * 2 * tile_rows * code_k : k * tile_rows), 0);
   in.scale.assign(static_cast<size_t>(in.blocks * tile_rows), 0.0f);
   in.scaled_sum.assign(static_cast<size_t>(in.blocks * tile_rows), 0.0f);
   std::vector<int8_t> q(static_cast<size_t>(k));
@@ -342,14 +459,16 @@ amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quant
       const size_t lane = static_cast<size_t>((g / P) * tile_rows + (g % P) * L + i);
       round_group(ai + g * G, G, q.data() + g * G, &in.scale[lane], &in.scaled_sum[lane]);
     }
-    // tile of codes [c0, c0 + 64) of group g: byte (quad, column (g % P) L + i, e) holds the code
-    // at tile position 4 quad + e; the other columns stay zero
+    if (in.pieces) {  // int4 in pieces: tile 2 s + h, position p holds code 128 s + 2 p + h
+      for (int64_t c0 = 0; c0 < k; c0 += code_k) scatter_piece_codes(q.data() + c0, c0, (c0 / G) % P * L + i, in.packed.data());
+      continue;
+    }
+    // int8: tile of codes [c0, c0 + 64) of group g: byte (quad, column (g % P) L + i, e) holds
+    // code c0 + 4 quad + e; the other columns stay zero
     for (int64_t c0 = 0; c0 < k; c0 += code_k) {
       int8_t* tile = in.packed.data() + (c0 / code_k) * tile_rows * code_k;
       const int64_t col = (c0 / G) % P * L + i;
-      for (int64_t p = 0; p < code_k; ++p) {
-        tile[(p / 4) * tile_rows * 4 + col * 4 + p % 4] = q[static_cast<size_t>(c0 + code_at(b.bits, p))];
-      }
+      for (int64_t p = 0; p < code_k; ++p) tile[(p / 4) * tile_rows * 4 + col * 4 + p % 4] = q[static_cast<size_t>(c0 + p)];
     }
   }
   return in;
@@ -358,8 +477,8 @@ amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quant
 void amx_codes(const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
 #ifdef PREGATED_AMX
   if (j0 >= j1) return;
-  if (b.bits == 8) run_codes<8>(in, b, j0, j1, c, ldc);
-  else run_codes<4>(in, b, j0, j1, c, ldc);
+  if (in.pieces) run_pieces(in, b, j0, j1, c, ldc);
+  else run_codes(in, b, j0, j1, c, ldc);
 #else
   (void)in, (void)b, (void)j0, (void)j1, (void)c, (void)ldc;
 #endif

@@ -3,11 +3,13 @@
 //   weights' output columns) read in place, 16 at a time, as the tile multiply's first operand;
 //   A rounded to bf16 (exact where it came from bf16 activations) and packed in pairs as its
 //   second. One TDPBF16PS takes 16 columns x 32 of k x 16 rows of A, fp32 sums.
-// - int8 and int4 codes (quantized experts), up to 16 rows: A rounded to int8 per weight group
-//   exactly as the AVX2/VNNI kernel does (quantized_int8.h); one TDPBUSD takes 16 columns x 64
-//   codes (int8 read in place, int4 unpacked to bytes first) x 16 columns of activations, int32
-//   sums, scaled per group in fp32. Decode has few rows, so the activations' 16 columns carry
-//   16 / rows groups side by side and one tile of sums holds that many groups.
+// - int8 and int4 codes (quantized experts), int8 up to 16 rows and int4 up to 8: A rounded to
+//   int8 per weight group exactly as the AVX2/VNNI kernel does (quantized_int8.h); one TDPBUSD
+//   takes 16 columns x 64 codes x 16 columns of activations, int32 sums, scaled per group in
+//   fp32. int8 codes are read in place; int4 in pieces of 64 bytes of a row (128 codes), the
+//   high nibbles masked in place and the low ones shifted up (16 x the codes, two tiles a piece).
+//   Decode has few rows, so the activations' 16 columns carry 16 / rows groups side by side and
+//   one tile of sums holds that many groups.
 // Usable only where the CPU has AMX-BF16 and AMX-INT8 and Linux lets the process use its tile
 // state (asked once); PREGATED_AMX=0 turns it off.
 #pragma once
@@ -38,7 +40,7 @@ amx_input pack_amx(int64_t m, int64_t k, const uint16_t* a, int64_t lda);
 void amx_rows(const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j0, int64_t j1, float* c, int64_t ldc);
 
 // Quantized weights: whether amx_codes takes b with inner dimension k and m rows (int8 or int4,
-// groups of whole 64 codes, k whole groups, m <= 16).
+// groups of whole 64 codes, k whole groups, m <= 16 for int8 and <= 8 for int4).
 bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k);
 
 // A rounded to int8 per group of b and packed for the tiles, with each group's scales. The
@@ -46,7 +48,10 @@ bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k);
 // power of two): group g, row i in column (g % per_tile) * lanes + i.
 struct amx_codes_input {
   int64_t m = 0, lanes = 1, per_tile = 16, blocks = 0;  // blocks: groups / per_tile, rounded up
-  std::vector<int8_t> packed;     // per 64 codes of k: [16 quads of codes][16 columns][4]
+  bool pieces = false;  // int4: the codes read in pieces of 128 (amx_rows.cc)
+  // int8, per 64 codes of k: [16 quads of codes][16 columns][4]. int4, per piece s of 128 codes:
+  // two such tiles, tile h holding codes 128 s + 2 p + h at position p.
+  std::vector<int8_t> packed;
   std::vector<float> scale;       // [blocks][16 columns]: A ~= q * scale (0 in unused columns)
   std::vector<float> scaled_sum;  // [blocks][16 columns]: scale * (sum of the group's q)
 };

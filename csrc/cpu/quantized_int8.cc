@@ -11,6 +11,9 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define PREGATED_X86 1
+// GCC 12 warns inside its own AVX-512 intrinsics (a known false positive), as in small_rows.cc.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace pregated::cpu {
@@ -94,7 +97,54 @@ bool int8_rows_usable(const quantized_matrix& b) {
 #endif
 }
 
+#ifdef PREGATED_X86
+namespace {
+
+// round_group 16 activations at a time: the same float operations (cvtps rounds to nearest even,
+// as lrint does), so the same codes and scales. Decode rounds every row once per weight matrix:
+// in scalar code that was 0.3 ms of one core for a row of Mixtral's 14336 at 8 rows.
+__attribute__((target("avx512f,avx512bw"))) void round_group_avx512(const float* a, int64_t n, int8_t* q,
+                                                                   float* scale, float* scaled_sum) {
+  const int64_t whole = n / 16 * 16;
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t t = 0; t < whole; t += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(a + t)));
+  float amax = _mm512_reduce_max_ps(vmax);
+  for (int64_t t = whole; t < n; ++t) amax = std::max(amax, std::fabs(a[t]));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i hi = _mm512_set1_epi32(127), lo = _mm512_set1_epi32(-127);
+  __m512i vsum = _mm512_setzero_si512();
+  for (int64_t t = 0; t < whole; t += 16) {
+    const __m512i x = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(a + t), vinv)), hi), lo);
+    vsum = _mm512_add_epi32(vsum, x);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + t), _mm512_cvtepi32_epi8(x));
+  }
+  int32_t sum = _mm512_reduce_add_epi32(vsum);
+  for (int64_t t = whole; t < n; ++t) {
+    q[t] = static_cast<int8_t>(std::clamp(static_cast<int>(std::lrint(a[t] * inv)), -127, 127));
+    sum += q[t];
+  }
+  *scale = amax / 127.0f;
+  *scaled_sum = *scale * static_cast<float>(sum);
+}
+
+bool cpu_has_avx512bw() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
+
+}  // namespace
+#endif
+
 void round_group(const float* a, int64_t n, int8_t* q, float* scale, float* scaled_sum) {
+#ifdef PREGATED_X86
+  // forcing "avx2" (or below) tests the scalar rounding on any CPU
+  static const bool avx512 = cpu_has_avx512bw();
+  const char* isa = cpu_kernel_isa();
+  if (avx512 && std::strcmp(isa, "avx2") != 0 && std::strcmp(isa, "portable") != 0) {
+    return round_group_avx512(a, n, q, scale, scaled_sum);
+  }
+#endif
   float amax = 0.0f;
   for (int64_t t = 0; t < n; ++t) amax = std::max(amax, std::fabs(a[t]));
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
