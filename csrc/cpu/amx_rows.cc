@@ -190,6 +190,21 @@ __attribute__((target("avx512f"))) inline void scale_sums(const int32_t* sums, c
   }
 }
 
+// Columns [0, cols) of C (row stride ldc) from acc: row i of column r is the sum over the group
+// slots u of lane (u, i).
+__attribute__((target("avx512f"))) inline void write_columns(const __m512 (&acc)[tile_rows], const amx_codes_input& in,
+                                                            int64_t cols, float* c, int64_t ldc) {
+  alignas(64) float out[tile_rows * tile_rows];
+  for (int r = 0; r < tile_rows; ++r) _mm512_store_ps(out + r * tile_rows, acc[r]);
+  for (int64_t r = 0; r < cols; ++r) {
+    for (int64_t i = 0; i < in.m; ++i) {
+      float v = 0.0f;
+      for (int64_t u = 0; u < in.per_tile; ++u) v += out[r * tile_rows + u * in.lanes + i];
+      c[i * ldc + r] = v;
+    }
+  }
+}
+
 // C tile U's P groups (block blk) scaled into acc.
 #define PREGATED_SCALE_BLOCK(U, blk)                                                              \
   scale_sums(sums + (U) * tile_rows * tile_rows, in.scale.data() + (blk) * tile_rows,             \
@@ -205,7 +220,6 @@ __attribute__((target("avx512f"))) inline void scale_sums(const int32_t* sums, c
 __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void run_codes(
     const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
   alignas(64) int32_t sums[4 * tile_rows * tile_rows];
-  alignas(64) float out[tile_rows * tile_rows];
   const int64_t G = b.group_size, per_group = G / code_k, groups = b.groups, P = in.per_tile, L = in.lanes;
   // rows of whole 16 scales, and a 16-lane load from any block's first group stays inside
   const int64_t gpad = (in.blocks * P + 15) / 16 * 16 + 16;
@@ -245,14 +259,7 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
       if (nb > 2) PREGATED_SCALE_BLOCK(2, blk0 + 2)
       if (nb > 3) PREGATED_SCALE_BLOCK(3, blk0 + 3)
     }
-    for (int r = 0; r < tile_rows; ++r) _mm512_store_ps(out + r * tile_rows, acc[r]);
-    for (int64_t r = 0; r < cols; ++r) {
-      for (int64_t i = 0; i < in.m; ++i) {
-        float v = 0.0f;
-        for (int64_t u = 0; u < P; ++u) v += out[r * tile_rows + u * L + i];
-        c[i * ldc + j + r] = v;
-      }
-    }
+    write_columns(acc, in, cols, c + j, ldc);
   }
   _tile_release();
 }
@@ -310,7 +317,6 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
     const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
   alignas(64) int32_t sums[tile_rows * tile_rows];
   alignas(64) uint8_t unpacked[2][piece_bytes];  // pieces s and s - 1
-  alignas(64) float out[tile_rows * tile_rows];
   const int64_t G = b.group_size, P = in.per_tile, L = in.lanes;
   const int64_t pieces = (b.groups * G + 127) / 128, per_block = P * G / 128;  // k = groups * G
   const int64_t gpad = (in.blocks * P + 15) / 16 * 16 + 16;
@@ -347,14 +353,7 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
                  sw.data() + blk * P, swz.data() + blk * P, gpad, group_of_lane, acc);
       ++blk;
     }
-    for (int r = 0; r < tile_rows; ++r) _mm512_store_ps(out + r * tile_rows, acc[r]);
-    for (int64_t r = 0; r < cols; ++r) {
-      for (int64_t i = 0; i < in.m; ++i) {
-        float v = 0.0f;
-        for (int64_t u = 0; u < P; ++u) v += out[r * tile_rows + u * L + i];
-        c[i * ldc + j + r] = v;
-      }
-    }
+    write_columns(acc, in, cols, c + j, ldc);
   }
   _tile_release();
 }
