@@ -28,10 +28,15 @@ constexpr int64_t code_k = 64;     // codes of k per tile row (64 bytes)
 
 #ifdef PREGATED_AMX
 
+// AMX, and the AVX-512 parts the tiles' kernels use around them (every AMX CPU has them; a
+// hypervisor could still hide them).
 bool cpu_has_amx() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  return (d & (1u << 22)) && (d & (1u << 24)) && (d & (1u << 25));  // AMX-BF16, AMX-TILE, AMX-INT8
+  if (!((d & (1u << 22)) && (d & (1u << 24)) && (d & (1u << 25)))) return false;  // AMX-BF16, AMX-TILE, AMX-INT8
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
 }
 
 bool kernel_grants_tiles() {
