@@ -126,7 +126,8 @@ def test_int4_moves_the_packed_bytes_of_the_same_copies(policy, int4_exact_folde
     rest). The portable kernels keep fp32 activations, so int4-exact weights compute the same
     function. Under on-demand the copies are the misses, the same count for both; with prefetches
     the count depends on the copy thread's timing (a queued prefetch whose slot is evicted before
-    it starts is dropped), so the bytes are compared per copy."""
+    it starts is dropped, and one a forward needs first is copied as a demand load that neither
+    count sees), so the bytes are compared per copy."""
     kernels("portable")
     runs = {}
     for fmt in (None, "int4"):
@@ -138,8 +139,13 @@ def test_int4_moves_the_packed_bytes_of_the_same_copies(policy, int4_exact_folde
             tokens = eng.generate(PROMPT[:8], max_new_tokens=12).token_ids
             s = eng.stats()
             eng.runtime.check()
-            copies = s["expert_misses"] + s["prefetch_issued"]
-            assert copies > 0 and s["bytes_h2d"] == copies * one, "a copy moved other than one expert's bytes"
+            # a queued prefetch that a forward needs before its copy starts is copied as a demand
+            # load and counts as neither a miss nor an issued prefetch: copies >= the two counts
+            counted = s["expert_misses"] + s["prefetch_issued"]
+            copies, rest = divmod(s["bytes_h2d"], one)
+            assert counted > 0 and rest == 0 and copies >= counted, "a copy moved other than one expert's bytes"
+            if policy == "on-demand":
+                assert copies == counted, "on-demand copied an expert no miss asked for"
             runs[fmt] = (copies, tokens, one, eng.cfg)
     (dense_copies, dense_tokens, dense_one, cfg), (q_copies, q_tokens, q_one, _) = runs[None], runs["int4"]
     assert dense_tokens == q_tokens, "int4 and float32 experts computed differently on int4-exact weights"

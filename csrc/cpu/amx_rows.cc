@@ -363,10 +363,17 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
   _tile_release();
 }
 
-// scatter_piece_codes (below): each 16 codes' four dwords (two of even codes, two of odd) gathered
-// in their 128-bit lane by one shuffle, then scattered.
-__attribute__((target("avx512f,avx512bw"))) void scatter_piece_codes_avx512(const int8_t* q, int64_t c0, int64_t col,
-                                                                          int8_t* packed) {
+// scatter_codes (below). int4 pieces: each 16 codes' four dwords (two of even codes, two of odd)
+// gathered in their 128-bit lane by one shuffle first.
+__attribute__((target("avx512f,avx512bw"))) void scatter_codes_avx512(const int8_t* q, int64_t c0, int64_t col,
+                                                                    bool pieces, int8_t* packed) {
+  if (!pieces) {  // dword d of the 64 codes: quad d of the tile of c0
+    const __m512i quads = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(tile_rows));
+    _mm512_i32scatter_epi32(reinterpret_cast<int*>(packed) + (c0 / code_k) * tile_rows * tile_rows + col, quads,
+                            _mm512_loadu_si512(q), 4);
+    return;
+  }
   // in each 128-bit lane: codes 0 2 4 6 | 8 10 12 14 | 1 3 5 7 | 9 11 13 15
   const __m512i order = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
   const __m512i v = _mm512_shuffle_epi8(_mm512_loadu_si512(q), order);
@@ -431,15 +438,15 @@ bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k) {
 
 namespace {
 
-// 64 activation codes from c0 (a multiple of 64, so one group and one piece) into the pieces'
-// tiles at column `col`: code c at tile 2 (c / 128) + c % 2, position p = (c % 128) / 2, byte
-// (p / 4) * 64 + col * 4 + p % 4. Every CPU with AMX has AVX-512BW; elsewhere nothing runs the
-// tiles.
-void scatter_piece_codes(const int8_t* q, int64_t c0, int64_t col, int8_t* packed) {
+// 64 activation codes from c0 (a multiple of 64, so one group) into the tiles at column `col`.
+// int8: code c at tile c / 64, position p = c % 64, byte (p / 4) * 64 + col * 4 + p % 4. int4
+// pieces: code c at tile 2 (c / 128) + c % 2, position p = (c % 128) / 2, the same byte of it.
+// Every CPU with AMX has AVX-512BW (amx_usable checks); elsewhere nothing runs the tiles.
+void scatter_codes(const int8_t* q, int64_t c0, int64_t col, bool pieces, int8_t* packed) {
 #ifdef PREGATED_AMX
-  scatter_piece_codes_avx512(q, c0, col, packed);
+  scatter_codes_avx512(q, c0, col, pieces, packed);
 #else
-  (void)q, (void)c0, (void)col, (void)packed;
+  (void)q, (void)c0, (void)col, (void)pieces, (void)packed;
 #endif
 }
 
@@ -463,17 +470,7 @@ amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quant
       const size_t lane = static_cast<size_t>((g / P) * tile_rows + (g % P) * L + i);
       round_group(ai + g * G, G, q.data() + g * G, &in.scale[lane], &in.scaled_sum[lane]);
     }
-    if (in.pieces) {  // int4 in pieces: tile 2 s + h, position p holds code 128 s + 2 p + h
-      for (int64_t c0 = 0; c0 < k; c0 += code_k) scatter_piece_codes(q.data() + c0, c0, (c0 / G) % P * L + i, in.packed.data());
-      continue;
-    }
-    // int8: tile of codes [c0, c0 + 64) of group g: byte (quad, column (g % P) L + i, e) holds
-    // code c0 + 4 quad + e; the other columns stay zero
-    for (int64_t c0 = 0; c0 < k; c0 += code_k) {
-      int8_t* tile = in.packed.data() + (c0 / code_k) * tile_rows * code_k;
-      const int64_t col = (c0 / G) % P * L + i;
-      for (int64_t p = 0; p < code_k; ++p) tile[(p / 4) * tile_rows * 4 + col * 4 + p % 4] = q[static_cast<size_t>(c0 + p)];
-    }
+    for (int64_t c0 = 0; c0 < k; c0 += code_k) scatter_codes(q.data() + c0, c0, (c0 / G) % P * L + i, in.pieces, in.packed.data());
   }
   return in;
 }
