@@ -28,15 +28,10 @@ constexpr int64_t code_k = 64;     // codes of k per tile row (64 bytes)
 
 #ifdef PREGATED_AMX
 
-// AMX, and the AVX-512 parts the tiles' kernels use around them (every AMX CPU has them; a
-// hypervisor could still hide them).
 bool cpu_has_amx() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  if (!((d & (1u << 22)) && (d & (1u << 24)) && (d & (1u << 25)))) return false;  // AMX-BF16, AMX-TILE, AMX-INT8
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+  return (d & (1u << 22)) && (d & (1u << 24)) && (d & (1u << 25));  // AMX-BF16, AMX-TILE, AMX-INT8
 }
 
 bool kernel_grants_tiles() {
@@ -441,7 +436,7 @@ namespace {
 // 64 activation codes from c0 (a multiple of 64, so one group) into the tiles at column `col`.
 // int8: code c at tile c / 64, position p = c % 64, byte (p / 4) * 64 + col * 4 + p % 4. int4
 // pieces: code c at tile 2 (c / 128) + c % 2, position p = (c % 128) / 2, the same byte of it.
-// Every CPU with AMX has AVX-512BW (amx_usable checks); elsewhere nothing runs the tiles.
+// The tiles run only where the chosen path is "amx", which small_rows picks only with AVX-512F/BW/VL.
 void scatter_codes(const int8_t* q, int64_t c0, int64_t col, bool pieces, int8_t* packed) {
 #ifdef PREGATED_AMX
   scatter_codes_avx512(q, c0, col, pieces, packed);
@@ -459,8 +454,8 @@ amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quant
   in.per_tile = tile_rows / in.lanes;
   in.blocks = (b.groups + in.per_tile - 1) / in.per_tile;
   const int64_t G = b.group_size, L = in.lanes, P = in.per_tile;
-  in.pieces = b.bits == 4;
-  in.packed.assign(static_cast<size_t>(in.pieces ? (k + 127) / 128 * 2 * tile_rows * code_k : k * tile_rows), 0);
+  const bool pieces = b.bits == 4;
+  in.packed.assign(static_cast<size_t>(pieces ? (k + 127) / 128 * 2 * tile_rows * code_k : k * tile_rows), 0);
   in.scale.assign(static_cast<size_t>(in.blocks * tile_rows), 0.0f);
   in.scaled_sum.assign(static_cast<size_t>(in.blocks * tile_rows), 0.0f);
   std::vector<int8_t> q(static_cast<size_t>(k));
@@ -470,7 +465,7 @@ amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quant
       const size_t lane = static_cast<size_t>((g / P) * tile_rows + (g % P) * L + i);
       round_group(ai + g * G, G, q.data() + g * G, &in.scale[lane], &in.scaled_sum[lane]);
     }
-    for (int64_t c0 = 0; c0 < k; c0 += code_k) scatter_codes(q.data() + c0, c0, (c0 / G) % P * L + i, in.pieces, in.packed.data());
+    for (int64_t c0 = 0; c0 < k; c0 += code_k) scatter_codes(q.data() + c0, c0, (c0 / G) % P * L + i, pieces, in.packed.data());
   }
   return in;
 }
@@ -478,7 +473,7 @@ amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quant
 void amx_codes(const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
 #ifdef PREGATED_AMX
   if (j0 >= j1) return;
-  if (in.pieces) run_pieces(in, b, j0, j1, c, ldc);
+  if (b.bits == 4) run_pieces(in, b, j0, j1, c, ldc);
   else run_codes(in, b, j0, j1, c, ldc);
 #else
   (void)in, (void)b, (void)j0, (void)j1, (void)c, (void)ldc;

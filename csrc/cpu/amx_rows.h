@@ -48,7 +48,6 @@ bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k);
 // power of two): group g, row i in column (g % per_tile) * lanes + i.
 struct amx_codes_input {
   int64_t m = 0, lanes = 1, per_tile = 16, blocks = 0;  // blocks: groups / per_tile, rounded up
-  bool pieces = false;  // int4: the codes read in pieces of 128 (amx_rows.cc)
   // int8, per 64 codes of k: [16 quads of codes][16 columns][4]. int4, per piece s of 128 codes:
   // two such tiles, tile h holding codes 128 s + 2 p + h at position p.
   std::vector<int8_t> packed;

@@ -7,6 +7,7 @@
 
 #include "half.h"
 #include "simd_x86.h"
+#include "small_rows.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -128,22 +129,13 @@ __attribute__((target("avx512f,avx512bw"))) void round_group_avx512(const float*
   *scaled_sum = *scale * static_cast<float>(sum);
 }
 
-bool cpu_has_avx512bw() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-}
-
 }  // namespace
 #endif
 
 void round_group(const float* a, int64_t n, int8_t* q, float* scale, float* scaled_sum) {
 #ifdef PREGATED_X86
-  // forcing "avx2" (or below) tests the scalar rounding on any CPU
-  static const bool avx512 = cpu_has_avx512bw();
-  const char* isa = cpu_kernel_isa();
-  if (avx512 && std::strcmp(isa, "avx2") != 0 && std::strcmp(isa, "portable") != 0) {
-    return round_group_avx512(a, n, q, scale, scaled_sum);
-  }
+  // the chosen kernels' path: forcing "avx2" (or below) tests the scalar rounding on any CPU
+  if (avx512_chosen()) return round_group_avx512(a, n, q, scale, scaled_sum);
 #endif
   float amax = 0.0f;
   for (int64_t t = 0; t < n; ++t) amax = std::max(amax, std::fabs(a[t]));

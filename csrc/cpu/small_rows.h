@@ -20,6 +20,8 @@ void small_rows(dtype dt, int64_t m, int64_t k, const float* a, const void* b, i
 // it), the rest as "avx512bf16".
 const char* small_rows_isa();
 bool amx_chosen();
+// Whether the chosen path is one of the AVX-512 ones ("avx512" and up: AVX-512F/BW/VL present).
+bool avx512_chosen();
 
 // For tests: force a path (one of the names above); false when this CPU cannot run it.
 bool small_rows_force(const char* isa);
