@@ -278,27 +278,44 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
 //
 // A tile load does not take data from the store buffer: it waits until the stores it reads have
 // left the core. So piece s is unpacked into one buffer while piece s - 1's, unpacked a step
-// earlier, goes through the tiles. Each row's codes are prefetched `piece_prefetch` pieces ahead:
-// sixteen rows read side by side are more streams than the hardware's prefetch keeps ahead of
-// (Mixtral's gate and up at 4 rows, two cores: 4.0 ms with it, 5.0 without). Measured and not
-// kept: 32 or 64 columns at a time sharing the activations' tiles (slower from memory: too many
-// streams), chunks of k whose activation tiles stay in L1 (slower), the sums alternating between
-// two C tiles, a later tile load, the shift by an affine byte map (GFNI): none changed the time.
+// earlier, goes through the tiles (its tile work issued first). Each row's codes are prefetched
+// `piece_prefetch` pieces ahead, and the last pieces of a block of 16 columns prefetch the first
+// ones of the next block, with its scales and zeros: sixteen rows read side by side are more
+// streams than the hardware's prefetch keeps ahead of, and nothing else runs ahead across the
+// block's end (Mixtral's gate and up at 4 rows, two cores: 5.0 ms without the prefetch, 4.0 with
+// it; 0.9x of that again with the prefetch across blocks). Measured and not kept: 32 or 64 columns
+// at a time sharing the activations' tiles (slower from memory: too many streams), chunks of k
+// whose activation tiles stay in L1 (slower), the sums alternating between two C tiles, with the
+// scaling a block late, unpacking two pieces ahead, the shift by an affine byte map (GFNI), the
+// codes stored 16 rows by 16 rows (one sequential stream), the codes read by a tile load and
+// stored for the unpack, prefetches into L2 further ahead: none was faster.
 
 constexpr int64_t piece_bytes = 2 * tile_rows * code_k;  // one unpacked piece: even tile, then odd
 constexpr int64_t piece_prefetch = 4;
 
 // Piece s of 16 rows (row stride `stride`; `valid` bytes of each row there; rows from `rows` on
 // are left alone) as 16 x the even codes in buf and 16 x the odd codes after them, 64 bytes a row.
+// Each row r also prefetches ahead + r * stride (ahead: null for nothing).
 __attribute__((target("avx512f,avx512bw"))) inline void unpack_piece(const uint8_t* src, int64_t stride, int64_t rows,
-                                                                    int64_t valid, uint8_t* buf) {
+                                                                    int64_t valid, const uint8_t* ahead, uint8_t* buf) {
   const __m512i high = _mm512_set1_epi8(static_cast<char>(0xF0));
   const __mmask64 mask = valid >= 64 ? ~__mmask64{0} : (__mmask64{1} << valid) - 1;
   for (int64_t r = 0; r < rows; ++r) {
-    _mm_prefetch(reinterpret_cast<const char*>(src + r * stride + piece_prefetch * 64), _MM_HINT_T0);
+    if (ahead != nullptr) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * stride), _MM_HINT_T0);
     const __m512i v = _mm512_maskz_loadu_epi8(mask, src + r * stride);
     _mm512_store_si512(buf + r * 64, _mm512_and_si512(_mm512_slli_epi16(v, 4), high));
     _mm512_store_si512(buf + tile_rows * code_k + r * 64, _mm512_and_si512(v, high));
+  }
+}
+
+// Step q of `steps`: its share of the scales and zeros of rows [j, j + rows), prefetched.
+inline void prefetch_scales(const quantized_matrix& b, int64_t j, int64_t rows, int64_t q, int64_t steps) {
+  const int64_t lines = (rows * b.groups * 2 + 63) / 64, per = (lines + steps - 1) / steps;
+  const char* scales = reinterpret_cast<const char*>(b.scales + j * b.groups);
+  const char* zeros = reinterpret_cast<const char*>(b.zeros + j * b.groups);
+  for (int64_t l = q * per; l < std::min(lines, (q + 1) * per); ++l) {
+    _mm_prefetch(scales + l * 64, _MM_HINT_T0);
+    _mm_prefetch(zeros + l * 64, _MM_HINT_T0);
   }
 }
 
@@ -338,12 +355,19 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
     __m512 acc[tile_rows];  // column r's sums, lanes (group slot u, row i)
     for (auto& a : acc) a = _mm512_setzero_ps();
     const uint8_t* codes = b.codes + j * b.row_bytes;
+    const bool next = j + tile_rows < j1;  // the block after this one, whose first pieces it prefetches
+    // row 0's address `piece_prefetch` pieces after piece s, counted on into the next block
+    const auto ahead = [&](int64_t s) -> const uint8_t* {
+      const int64_t t = s + piece_prefetch;
+      return t < pieces ? codes + t * 64 : next ? codes + tile_rows * b.row_bytes + (t - pieces) * 64 : nullptr;
+    };
     _tile_zero(0);
-    unpack_piece(codes, b.row_bytes, cols, b.row_bytes, unpacked[0]);
+    unpack_piece(codes, b.row_bytes, cols, b.row_bytes, ahead(0), unpacked[0]);
     int64_t in_block = 0, blk = 0;  // pieces of block blk through the tiles
     for (int64_t s = 1; s <= pieces; ++s) {
-      if (s < pieces) unpack_piece(codes + s * 64, b.row_bytes, cols, b.row_bytes - s * 64, unpacked[s & 1]);
       piece_products(in.packed.data() + (s - 1) * piece_bytes, unpacked[(s - 1) & 1]);
+      if (next) prefetch_scales(b, j + tile_rows, std::min(tile_rows, j1 - j - tile_rows), s - 1, pieces);
+      if (s < pieces) unpack_piece(codes + s * 64, b.row_bytes, cols, b.row_bytes - s * 64, ahead(s), unpacked[s & 1]);
       if (++in_block < per_block && s != pieces) continue;
       // block blk's P groups are in (the sums carry 16 x the codes)
       in_block = 0;
