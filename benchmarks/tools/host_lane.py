@@ -38,18 +38,26 @@ def lane_runtime(fmt: str, hidden: int, inter: int, experts: int, threads: int):
     return rt, one
 
 
-def measure(rt, one: int, hidden: int, experts: int, rows: int, reps: int) -> float:
-    """Expert bytes per second of the host lane at `rows` tokens (median over reps)."""
+def measure(rt, one: int, hidden: int, experts: int, rows: int, reps: int, warm_seconds: float = 1.0) -> float:
+    """Expert bytes per second of the host lane at `rows` tokens (median over reps), after passes
+    over the experts for at least `warm_seconds`: one pass was not enough, the first int4
+    measurement after the experts were written ran at 0.55x where the next ones ran at 0.86x."""
+    import time
+
     x = torch.randn(rows, hidden).to(torch.bfloat16)
     w = torch.ones(rows, 1)
-    rates = []
-    for i in range(reps + experts):  # the first pass over the experts warms the pool
+
+    def step(i: int) -> float:
         ids = torch.full((rows, 1), i % experts, dtype=torch.int64)
         before = rt.stats()["host_seconds"]
         rt.forward(0, x, ids, w)
-        if i >= experts:
-            rates.append(one / (rt.stats()["host_seconds"] - before))
-    return statistics.median(rates)
+        return one / (rt.stats()["host_seconds"] - before)
+
+    start, i = time.perf_counter(), 0
+    while i < experts or time.perf_counter() - start < warm_seconds:
+        step(i)
+        i += 1
+    return statistics.median(step(i + r) for r in range(reps))
 
 
 def fp32_gflops(n: int = 2048) -> float:
