@@ -3,8 +3,14 @@
 # backend required, run the GPU-marked tests, run the standard benchmark suite, and keep what
 # they measured.
 #
-#   scripts/gpu-check.sh [--results DIR] [--skip-tests] [--skip-bench]
+#   scripts/gpu-check.sh [--results DIR] [--skip-tests] [--skip-bench] [--quick | --only 0,2]
 #   scripts/gpu-check.sh --dry-run --results DIR     the suite's steps on the CPU, tiny shapes
+#
+# The whole suite allows itself 16 minutes, more than one device call (10) and than a lease of 15
+# minutes. In a short lease: `--skip-bench` first (build and tests), then `--skip-tests --quick`
+# (the headline ratios: pregated.suite's QUICK_SUITE, at most 9 minutes) while the machine is
+# warm; the build folder (build/gpu) is kept between calls, so the second build only relinks. With
+# more time, `--skip-tests --only 0,1` and `--only 2,3` split the whole suite over two calls.
 #
 # Needs the GPU image's build tools (cmake, ninja, nvcc, pybind11, scikit-build-core, torch).
 # scipy-openblas32 is installed from .whl/ when the machine lacks it (no index is reached).
@@ -18,13 +24,16 @@ RESULTS=""
 DRY=0
 TESTS=1
 BENCH=1
+SUITE_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --results) RESULTS=$2; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     --skip-tests) TESTS=0; shift ;;
     --skip-bench) BENCH=0; shift ;;
-    -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+    --quick) SUITE_ARGS+=(--quick); shift ;;
+    --only) SUITE_ARGS+=(--only "$2"); shift 2 ;;
+    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -34,7 +43,7 @@ step() { printf '\n=== %s ===\n' "$*"; }
 if [ "$DRY" = 1 ]; then
   [ -n "$RESULTS" ] || { echo "gpu-check: --dry-run needs --results DIR" >&2; exit 2; }
   step "dry run: benchmark suite on the CPU (tiny shapes; the installed pregated)"
-  exec "$PY" -m pregated.suite --dry-run --results "$RESULTS" --readme ""
+  exec "$PY" -m pregated.suite --dry-run --results "$RESULTS" --readme "" ${SUITE_ARGS[@]+"${SUITE_ARGS[@]}"}
 fi
 
 step "machine"
@@ -51,7 +60,7 @@ step "build (CUDA required)"
 if ! "$PY" -c "import scipy_openblas32" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps .whl/scipy_openblas32-*.whl
 fi
-"$PY" -m pip install --no-build-isolation --no-deps \
+"$PY" -m pip install --no-build-isolation --no-deps -C build-dir=build/gpu \
   -C cmake.define.PREGATED_CUDA=ON \
   -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=${PREGATED_CUDA_ARCHS:-90}" . 2>&1 | tail -3
 "$PY" -c "
@@ -73,7 +82,7 @@ fi
 if [ "$BENCH" = 1 ]; then
   step "benchmark suite"
   set +e
-  "$PY" -m pregated.suite --results "$RESULTS" 2>&1 | tee "$RESULTS/bench-suite.log"
+  "$PY" -m pregated.suite --results "$RESULTS" ${SUITE_ARGS[@]+"${SUITE_ARGS[@]}"} 2>&1 | tee -a "$RESULTS/bench-suite.log"
   bench_status=${PIPESTATUS[0]}
   set -e
   [ "$bench_status" = 0 ] || status=$bench_status

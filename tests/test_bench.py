@@ -139,6 +139,23 @@ def test_gpu_check_dry_run(tmp_path):
     assert os.path.isfile(results / merged[0].replace(".json", ".png")) == HAVE_MATPLOTLIB
 
 
+def test_suite_entries_split_and_quick():
+    """gpu-check.sh's ways to fit a short device lease: --quick, and --only to split the suite
+    over calls (each entry keeps its number), with a clear error for a number out of range."""
+    from pregated.suite import QUICK_SUITE, SUITE, main as suite_main, suite_entries
+
+    assert suite_entries(False, False, None) == SUITE and suite_entries(False, True, None) == QUICK_SUITE
+    picked = suite_entries(False, False, "1, 3")
+    assert [e is not None for e in picked] == [k in (1, 3) for k in range(len(SUITE))] and picked[3] == SUITE[3]
+    assert suite_entries(True, True, None) == DRY_SUITE[:2]
+    assert sum(t for _, _, t in QUICK_SUITE) <= 9 * 60  # inside one 10-minute device call
+    for bad in ("9", "x", "", "-1"):
+        with pytest.raises(ValueError, match="--only takes entry numbers from 0 to"):
+            suite_entries(False, False, bad)
+    with pytest.raises(SystemExit):
+        suite_main(["--results", "unused", "--only", "9"])
+
+
 def test_host_read_probe_reads_the_buffer():
     """The bandwidth probe behind `host_read_gbps` (the host lane's bar and hybrid's physical
     limit) returns a positive, finite rate (its value is the bench's to report, not asserted)."""

@@ -1,6 +1,6 @@
 """The standard benchmark suite of scripts/gpu-check.sh.
 
-    python -m pregated.suite --results DIR [--dry-run]
+    python -m pregated.suite --results DIR [--dry-run] [--quick] [--only 0,2]
 
 Runs `pregated bench` for each model of the suite in its own process (one failure does not
 stop the others), merges the results into DIR/<date>-<gpu>.json with a plot next to it, and
@@ -31,6 +31,16 @@ SUITE = [
                       "--expert-memory", "10%,25%"], 360),
     ("olmoe-1b-7b", ["--baseline", "hf-accelerate", "--baseline", "hf-gpu", "--baseline-tokens", "8", "--timeline"], 330),
 ]
+# The issues' headline ratios inside a 15-minute device lease (--quick): gpu-only against hf-gpu
+# and host time per MoE block (timeline), pregated at 50% against gpu-only on two shapes, hybrid
+# against pregated and on-demand in bf16 and int4.
+QUICK_SUITE = [
+    ("olmoe-1b-7b", ["--baseline", "hf-gpu", "--baseline-tokens", "8", "--timeline", "--policy", "pregated",
+                     "--expert-memory", "50%"], 180),
+    ("qwen3-30b-a3b", ["--layers", "12", "--policy", "pregated", "--expert-memory", "50%"], 100),
+    ("mixtral-8x7b", ["--layers", "4", "--expert-dtype", "model", "int4", "--policy", "on-demand,pregated,hybrid",
+                      "--expert-memory", "10%,25%"], 240),
+]
 DRY_SUITE = [
     ("tiny", ["--baseline", "hf-accelerate", "--baseline", "hf-gpu", "--timeline"], 300),
     ("tiny", ["--layers", "2"], 300),
@@ -42,18 +52,45 @@ COMMON = ["--policy", "on-demand,prefetch-all,pregated,hybrid", "--expert-memory
 MARK_BEGIN, MARK_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
+def suite_entries(dry_run: bool, quick: bool, only: str | None) -> list:
+    """The suite to run, entries not picked by `only` ("0,2") left as None so that each keeps
+    its number (and its output file's name) across calls."""
+    suite = (DRY_SUITE[:2] if dry_run else QUICK_SUITE) if quick else DRY_SUITE if dry_run else SUITE
+    if only is None:
+        return list(suite)
+    try:
+        picked = {int(x) for x in only.split(",") if x.strip()}
+    except ValueError:
+        picked = set()
+    if not picked or any(not 0 <= k < len(suite) for k in picked):
+        raise ValueError(f"--only takes entry numbers from 0 to {len(suite) - 1}, comma-separated (got {only!r})")
+    return [entry if k in picked else None for k, entry in enumerate(suite)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", required=True, help="folder for the JSON, logs and plot")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument("--readme", default=os.path.join("benchmarks", "README.md"),
                     help="README whose results section is rewritten ('' = none)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the headline ratios only, for a short device lease (with --dry-run: the dry suite's first two)")
+    ap.add_argument("--only", default=None,
+                    help="entries of the suite by number, e.g. 0,2 (to split it over several calls; the README is left alone)")
     args = ap.parse_args(argv)
+    try:
+        suite = suite_entries(args.dry_run, args.quick, args.only)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.only is not None:
+        args.readme = ""
     os.makedirs(args.results, exist_ok=True)
-    suite = DRY_SUITE if args.dry_run else SUITE
     device = ["--device", "cpu"] if args.dry_run else []
     results, commands = [], []
-    for k, (model, extra, timeout) in enumerate(suite):
+    for k, entry in enumerate(suite):
+        if entry is None:  # not picked by --only
+            continue
+        model, extra, timeout = entry
         out = os.path.join(args.results, f"bench-{k}-{model}.json")
         args_ = ["bench", "--synthetic", model, *COMMON, *extra, *device, "--out", out]
         cmd = [sys.executable, "-m", "pregated", *args_]
