@@ -15,6 +15,7 @@ weights per second, 2 bytes each. Run it on an otherwise idle machine.
 import argparse
 import json
 import statistics
+import time
 
 import torch
 
@@ -42,8 +43,6 @@ def measure(rt, one: int, hidden: int, experts: int, rows: int, reps: int, warm_
     """Expert bytes per second of the host lane at `rows` tokens (median over reps), after passes
     over the experts for at least `warm_seconds`: one pass was not enough, the first int4
     measurement after the experts were written ran at 0.55x where the next ones ran at 0.86x."""
-    import time
-
     x = torch.randn(rows, hidden).to(torch.bfloat16)
     w = torch.ones(rows, 1)
 
@@ -62,8 +61,6 @@ def measure(rt, one: int, hidden: int, experts: int, rows: int, reps: int, warm_
 
 def fp32_gflops(n: int = 2048) -> float:
     """The machine's fp32 matmul rate on every core (best of 5), as the compute roof."""
-    import time
-
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     best = float("inf")

@@ -155,6 +155,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void column_scales(con
   }
 }
 
+// Floats per column in column_scales' rows: whole 16s, and a 16-lane load from any block's first
+// group stays inside.
+inline int64_t scales_stride(const amx_codes_input& in) { return (in.blocks * in.per_tile + 15) / 16 * 16 + 16; }
+
+// Lane (u, i) of a tile of sums -> its group slot u (lanes: the rows rounded up to a power of two).
+__attribute__((target("avx512f"))) inline __m512i group_of_lanes(int64_t lanes) {
+  return _mm512_srlv_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                           _mm512_set1_epi32(__builtin_ctzll(static_cast<unsigned long long>(lanes))));
+}
+
 // Group g's products into C tile U (int8 codes read in place through tile CT, the activations
 // through tile AT). Tile numbers are literal in the instructions, so this is a macro.
 #define PREGATED_GROUP_PRODUCTS(U, CT, AT, g)                                                     \
@@ -220,13 +230,10 @@ __attribute__((target("avx512f"))) inline void write_columns(const __m512 (&acc)
 __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void run_codes(
     const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
   alignas(64) int32_t sums[4 * tile_rows * tile_rows];
-  const int64_t G = b.group_size, per_group = G / code_k, groups = b.groups, P = in.per_tile, L = in.lanes;
-  // rows of whole 16 scales, and a 16-lane load from any block's first group stays inside
-  const int64_t gpad = (in.blocks * P + 15) / 16 * 16 + 16;
-  std::vector<float> sw(static_cast<size_t>(tile_rows * gpad)), swz(static_cast<size_t>(tile_rows * gpad));
-  const __m512i group_of_lane = _mm512_srlv_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(__builtin_ctzll(static_cast<unsigned long long>(L))));
+  const int64_t G = b.group_size, per_group = G / code_k, groups = b.groups, P = in.per_tile;
+  const int64_t gpad = scales_stride(in);
+  std::vector<float> sw(static_cast<size_t>(tile_rows * gpad)), swz(sw.size());
+  const __m512i group_of_lane = group_of_lanes(in.lanes);
   int64_t configured = 0;
   for (int64_t j = j0; j < j1; j += tile_rows) {
     const int64_t cols = std::min(tile_rows, j1 - j);
@@ -310,16 +317,23 @@ __attribute__((target("avx512f,avx512bw"))) inline void unpack_piece(const uint8
   }
 }
 
-// Step q of `steps`: its share of the scales and zeros of rows [j, j + rows), prefetched.
-inline void prefetch_scales(const quantized_matrix& b, int64_t j, int64_t rows, int64_t q, int64_t steps) {
-  const int64_t lines = (rows * b.groups * 2 + 63) / 64, per = (lines + steps - 1) / steps;
-  const char* scales = reinterpret_cast<const char*>(b.scales + j * b.groups);
-  const char* zeros = reinterpret_cast<const char*>(b.zeros + j * b.groups);
-  for (int64_t l = q * per; l < std::min(lines, (q + 1) * per); ++l) {
-    _mm_prefetch(scales + l * 64, _MM_HINT_T0);
-    _mm_prefetch(zeros + l * 64, _MM_HINT_T0);
+// The scales and zeros of rows [j, j + rows) prefetched over `steps` steps, a share each (none
+// for no rows).
+struct scales_prefetch {
+  const char *scales, *zeros;
+  int64_t lines, per;  // 64-byte lines of each; lines a step
+  scales_prefetch(const quantized_matrix& b, int64_t j, int64_t rows, int64_t steps)
+      : scales(reinterpret_cast<const char*>(b.scales + j * b.groups)),
+        zeros(reinterpret_cast<const char*>(b.zeros + j * b.groups)),
+        lines((rows * b.groups * 2 + 63) / 64),
+        per((lines + steps - 1) / steps) {}
+  void step(int64_t q) const {
+    for (int64_t l = q * per; l < std::min(lines, (q + 1) * per); ++l) {
+      _mm_prefetch(scales + l * 64, _MM_HINT_T0);
+      _mm_prefetch(zeros + l * 64, _MM_HINT_T0);
+    }
   }
-}
+};
 
 // An unpacked piece into C tile 0: the activations' even and odd tiles through 4 and 5, the
 // codes' through 6 and 7.
@@ -336,13 +350,11 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
     const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
   alignas(64) int32_t sums[tile_rows * tile_rows];
   alignas(64) uint8_t unpacked[2][piece_bytes];  // pieces s and s - 1
-  const int64_t G = b.group_size, P = in.per_tile, L = in.lanes;
+  const int64_t G = b.group_size, P = in.per_tile;
   const int64_t pieces = (b.groups * G + 127) / 128, per_block = P * G / 128;  // k = groups * G
-  const int64_t gpad = (in.blocks * P + 15) / 16 * 16 + 16;
+  const int64_t gpad = scales_stride(in);
   std::vector<float> sw(static_cast<size_t>(tile_rows * gpad)), swz(sw.size());
-  const __m512i group_of_lane = _mm512_srlv_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(__builtin_ctzll(static_cast<unsigned long long>(L))));
+  const __m512i group_of_lane = group_of_lanes(in.lanes);
   const tile_config cfg = codes_config(tile_rows);
   _tile_loadconfig(&cfg);
   for (int64_t j = j0; j < j1; j += tile_rows) {
@@ -357,18 +369,20 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
     __m512 acc[tile_rows];  // column r's sums, lanes (group slot u, row i)
     for (auto& a : acc) a = _mm512_setzero_ps();
     const uint8_t* codes = b.codes + j * b.row_bytes;
-    const bool next = j + tile_rows < j1;  // the block after this one, whose first pieces it prefetches
+    // the block after this one (its columns; 0: none), whose first pieces and scales it prefetches
+    const int64_t next_cols = std::clamp<int64_t>(j1 - j - tile_rows, 0, tile_rows);
+    const scales_prefetch next_scales(b, j + tile_rows, next_cols, pieces);
     // row 0's address `piece_prefetch` pieces after piece s, counted on into the next block
     const auto ahead = [&](int64_t s) -> const uint8_t* {
       const int64_t t = s + piece_prefetch;
-      return t < pieces ? codes + t * 64 : next ? codes + tile_rows * b.row_bytes + (t - pieces) * 64 : nullptr;
+      return t < pieces ? codes + t * 64 : next_cols > 0 ? codes + tile_rows * b.row_bytes + (t - pieces) * 64 : nullptr;
     };
     _tile_zero(0);
     unpack_piece(codes, b.row_bytes, cols, b.row_bytes, ahead(0), unpacked[0]);
     int64_t in_block = 0, blk = 0;  // pieces of block blk through the tiles
     for (int64_t s = 1; s <= pieces; ++s) {
       piece_products(in.packed.data() + (s - 1) * piece_bytes, unpacked[(s - 1) & 1]);
-      if (next) prefetch_scales(b, j + tile_rows, std::min(tile_rows, j1 - j - tile_rows), s - 1, pieces);
+      next_scales.step(s - 1);
       if (s < pieces) unpack_piece(codes + s * 64, b.row_bytes, cols, b.row_bytes - s * 64, ahead(s), unpacked[s & 1]);
       if (++in_block < per_block && s != pieces) continue;
       // block blk's P groups are in (the sums carry 16 x the codes)
