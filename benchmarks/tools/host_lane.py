@@ -2,7 +2,8 @@
 0.7x for bf16 and int4 experts at T = 1..8).
 
 python benchmarks/tools/host_lane.py [--hidden 4096 --intermediate 14336] [--formats bfloat16,int4]
-                                     [--rows 1,2,4,8] [--out host_lane.json]
+                                     [--rows 1,2,4,8] [--group-size 64]
+                                     [--out host_lane.json]
 
 A one-layer runtime with one slot and the host lane forced (plan host): every expert runs on the
 host lane, read where it lives in the expert store. Experts rotate so none is in the caches. The
@@ -24,8 +25,7 @@ from pregated.bench import machine_info
 from pregated.quantize import expert_quantization, store_writer
 
 
-def lane_runtime(fmt: str, hidden: int, inter: int, experts: int, threads: int):
-    group = _core.DEFAULT_GROUP_SIZE
+def lane_runtime(fmt: str, hidden: int, inter: int, experts: int, threads: int, group: int):
     one = _core.expert_bytes(hidden, inter, dtype="bfloat16", expert_format="dense" if fmt == "bfloat16" else fmt,
                              group_size=group)
     rt = _core.Runtime(1, experts, hidden, inter, dtype="bfloat16", device="cpu", expert_memory=one,
@@ -78,6 +78,8 @@ def main():
     ap.add_argument("--experts", type=int, default=3, help="experts to rotate through (default 3)")
     ap.add_argument("--formats", default="bfloat16,int4")
     ap.add_argument("--rows", default="1,2,4,8")
+    ap.add_argument("--group-size", type=int, default=_core.DEFAULT_GROUP_SIZE,
+                    help=f"quantized formats: weights per scale and zero (default {_core.DEFAULT_GROUP_SIZE})")
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=0, help="the host lane's pool (default: one per core)")
     ap.add_argument("--out", default=None)
@@ -86,9 +88,10 @@ def main():
     bw, flops = machine["host_read_gbps"], fp32_gflops()
     print(f"{machine['cpu']}: host memory read {bw:.1f} GB/s, fp32 matmul {flops:.0f} GFLOP/s; "
           f"kernels: {_core.cpu_kernel_isa()}")
-    out = {"machine": machine, "fp32_gflops": flops, "shape": [args.hidden, args.intermediate], "runs": []}
+    out = {"machine": machine, "fp32_gflops": flops, "shape": [args.hidden, args.intermediate],
+           "group_size": args.group_size, "runs": []}
     for fmt in args.formats.split(","):
-        rt, one = lane_runtime(fmt, args.hidden, args.intermediate, args.experts, args.threads)
+        rt, one = lane_runtime(fmt, args.hidden, args.intermediate, args.experts, args.threads, args.group_size)
         for rows in (int(r) for r in args.rows.split(",")):
             gbps = measure(rt, one, args.hidden, args.experts, rows, args.reps) / 1e9
             roof = min(bw, flops / rows) if fmt == "bfloat16" else None  # 2 FLOPs per weight and row, 2 bytes
