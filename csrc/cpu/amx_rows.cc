@@ -39,85 +39,151 @@ bool kernel_grants_tiles() {
   return syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
 }
 
-// Palette 1; tiles 0-1: C (two blocks of 16 columns), 2-3: B's rows, 4: A's packed pairs.
+// A tile configuration, palette 1 (LDTILECFG's 64 bytes).
 struct alignas(64) tile_config {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
 
+// Palette 1; tiles 0-3: C (two blocks of rows of A x two blocks of 16 columns), 4-5: B's rows
+// (16 columns each), 6-7: A's packed pairs (16 rows each).
 tile_config config_for(int64_t columns) {  // columns <= 16 per C/B tile
   tile_config cfg;
-  for (int t = 0; t < 4; ++t) {
+  for (int t = 0; t < 6; ++t) {
     cfg.rows[t] = static_cast<uint8_t>(columns);
     cfg.colsb[t] = 64;
   }
-  cfg.rows[4] = tile_k / 2;
-  cfg.colsb[4] = 64;
+  for (int t = 6; t < 8; ++t) {
+    cfg.rows[t] = tile_k / 2;
+    cfg.colsb[t] = 64;
+  }
   return cfg;
 }
 
-// One block of 16 rows of A against `cols` (<= 16) columns from j, or two such runs of 16 (pair).
-template <bool PAIR>
-__attribute__((target("amx-tile,amx-bf16"))) void block(const uint16_t* pa, int64_t k, const uint16_t* b,
-                                                        int64_t ldb, int64_t j, float* out) {
+// NR blocks of 16 rows of A (pa0, pa1) against NC runs of `columns` (<= 16) columns of B from
+// j and j + 16: C tile 2 r + c takes row block r and column run c; out[2 r + c] its 16 x 16 sums
+// (row: a column of B, lane: a row of A). Per 32 of k: NC + NR tile loads, NC x NR multiplies.
+template <int NR, int NC>
+__attribute__((target("amx-tile,amx-bf16"))) void block(const uint16_t* pa0, const uint16_t* pa1, int64_t k,
+                                                        const uint16_t* b, int64_t ldb, int64_t j, float* out) {
   _tile_zero(0);
-  if constexpr (PAIR) _tile_zero(1);
+  if constexpr (NC == 2) _tile_zero(1);
+  if constexpr (NR == 2) _tile_zero(2);
+  if constexpr (NR == 2 && NC == 2) _tile_zero(3);
   const long stride = static_cast<long>(ldb * 2);
   for (int64_t kk = 0; kk < k; kk += tile_k) {
-    _tile_loadd(4, pa + kk * tile_rows, 64);
-    _tile_loadd(2, b + j * ldb + kk, stride);
-    _tile_dpbf16ps(0, 2, 4);
-    if constexpr (PAIR) {
-      _tile_loadd(3, b + (j + tile_rows) * ldb + kk, stride);
-      _tile_dpbf16ps(1, 3, 4);
+    _tile_loadd(4, b + j * ldb + kk, stride);
+    _tile_loadd(6, pa0 + kk * tile_rows, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NC == 2) {
+      _tile_loadd(5, b + (j + tile_rows) * ldb + kk, stride);
+      _tile_dpbf16ps(1, 5, 6);
+    }
+    if constexpr (NR == 2) {
+      _tile_loadd(7, pa1 + kk * tile_rows, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      if constexpr (NC == 2) _tile_dpbf16ps(3, 5, 7);
     }
   }
+  constexpr int64_t T = tile_rows * tile_rows;
   _tile_stored(0, out, 64);
-  if constexpr (PAIR) _tile_stored(1, out + tile_rows * tile_rows, 64);
+  if constexpr (NC == 2) _tile_stored(1, out + T, 64);
+  if constexpr (NR == 2) _tile_stored(2, out + 2 * T, 64);
+  if constexpr (NR == 2 && NC == 2) _tile_stored(3, out + 3 * T, 64);
 }
 
-// out holds C^T for columns j.. (16 per tile, each row 16 rows of A); write the first m rows.
-void scatter(const float* out, int64_t cols, int64_t rows, float* c, int64_t ldc, int64_t j) {
-  for (int64_t r = 0; r < cols; ++r) {
-    for (int64_t i = 0; i < rows; ++i) c[i * ldc + j + r] = out[r * tile_rows + i];
+// bf16 bits of 16 floats, rounded to nearest even, NaN kept NaN (as f32_to_bf16).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i bf16_of(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// A block's sums (out: row r = column j + r of C, lane i = row i of the block) into C's rows
+// [0, rows) and columns [j, j + cols) in bf16. Many rows: a 16 x 16 transpose in registers (64
+// shuffles) and a store of 16 columns a row; few rows: one element at a time (fewer operations).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void write_block(const float* out, int64_t rows, int64_t cols,
+                                                                     uint16_t* c, int64_t ldc, int64_t j) {
+  if (rows < 6) {
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t r = 0; r < cols; ++r) c[i * ldc + j + r] = f32_to_bf16(out[r * tile_rows + i]);
+    }
+    return;
+  }
+  __m512 v[16], t[16];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(out + i * tile_rows);  // v[r] lane i: C[i][j + r]
+  for (int i = 0; i < 8; ++i) {  // 32-bit pairs of rows
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // 64-bit: u[4 g + c], 128-bit chunk L: rows 4g..4g+3 of lane 4 L + c
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
+    const __m512d a1 = _mm512_castps_pd(t[4 * g + 1]), b1 = _mm512_castps_pd(t[4 * g + 3]);
+    v[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    v[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    v[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, b1));
+    v[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, b1));
+  }
+  for (int q = 0; q < 4; ++q) {  // 128-bit chunks: t[4 L + q] = lane 4 L + q of every row, chunk g rows 4g..
+    const __m512 x0 = _mm512_shuffle_f32x4(v[q], v[4 + q], 0x88), x1 = _mm512_shuffle_f32x4(v[q], v[4 + q], 0xDD);
+    const __m512 x2 = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0x88), x3 = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0xDD);
+    t[q] = _mm512_shuffle_f32x4(x0, x2, 0x88);
+    t[8 + q] = _mm512_shuffle_f32x4(x0, x2, 0xDD);
+    t[4 + q] = _mm512_shuffle_f32x4(x1, x3, 0x88);
+    t[12 + q] = _mm512_shuffle_f32x4(x1, x3, 0xDD);
+  }
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+  for (int64_t i = 0; i < rows; ++i) _mm256_mask_storeu_epi16(c + i * ldc + j, mask, bf16_of(t[i]));
+}
+
+// Columns [j, j + NC * 16) (the last run `cols` wide) for every row of A, in pairs of row blocks.
+template <int NC>
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void column_runs(
+    const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j, int64_t cols, uint16_t* c, int64_t ldc) {
+  alignas(64) float out[4 * tile_rows * tile_rows];
+  constexpr int64_t T = tile_rows * tile_rows;
+  const auto rows_of = [&](int64_t blk) { return std::min(tile_rows, in.m - blk * tile_rows); };
+  const auto pa = [&](int64_t blk) { return in.packed.data() + blk * in.k * tile_rows; };
+  const auto write = [&](const float* o, int64_t blk, int64_t run) {
+    write_block(o, rows_of(blk), run + 1 < NC ? tile_rows : cols, c + blk * tile_rows * ldc, ldc, j + run * tile_rows);
+  };
+  int64_t blk = 0;
+  for (; blk + 2 <= in.blocks; blk += 2) {
+    block<2, NC>(pa(blk), pa(blk + 1), in.k, b, ldb, j, out);
+    for (int64_t run = 0; run < NC; ++run) {
+      write(out + run * T, blk, run);
+      write(out + (2 + run) * T, blk + 1, run);
+    }
+  }
+  if (blk < in.blocks) {
+    block<1, NC>(pa(blk), nullptr, in.k, b, ldb, j, out);
+    for (int64_t run = 0; run < NC; ++run) write(out + run * T, blk, run);
   }
 }
 
-__attribute__((target("amx-tile,amx-bf16"))) void run_tiles(const amx_input& in, const uint16_t* b, int64_t ldb,
-                                                            int64_t j0, int64_t j1, float* c, int64_t ldc) {
-  alignas(64) float out[2 * tile_rows * tile_rows];
+// Column runs outside, row blocks inside: the runs' rows of B (32 x k) stay in L1 or L2 for every
+// block of A.
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void run_tiles(
+    const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j0, int64_t j1, uint16_t* c, int64_t ldc) {
   const int64_t whole = j0 + (j1 - j0) / tile_rows * tile_rows;
   if (whole > j0) {
     const tile_config cfg = config_for(tile_rows);
     _tile_loadconfig(&cfg);
-    // Column blocks outside, row blocks inside: a block of B (16 x k) stays in L2 for every block of A.
     int64_t j = j0;
-    for (; j + 2 * tile_rows <= whole; j += 2 * tile_rows) {
-      for (int64_t blk = 0; blk < in.blocks; ++blk) {
-        block<true>(in.packed.data() + blk * in.k * tile_rows, in.k, b, ldb, j, out);
-        const int64_t rows = std::min(tile_rows, in.m - blk * tile_rows);
-        scatter(out, 2 * tile_rows, rows, c + blk * tile_rows * ldc, ldc, j);
-      }
-    }
-    for (; j < whole; j += tile_rows) {
-      for (int64_t blk = 0; blk < in.blocks; ++blk) {
-        block<false>(in.packed.data() + blk * in.k * tile_rows, in.k, b, ldb, j, out);
-        scatter(out, tile_rows, std::min(tile_rows, in.m - blk * tile_rows), c + blk * tile_rows * ldc, ldc, j);
-      }
-    }
+    for (; j + 2 * tile_rows <= whole; j += 2 * tile_rows) column_runs<2>(in, b, ldb, j, tile_rows, c, ldc);
+    if (j < whole) column_runs<1>(in, b, ldb, j, tile_rows, c, ldc);
   }
   if (whole < j1) {  // the last columns: tiles of fewer rows
     const tile_config cfg = config_for(j1 - whole);
     _tile_loadconfig(&cfg);
-    for (int64_t blk = 0; blk < in.blocks; ++blk) {
-      block<false>(in.packed.data() + blk * in.k * tile_rows, in.k, b, ldb, whole, out);
-      scatter(out, j1 - whole, std::min(tile_rows, in.m - blk * tile_rows), c + blk * tile_rows * ldc, ldc, whole);
-    }
+    column_runs<1>(in, b, ldb, whole, j1 - whole, c, ldc);
   }
   _tile_release();
 }
-
 
 // --- quantized codes -------------------------------------------------------------------------
 
@@ -456,7 +522,7 @@ amx_input pack_amx(int64_t m, int64_t k, const uint16_t* a, int64_t lda) {
   return in;
 }
 
-void amx_rows(const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j0, int64_t j1, float* c, int64_t ldc) {
+void amx_rows(const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j0, int64_t j1, uint16_t* c, int64_t ldc) {
 #ifdef PREGATED_AMX
   if (j0 < j1) run_tiles(in, b, ldb, j0, j1, c, ldc);
 #else

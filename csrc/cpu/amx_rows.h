@@ -36,8 +36,9 @@ struct amx_input {
 // From A in bf16 ([m, k], row stride lda).
 amx_input pack_amx(int64_t m, int64_t k, const uint16_t* a, int64_t lda);
 
-// C[i, j] for every row i < in.m and columns j in [j0, j1) of bf16 B ([n, k], row stride ldb).
-void amx_rows(const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j0, int64_t j1, float* c, int64_t ldc);
+// C[i, j] in bf16 (rounded to nearest even) for every row i < in.m and columns j in [j0, j1) of
+// bf16 B ([n, k], row stride ldb).
+void amx_rows(const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j0, int64_t j1, uint16_t* c, int64_t ldc);
 
 // Quantized weights: whether amx_codes takes b with inner dimension k and m rows (int8 or int4,
 // groups of whole 64 codes, k whole groups, m <= 16 for int8 and <= 8 for int4).

@@ -104,16 +104,12 @@ status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t
   // (10-15% on 0.5-11 MiB weights, the same beyond; from two rows the tiles were 1.1-2.3x faster).
   if (dt == dtype::dtype_bf16 && m >= 2 && amx_chosen() && amx_shape_ok(k)) {
     const amx_input in = pack_amx(m, k, static_cast<const uint16_t*>(a), lda);
-    std::vector<float> c32;
-    int64_t cf_ld = ldc;
-    float* cf = fp32_output(dt, c, m, n, &c32, &cf_ld);
     const int64_t tasks = tasks_for((n + 31) / 32, 32 * k * 2);
     const int64_t per = ((n + 31) / 32 + tasks - 1) / tasks * 32;  // whole pairs of tiles
     pool.run(tasks, [&](int64_t t) {
       const int64_t j0 = t * per, j1 = std::min(n, j0 + per);
-      if (j0 < j1) amx_rows(in, static_cast<const uint16_t*>(b), ldb, j0, j1, cf, cf_ld);
+      if (j0 < j1) amx_rows(in, static_cast<const uint16_t*>(b), ldb, j0, j1, static_cast<uint16_t*>(c), ldc);
     });
-    narrow(dt, cf, m, n, cf_ld, c, ldc);
     return {};
   }
   // A and C in fp32 (A is small: the activations of a few rows).
@@ -181,22 +177,17 @@ status gemm_nt_items(dtype dt, const rows_item* items, int64_t count, int64_t n,
   if (dt == dtype::dtype_bf16 && several_rows && amx_chosen() && amx_shape_ok(k)) {  // as gemm_nt; 32 columns a unit
     std::vector<amx_input> in(static_cast<size_t>(count));
     for (int64_t i = 0; i < count; ++i) in[static_cast<size_t>(i)] = pack_amx(items[i].m, k, static_cast<const uint16_t*>(items[i].a), items[i].lda);
-    std::vector<float> c32(static_cast<size_t>(rows * n));
     const int64_t units = (n + 31) / 32, total = count * units;
     const int64_t tasks = tasks_for(total, 32 * k * 2);
     const int64_t per = (total + tasks - 1) / tasks;
     thread_pool::current().run(tasks, [&](int64_t t) {
       for (int64_t s = t * per, e = std::min(total, s + per); s < e;) {  // units s..e of all items
         const int64_t i = s / units, u0 = s % units, u1 = std::min(units, u0 + (e - s));
-        const size_t f = static_cast<size_t>(first[static_cast<size_t>(i)]);
         amx_rows(in[static_cast<size_t>(i)], static_cast<const uint16_t*>(items[i].b), k, u0 * 32,
-                 std::min(n, u1 * 32), c32.data() + f * static_cast<size_t>(n), n);
+                 std::min(n, u1 * 32), static_cast<uint16_t*>(items[i].c), items[i].ldc);
         s += u1 - u0;
       }
     });
-    for (int64_t i = 0; i < count; ++i) {
-      narrow(dt, c32.data() + first[static_cast<size_t>(i)] * n, items[i].m, n, n, items[i].c, items[i].ldc);
-    }
     return {};
   }
   std::vector<float> a32(static_cast<size_t>(rows * k)), c32(static_cast<size_t>(rows * n));

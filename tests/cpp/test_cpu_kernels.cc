@@ -38,7 +38,8 @@ TEST(cpu_bf16_gemm_on_every_kernel_path) {
   for (const char* isa : {"amx", "avx512bf16", "avx512", "avx2", "portable"}) {
     if (!cpu::small_rows_force(isa)) continue;
     for (int64_t k : {64, 96, 45}) {
-      for (int64_t m : {1, 3, 8, 17, 40}) {
+      // 40: a pair of 16-row blocks and one of 8; 100: three pairs and a block of 4 (prefill sizes)
+      for (int64_t m : {1, 3, 8, 17, 40, 100}) {
         const int64_t n = 53, lda = k + 3, ldc = n + 2;
         std::vector<uint16_t> a(static_cast<size_t>(m * lda)), b(static_cast<size_t>(n * k));
         std::vector<uint16_t> c(static_cast<size_t>(m * ldc), 0x7FC0);  // NaN: every written entry is checked
