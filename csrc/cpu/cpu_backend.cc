@@ -23,6 +23,7 @@
 
 #include "cpu_gemm.h"
 #include "decode_attention.h"
+#include "ffn_elementwise.h"
 #include "half.h"
 #include "rms_norm.h"
 #include "small_rows.h"
@@ -78,47 +79,6 @@ class cpu_event : public backend_event {
 };
 
 cpu_event* as_cpu(backend_event* ev) { return static_cast<cpu_event*>(ev); }
-
-float load(dtype dt, const void* p, int64_t i) {
-  switch (dt) {
-    case dtype::dtype_f32: return static_cast<const float*>(p)[i];
-    case dtype::dtype_bf16: return cpu::bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    case dtype::dtype_f16: return cpu::f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-  }
-  return 0;
-}
-
-void store(dtype dt, void* p, int64_t i, float v) {
-  switch (dt) {
-    case dtype::dtype_f32: static_cast<float*>(p)[i] = v; break;
-    case dtype::dtype_bf16: static_cast<uint16_t*>(p)[i] = cpu::f32_to_bf16(v); break;
-    case dtype::dtype_f16: static_cast<uint16_t*>(p)[i] = cpu::f32_to_f16(v); break;
-  }
-}
-
-// act(x) of every kind but gated_swiglu_oai, which needs both halves (see activate).
-float activation(ffn_kind kind, float x) {
-  switch (kind) {
-    case ffn_kind::ffn_kind_gated_silu:
-    case ffn_kind::ffn_kind_silu:
-      return x / (1.0f + std::exp(-x));
-    case ffn_kind::ffn_kind_relu:
-    case ffn_kind::ffn_kind_gated_relu:
-      return x > 0 ? x : 0.0f;
-    case ffn_kind::ffn_kind_relu2:
-      return x > 0 ? x * x : 0.0f;
-    case ffn_kind::ffn_kind_gated_gelu:
-    case ffn_kind::ffn_kind_gelu:
-      return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
-    case ffn_kind::ffn_kind_gated_gelu_tanh:
-    case ffn_kind::ffn_kind_gelu_tanh:
-      return 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-    case ffn_kind::ffn_kind_gated_swiglu_oai:
-    case ffn_kind::ffn_kind_gated_silu_clamped:
-      break;
-  }
-  return x;
-}
 
 // Allocations of at least this much go on 2 MiB pages where the kernel offers them
 // (transparent huge pages in `madvise` mode): a kernel that streams weights from memory stalls at
@@ -374,53 +334,22 @@ class cpu_backend final : public backend {
   }
 
   status activate(const expert_spec& sp, void* data, int64_t rows, int64_t ld, void*) override {
-    const dtype dt = sp.dt;
-    const int64_t width = sp.intermediate;
-    const bool gated = ffn_is_gated(sp.kind);
-    const bool oai = sp.kind == ffn_kind::ffn_kind_gated_swiglu_oai;
-    const bool clamped = oai || sp.kind == ffn_kind::ffn_kind_gated_silu_clamped;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t base = r * ld;
-      for (int64_t j = 0; j < width; ++j) {
-        const float x = load(dt, data, base + j);
-        float v;
-        if (clamped) {
-          const float g = std::fmin(x, sp.limit);
-          const float u = std::fmax(std::fmin(load(dt, data, base + width + j), sp.limit), -sp.limit);
-          v = oai ? (u + 1.0f) * g / (1.0f + std::exp(-sp.alpha * g)) : g / (1.0f + std::exp(-g)) * u;
-        } else {
-          v = activation(sp.kind, x);
-          if (gated) v *= load(dt, data, base + width + j);
-        }
-        store(dt, data, base + j, v);
-      }
-    }
+    cpu::activate_rows(sp, data, rows, ld);
     return {};
   }
 
   status add_bias(dtype dt, void* data, int64_t rows, int64_t width, int64_t ld, const void* bias,
                   void*) override {
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t j = 0; j < width; ++j) {
-        store(dt, data, r * ld + j, load(dt, data, r * ld + j) + load(dt, bias, j));
-      }
-    }
+    cpu::add_bias_rows(dt, data, rows, width, ld, bias);
     return {};
   }
 
   status combine(dtype dt, void* out, const void* y, const int32_t* row_of, const float* weights,
                  int64_t tokens, int64_t top_k, int64_t width, void*) override {
-    for (int64_t t = 0; t < tokens; ++t) {
-      for (int64_t c = 0; c < width; ++c) {
-        float acc = 0;
-        for (int64_t k = 0; k < top_k; ++k) {
-          acc += weights[t * top_k + k] * load(dt, y, row_of[t * top_k + k] * width + c);
-        }
-        store(dt, out, t * width + c, acc);
-      }
-    }
+    cpu::combine_rows(dt, out, y, row_of, weights, tokens, top_k, width);
     return {};
   }
+
  private:
   std::unique_ptr<copy_thread> copier_;  // null: copies are synchronous
 };

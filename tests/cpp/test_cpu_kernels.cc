@@ -9,6 +9,7 @@
 
 #include "harness.h"
 #include "cpu/cpu_gemm.h"
+#include "cpu/ffn_elementwise.h"
 #include "cpu/half.h"
 #include "cpu/small_rows.h"
 
@@ -67,4 +68,73 @@ TEST(cpu_bf16_gemm_on_every_kernel_path) {
     }
   }
   cpu::small_rows_force(best.c_str());
+}
+
+// The vector paths of the FFN's elementwise steps against the portable ones (float64 references
+// for silu): gate values across silu's whole range (exp saturating at both ends), widths that are
+// not multiples of 8, and rows enough to go over the pool.
+TEST(cpu_ffn_elementwise_vector_paths_match_portable) {
+  const std::string best = cpu::small_rows_isa();
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> wide(-95.0f, 95.0f), unit(-1.0f, 1.0f);
+  for (ffn_kind kind : {ffn_kind::ffn_kind_gated_silu, ffn_kind::ffn_kind_silu}) {
+    for (int64_t rows : {1, 300}) {
+      expert_spec sp;
+      sp.kind = kind;
+      sp.dt = dtype::dtype_f32;
+      sp.intermediate = 237;
+      const int64_t ld = 2 * sp.intermediate + 3;
+      std::vector<float> data(static_cast<size_t>(rows * ld));
+      for (size_t i = 0; i < data.size(); ++i) data[i] = i % 5 == 0 ? wide(rng) : 4.0f * unit(rng);
+      std::vector<float> vec = data, port = data;
+      cpu::activate_rows(sp, vec.data(), rows, ld);
+      CHECK(cpu::small_rows_force("portable"));
+      cpu::activate_rows(sp, port.data(), rows, ld);
+      cpu::small_rows_force(best.c_str());
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t j = 0; j < ld; ++j) {
+          const size_t i = static_cast<size_t>(r * ld + j);
+          if (j >= sp.intermediate) {
+            CHECK(vec[i] == data[i]);  // the up half and the padding are left alone
+            continue;
+          }
+          const double x = data[i], up = kind == ffn_kind::ffn_kind_gated_silu ? data[i + static_cast<size_t>(sp.intermediate)] : 1.0;
+          const double ref = x / (1.0 + std::exp(-x)) * up;
+          const double tol = 4e-7 * std::fabs(ref) + 1e-30;
+          CHECK(std::fabs(vec[i] - ref) <= tol);
+          CHECK(std::fabs(port[i] - ref) <= tol);
+        }
+      }
+    }
+  }
+  // bias and the weighted combine, bf16: the vector path rounds the same float sums once
+  for (int64_t tokens : {3, 400}) {
+    const int64_t width = 45, top_k = 2, rows = tokens * top_k;
+    std::vector<uint16_t> y(static_cast<size_t>(rows * width)), bias(static_cast<size_t>(width));
+    for (auto& v : y) v = cpu::f32_to_bf16(unit(rng));
+    for (auto& v : bias) v = cpu::f32_to_bf16(unit(rng));
+    std::vector<int32_t> row_of(static_cast<size_t>(rows));
+    std::vector<float> w(static_cast<size_t>(rows));
+    for (int64_t i = 0; i < rows; ++i) {
+      row_of[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7) % rows);
+      w[static_cast<size_t>(i)] = 0.5f + 0.25f * unit(rng);
+    }
+    std::vector<uint16_t> out(static_cast<size_t>(tokens * width)), biased = y;
+    cpu::combine_rows(dtype::dtype_bf16, out.data(), y.data(), row_of.data(), w.data(), tokens, top_k, width);
+    cpu::add_bias_rows(dtype::dtype_bf16, biased.data(), rows, width, width, bias.data());
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t c = 0; c < width; ++c) {
+        double ref = 0;
+        for (int64_t k = 0; k < top_k; ++k) {
+          ref += w[static_cast<size_t>(t * top_k + k)] *
+                 cpu::bf16_to_f32(y[static_cast<size_t>(row_of[static_cast<size_t>(t * top_k + k)] * width + c)]);
+        }
+        CHECK(std::fabs(cpu::bf16_to_f32(out[static_cast<size_t>(t * width + c)]) - ref) <= 1e-2 * std::fabs(ref) + 1e-6);
+      }
+    }
+    for (int64_t i = 0; i < rows * width; ++i) {
+      const float ref = cpu::bf16_to_f32(y[static_cast<size_t>(i)]) + cpu::bf16_to_f32(bias[static_cast<size_t>(i % width)]);
+      CHECK(biased[static_cast<size_t>(i)] == cpu::f32_to_bf16(ref));
+    }
+  }
 }
