@@ -93,20 +93,12 @@ __attribute__((target("amx-tile,amx-bf16"))) void block(const uint16_t* pa0, con
   if constexpr (NR == 2 && NC == 2) _tile_stored(3, out + 3 * T, 64);
 }
 
-// bf16 bits of 16 floats, rounded to nearest even, NaN kept NaN (as f32_to_bf16).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i bf16_of(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 // A block's sums (out: row r = column j + r of C, lane i = row i of the block) into C's rows
-// [0, rows) and columns [j, j + cols) in bf16. Many rows: a 16 x 16 transpose in registers (64
-// shuffles) and a store of 16 columns a row; few rows: one element at a time (fewer operations).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void write_block(const float* out, int64_t rows, int64_t cols,
+// [0, rows) and columns [j, j + cols) in bf16, rounded to nearest even (VCVTNEPS2BF16: as
+// f32_to_bf16, but a denormal sum becomes a zero of its sign). Many rows: a 16 x 16 transpose in
+// registers (64 shuffles) and a store of 16 columns a row; few rows: one element at a time (fewer
+// operations).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void write_block(const float* out, int64_t rows, int64_t cols,
                                                                      uint16_t* c, int64_t ldc, int64_t j) {
   if (rows < 6) {
     for (int64_t i = 0; i < rows; ++i) {
@@ -137,17 +129,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void write_block(const floa
     t[12 + q] = _mm512_shuffle_f32x4(x1, x3, 0xDD);
   }
   const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
-  for (int64_t i = 0; i < rows; ++i) _mm256_mask_storeu_epi16(c + i * ldc + j, mask, bf16_of(t[i]));
+  for (int64_t i = 0; i < rows; ++i) {
+    _mm256_mask_storeu_epi16(c + i * ldc + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(t[i])));
+  }
 }
 
 // Columns [j, j + NC * 16) (the last run `cols` wide) for every row of A, in pairs of row blocks.
 template <int NC>
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void column_runs(
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16"))) void column_runs(
     const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j, int64_t cols, uint16_t* c, int64_t ldc) {
   alignas(64) float out[4 * tile_rows * tile_rows];
   constexpr int64_t T = tile_rows * tile_rows;
   const auto rows_of = [&](int64_t blk) { return std::min(tile_rows, in.m - blk * tile_rows); };
-  const auto pa = [&](int64_t blk) { return in.packed.data() + blk * in.k * tile_rows; };
+  const auto pa = [&](int64_t blk) { return in.packed.get() + blk * in.k * tile_rows; };
   const auto write = [&](const float* o, int64_t blk, int64_t run) {
     write_block(o, rows_of(blk), run + 1 < NC ? tile_rows : cols, c + blk * tile_rows * ldc, ldc, j + run * tile_rows);
   };
@@ -167,7 +161,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void colu
 
 // Column runs outside, row blocks inside: the runs' rows of B (32 x k) stay in L1 or L2 for every
 // block of A.
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void run_tiles(
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16"))) void run_tiles(
     const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j0, int64_t j1, uint16_t* c, int64_t ldc) {
   const int64_t whole = j0 + (j1 - j0) / tile_rows * tile_rows;
   if (whole > j0) {
@@ -495,7 +489,9 @@ bool amx_usable() {
   static const bool usable = [] {
     const char* env = std::getenv("PREGATED_AMX");
     if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-    return cpu_has_amx() && kernel_grants_tiles();
+    // AMX-BF16 CPUs have AVX512-BF16 (the bf16 results' rounding); asked all the same
+    __builtin_cpu_init();
+    return cpu_has_amx() && __builtin_cpu_supports("avx512bf16") && kernel_grants_tiles();
   }();
   return usable;
 #else
@@ -508,15 +504,15 @@ amx_input pack_amx(int64_t m, int64_t k, const uint16_t* a, int64_t lda) {
   in.m = m;
   in.k = k;
   in.blocks = (m + tile_rows - 1) / tile_rows;
-  in.packed.assign(static_cast<size_t>(in.blocks * tile_rows * k), 0);
-  // block b, pair p = k / 2, row r within the block: [b][p][r][2]
-  for (int64_t i = 0; i < m; ++i) {
+  in.packed.reset(new uint16_t[static_cast<size_t>(in.blocks * tile_rows * k)]);
+  // block b, pair p = k / 2, row r within the block: [b][p][r][2], one pair a 32-bit word
+  for (int64_t i = 0; i < in.blocks * tile_rows; ++i) {
     const int64_t blk = i / tile_rows, r = i % tile_rows;
-    uint16_t* dst = in.packed.data() + blk * k * tile_rows + 2 * r;
-    const uint16_t* src = a + i * lda;
+    uint16_t* dst = in.packed.get() + blk * k * tile_rows + 2 * r;
     for (int64_t p = 0; p < k / 2; ++p) {
-      dst[p * 2 * tile_rows] = src[2 * p];
-      dst[p * 2 * tile_rows + 1] = src[2 * p + 1];
+      uint32_t pair = 0;  // rows past m: zeros
+      if (i < m) std::memcpy(&pair, a + i * lda + 2 * p, 4);
+      std::memcpy(dst + p * 2 * tile_rows, &pair, 4);
     }
   }
   return in;

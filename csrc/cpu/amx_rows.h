@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "pregated/backend.h"
@@ -30,7 +31,7 @@ inline bool amx_shape_ok(int64_t k) { return k > 0 && k % 32 == 0; }
 // A's rows in blocks of 16 (the last padded with zeros), each block [k / 2][16][2] in bf16.
 struct amx_input {
   int64_t m = 0, k = 0, blocks = 0;
-  std::vector<uint16_t> packed;
+  std::unique_ptr<uint16_t[]> packed;  // blocks * 16 * k
 };
 
 // From A in bf16 ([m, k], row stride lda).
