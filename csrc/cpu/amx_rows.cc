@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 
 #include "half.h"
 #include "quantized_int8.h"
@@ -93,6 +94,48 @@ __attribute__((target("amx-tile,amx-bf16"))) void block(const uint16_t* pa0, con
   if constexpr (NR == 2 && NC == 2) _tile_stored(3, out + 3 * T, 64);
 }
 
+// v[i] lane r <- v[r] lane i: a 16 x 16 transpose of 32-bit elements in 64 shuffles (bits moved
+// as they are, so any 32-bit data).
+__attribute__((target("avx512f"))) inline void transpose16(__m512 (&v)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // 32-bit pairs of rows
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // 64-bit: v[4 g + c], 128-bit chunk L: rows 4g..4g+3 of lane 4 L + c
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
+    const __m512d a1 = _mm512_castps_pd(t[4 * g + 1]), b1 = _mm512_castps_pd(t[4 * g + 3]);
+    v[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    v[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    v[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, b1));
+    v[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, b1));
+  }
+  for (int q = 0; q < 4; ++q) {  // 128-bit chunks: lane 4 L + q of every row, chunk g rows 4g..
+    const __m512 x0 = _mm512_shuffle_f32x4(v[q], v[4 + q], 0x88), x1 = _mm512_shuffle_f32x4(v[q], v[4 + q], 0xDD);
+    const __m512 x2 = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0x88), x3 = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0xDD);
+    t[q] = _mm512_shuffle_f32x4(x0, x2, 0x88);
+    t[8 + q] = _mm512_shuffle_f32x4(x0, x2, 0xDD);
+    t[4 + q] = _mm512_shuffle_f32x4(x1, x3, 0x88);
+    t[12 + q] = _mm512_shuffle_f32x4(x1, x3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+
+// Rows [16 blk, 16 blk + 16) of A (those from m on as zeros) packed in pairs: dst[p][r] = the
+// pair p (32 bits) of row r, 16 pairs of 16 rows (1 KiB) at a time through transpose16.
+__attribute__((target("avx512f"))) void pack_block(const uint16_t* a, int64_t lda, int64_t m, int64_t k, int64_t blk,
+                                                  uint16_t* dst) {
+  for (int64_t p0 = 0; p0 < k / 2; p0 += 16) {
+    __m512 v[16];
+    for (int64_t r = 0; r < 16; ++r) {
+      const int64_t i = blk * tile_rows + r;
+      v[r] = i < m ? _mm512_loadu_ps(reinterpret_cast<const float*>(a + i * lda + 2 * p0)) : _mm512_setzero_ps();
+    }
+    transpose16(v);
+    for (int64_t q = 0; q < 16; ++q) _mm512_store_ps(reinterpret_cast<float*>(dst + (p0 + q) * 2 * tile_rows), v[q]);
+  }
+}
+
 // A block's sums (out: row r = column j + r of C, lane i = row i of the block) into C's rows
 // [0, rows) and columns [j, j + cols) in bf16, rounded to nearest even (VCVTNEPS2BF16: as
 // f32_to_bf16, but a denormal sum becomes a zero of its sign). Many rows: a 16 x 16 transpose in
@@ -106,57 +149,45 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void write_block
     }
     return;
   }
-  __m512 v[16], t[16];
+  __m512 v[16];
   for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(out + i * tile_rows);  // v[r] lane i: C[i][j + r]
-  for (int i = 0; i < 8; ++i) {  // 32-bit pairs of rows
-    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {  // 64-bit: u[4 g + c], 128-bit chunk L: rows 4g..4g+3 of lane 4 L + c
-    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
-    const __m512d a1 = _mm512_castps_pd(t[4 * g + 1]), b1 = _mm512_castps_pd(t[4 * g + 3]);
-    v[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-    v[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-    v[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, b1));
-    v[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, b1));
-  }
-  for (int q = 0; q < 4; ++q) {  // 128-bit chunks: t[4 L + q] = lane 4 L + q of every row, chunk g rows 4g..
-    const __m512 x0 = _mm512_shuffle_f32x4(v[q], v[4 + q], 0x88), x1 = _mm512_shuffle_f32x4(v[q], v[4 + q], 0xDD);
-    const __m512 x2 = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0x88), x3 = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0xDD);
-    t[q] = _mm512_shuffle_f32x4(x0, x2, 0x88);
-    t[8 + q] = _mm512_shuffle_f32x4(x0, x2, 0xDD);
-    t[4 + q] = _mm512_shuffle_f32x4(x1, x3, 0x88);
-    t[12 + q] = _mm512_shuffle_f32x4(x1, x3, 0xDD);
-  }
+  transpose16(v);  // v[i] lane r: C[i][j + r]
   const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
   for (int64_t i = 0; i < rows; ++i) {
-    _mm256_mask_storeu_epi16(c + i * ldc + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(t[i])));
+    _mm256_mask_storeu_epi16(c + i * ldc + j, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v[i])));
   }
 }
 
 // Columns [j, j + NC * 16) (the last run `cols` wide) for every row of A, in pairs of row blocks.
+// Each block's sums are written out after the next block's tile work is issued (two buffers), so
+// the vector work of the writing overlaps the tile multiplies instead of waiting between them.
 template <int NC>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16"))) void column_runs(
     const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j, int64_t cols, uint16_t* c, int64_t ldc) {
-  alignas(64) float out[4 * tile_rows * tile_rows];
   constexpr int64_t T = tile_rows * tile_rows;
-  const auto rows_of = [&](int64_t blk) { return std::min(tile_rows, in.m - blk * tile_rows); };
+  alignas(64) float out[2][4 * T];
   const auto pa = [&](int64_t blk) { return in.packed.get() + blk * in.k * tile_rows; };
-  const auto write = [&](const float* o, int64_t blk, int64_t run) {
-    write_block(o, rows_of(blk), run + 1 < NC ? tile_rows : cols, c + blk * tile_rows * ldc, ldc, j + run * tile_rows);
-  };
-  int64_t blk = 0;
-  for (; blk + 2 <= in.blocks; blk += 2) {
-    block<2, NC>(pa(blk), pa(blk + 1), in.k, b, ldb, j, out);
-    for (int64_t run = 0; run < NC; ++run) {
-      write(out + run * T, blk, run);
-      write(out + (2 + run) * T, blk + 1, run);
+  // the row blocks blk and blk + 1 (pair) whose sums are in out[buf]
+  const auto write = [&](int64_t blk, bool pair, int buf) {
+    for (int64_t r = 0; r < (pair ? 2 : 1); ++r) {
+      const int64_t rows = std::min(tile_rows, in.m - (blk + r) * tile_rows);
+      for (int64_t run = 0; run < NC; ++run) {
+        write_block(out[buf] + (2 * r + run) * T, rows, run + 1 < NC ? tile_rows : cols,
+                    c + (blk + r) * tile_rows * ldc, ldc, j + run * tile_rows);
+      }
     }
+  };
+  int64_t pending = -1;  // the pair in out[buf ^ 1] not yet written
+  int buf = 0;
+  int64_t blk = 0;
+  for (; blk + 2 <= in.blocks; blk += 2, buf ^= 1) {
+    block<2, NC>(pa(blk), pa(blk + 1), in.k, b, ldb, j, out[buf]);
+    if (pending >= 0) write(pending, true, buf ^ 1);
+    pending = blk;
   }
-  if (blk < in.blocks) {
-    block<1, NC>(pa(blk), nullptr, in.k, b, ldb, j, out);
-    for (int64_t run = 0; run < NC; ++run) write(out + run * T, blk, run);
-  }
+  if (blk < in.blocks) block<1, NC>(pa(blk), nullptr, in.k, b, ldb, j, out[buf]);
+  if (pending >= 0) write(pending, true, buf ^ 1);
+  if (blk < in.blocks) write(blk, false, buf);
 }
 
 // Column runs outside, row blocks inside: the runs' rows of B (32 x k) stay in L1 or L2 for every
@@ -499,22 +530,29 @@ bool amx_usable() {
 #endif
 }
 
-amx_input pack_amx(int64_t m, int64_t k, const uint16_t* a, int64_t lda) {
+amx_input amx_buffer(int64_t m, int64_t k) {
   amx_input in;
   in.m = m;
   in.k = k;
   in.blocks = (m + tile_rows - 1) / tile_rows;
-  in.packed.reset(new uint16_t[static_cast<size_t>(in.blocks * tile_rows * k)]);
+  // 64-byte aligned: a tile row is one cache line
+  in.packed.reset(static_cast<uint16_t*>(std::aligned_alloc(64, static_cast<size_t>(in.blocks * tile_rows * k) * 2)));
+  if (!in.packed) throw std::bad_alloc();
+  return in;
+}
+
+void pack_amx_blocks(amx_input& in, const uint16_t* a, int64_t lda, int64_t blk0, int64_t blk1) {
   // block b, pair p = k / 2, row r within the block: [b][p][r][2], one pair a 32-bit word
-  for (int64_t i = 0; i < in.blocks * tile_rows; ++i) {
-    const int64_t blk = i / tile_rows, r = i % tile_rows;
-    uint16_t* dst = in.packed.get() + blk * k * tile_rows + 2 * r;
-    for (int64_t p = 0; p < k / 2; ++p) {
-      uint32_t pair = 0;  // rows past m: zeros
-      if (i < m) std::memcpy(&pair, a + i * lda + 2 * p, 4);
-      std::memcpy(dst + p * 2 * tile_rows, &pair, 4);
-    }
-  }
+#ifdef PREGATED_AMX
+  for (int64_t blk = blk0; blk < blk1; ++blk) pack_block(a, lda, in.m, in.k, blk, in.packed.get() + blk * in.k * tile_rows);
+#else
+  (void)in, (void)a, (void)lda, (void)blk0, (void)blk1;
+#endif
+}
+
+amx_input pack_amx(int64_t m, int64_t k, const uint16_t* a, int64_t lda) {
+  amx_input in = amx_buffer(m, k);
+  pack_amx_blocks(in, a, lda, 0, in.blocks);
   return in;
 }
 

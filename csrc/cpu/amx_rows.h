@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -30,12 +31,19 @@ inline bool amx_shape_ok(int64_t k) { return k > 0 && k % 32 == 0; }
 
 // A's rows in blocks of 16 (the last padded with zeros), each block [k / 2][16][2] in bf16.
 struct amx_input {
+  struct aligned_free {
+    void operator()(uint16_t* p) const { std::free(p); }
+  };
   int64_t m = 0, k = 0, blocks = 0;
-  std::unique_ptr<uint16_t[]> packed;  // blocks * 16 * k
+  std::unique_ptr<uint16_t[], aligned_free> packed;  // blocks * 16 * k, 64-byte aligned
 };
 
 // From A in bf16 ([m, k], row stride lda).
 amx_input pack_amx(int64_t m, int64_t k, const uint16_t* a, int64_t lda);
+// The same in two steps, so that blocks can be packed on several threads: the buffer for m rows,
+// then blocks [blk0, blk1) of it from A.
+amx_input amx_buffer(int64_t m, int64_t k);
+void pack_amx_blocks(amx_input& in, const uint16_t* a, int64_t lda, int64_t blk0, int64_t blk1);
 
 // C[i, j] in bf16 (rounded to nearest even) for every row i < in.m and columns j in [j0, j1) of
 // bf16 B ([n, k], row stride ldb).
