@@ -158,12 +158,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void write_block
   }
 }
 
-// Columns [j, j + NC * 16) (the last run `cols` wide) for every row of A, in pairs of row blocks.
+// Columns [j, j + NC * 16) (the last run `cols` wide) for row blocks [blk0, blk1) of A, in pairs.
 // Each block's sums are written out after the next block's tile work is issued (two buffers), so
 // the vector work of the writing overlaps the tile multiplies instead of waiting between them.
 template <int NC>
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16"))) void column_runs(
-    const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j, int64_t cols, uint16_t* c, int64_t ldc) {
+    const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j, int64_t cols, int64_t blk0, int64_t blk1,
+    uint16_t* c, int64_t ldc) {
   constexpr int64_t T = tile_rows * tile_rows;
   alignas(64) float out[2][4 * T];
   const auto pa = [&](int64_t blk) { return in.packed.get() + blk * in.k * tile_rows; };
@@ -179,33 +180,39 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16"))
   };
   int64_t pending = -1;  // the pair in out[buf ^ 1] not yet written
   int buf = 0;
-  int64_t blk = 0;
-  for (; blk + 2 <= in.blocks; blk += 2, buf ^= 1) {
+  int64_t blk = blk0;
+  for (; blk + 2 <= blk1; blk += 2, buf ^= 1) {
     block<2, NC>(pa(blk), pa(blk + 1), in.k, b, ldb, j, out[buf]);
     if (pending >= 0) write(pending, true, buf ^ 1);
     pending = blk;
   }
-  if (blk < in.blocks) block<1, NC>(pa(blk), nullptr, in.k, b, ldb, j, out[buf]);
+  if (blk < blk1) block<1, NC>(pa(blk), nullptr, in.k, b, ldb, j, out[buf]);
   if (pending >= 0) write(pending, true, buf ^ 1);
-  if (blk < in.blocks) write(blk, false, buf);
+  if (blk < blk1) write(blk, false, buf);
 }
 
-// Column runs outside, row blocks inside: the runs' rows of B (32 x k) stay in L1 or L2 for every
-// block of A.
+// Chunks of rows of A outside, then column runs, then the chunk's row blocks: a run's rows of B
+// (32 x k) stay in L1 or L2 for every block of the chunk, and the chunk's A (up to 256 rows) in L2
+// for every run. Without the chunks every run read all of A again: 2000 rows x 512 of k is 2 MiB,
+// about L2, read from further out by each of 96 runs of the 3072 columns of a prefill's gate/up.
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16"))) void run_tiles(
     const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j0, int64_t j1, uint16_t* c, int64_t ldc) {
+  constexpr int64_t chunk_blocks = 16;  // 256 rows: 256 KiB of A at k = 512
   const int64_t whole = j0 + (j1 - j0) / tile_rows * tile_rows;
-  if (whole > j0) {
-    const tile_config cfg = config_for(tile_rows);
-    _tile_loadconfig(&cfg);
-    int64_t j = j0;
-    for (; j + 2 * tile_rows <= whole; j += 2 * tile_rows) column_runs<2>(in, b, ldb, j, tile_rows, c, ldc);
-    if (j < whole) column_runs<1>(in, b, ldb, j, tile_rows, c, ldc);
-  }
-  if (whole < j1) {  // the last columns: tiles of fewer rows
-    const tile_config cfg = config_for(j1 - whole);
-    _tile_loadconfig(&cfg);
-    column_runs<1>(in, b, ldb, whole, j1 - whole, c, ldc);
+  for (int64_t blk0 = 0; blk0 < in.blocks; blk0 += chunk_blocks) {
+    const int64_t blk1 = std::min(in.blocks, blk0 + chunk_blocks);
+    if (whole > j0) {
+      const tile_config cfg = config_for(tile_rows);
+      _tile_loadconfig(&cfg);
+      int64_t j = j0;
+      for (; j + 2 * tile_rows <= whole; j += 2 * tile_rows) column_runs<2>(in, b, ldb, j, tile_rows, blk0, blk1, c, ldc);
+      if (j < whole) column_runs<1>(in, b, ldb, j, tile_rows, blk0, blk1, c, ldc);
+    }
+    if (whole < j1) {  // the last columns: tiles of fewer rows
+      const tile_config cfg = config_for(j1 - whole);
+      _tile_loadconfig(&cfg);
+      column_runs<1>(in, b, ldb, whole, j1 - whole, blk0, blk1, c, ldc);
+    }
   }
   _tile_release();
 }
