@@ -100,6 +100,26 @@ def test_quantized_forward_against_dequantize_then_matmul(device, dtype, fmt, gr
     rt.close()
 
 
+@pytest.mark.parametrize("fmt,group", [("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128), ("int3", 32)])
+def test_bf16_prefill_with_quantized_experts(fmt, group):
+    """More than 8 rows of a bf16 model: with AMX, int8/int4 weights dequantized to bf16 and run on
+    the tiles (k whole groups and whole 32s: gate/up here; the down GEMM's k = 96 takes it only
+    where 96 is whole groups), else dequantized to fp32 for sgemm; against dequantize-then-matmul
+    in float64, on the kernels this CPU chose."""
+    H, I, E = 128, 96, 4
+    weights = random_experts(1, E, H, I, "gated_silu", torch.float32, seed=group + len(fmt))
+    rt, deq = quantized_runtime(weights, "gated_silu", torch.bfloat16, fmt, group, slots=E)
+    for T in (9, 40, 100):
+        x = torch.randn(T, H).to(torch.bfloat16)
+        ids, w = random_routing(T, 2, E, seed=T)
+        out = rt.forward(0, x, ids, w)
+        assert not out.isnan().any()
+        err = relative_error(out, moe_reference(deq[0], x, ids, w, "gated_silu"))
+        assert err < TOL[torch.bfloat16], f"{fmt} group {group} T={T}: {err:.2e}"
+    rt.check()
+    rt.close()
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", list(BITS))
 def test_cpu_decode_kernels_for_every_format(isa, fmt):

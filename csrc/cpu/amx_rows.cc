@@ -136,6 +136,36 @@ __attribute__((target("avx512f"))) void pack_block(const uint16_t* a, int64_t ld
   }
 }
 
+// Rows [j0, j1) of int8 or int4 codes dequantized, (code - zero) * scale in fp32 as
+// dequantize_rows computes it, rounded to bf16 (VCVTNEPS2BF16), 16 codes at a time.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c"))) void dequantize_block(const quantized_matrix& b,
+                                                                                           int64_t j0, int64_t j1,
+                                                                                           uint16_t* dst) {
+  const int64_t G = b.group_size, k = b.groups * G;
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint8_t* row = b.codes + j * b.row_bytes;
+    uint16_t* out = dst + (j - j0) * k;
+    for (int64_t g = 0; g < b.groups; ++g) {
+      const __m512 s = _mm512_set1_ps(_cvtsh_ss(b.scales[j * b.groups + g]));
+      const __m512 z = _mm512_set1_ps(_cvtsh_ss(b.zeros[j * b.groups + g]));
+      for (int64_t c0 = g * G; c0 < (g + 1) * G; c0 += 16) {
+        __m128i codes;
+        if (b.bits == 8) {
+          codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c0));
+        } else {  // code 2t in the low nibble of byte t, 2t + 1 in the high one
+          const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c0 / 2));
+          const __m128i low = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
+          const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
+          codes = _mm_unpacklo_epi8(low, high);
+        }
+        const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
+        const __m512 w = _mm512_mul_ps(_mm512_sub_ps(x, z), s);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c0), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(w)));
+      }
+    }
+  }
+}
+
 // A block's sums (out: row r = column j + r of C, lane i = row i of the block) into C's rows
 // [0, rows) and columns [j, j + cols) in bf16, rounded to nearest even (VCVTNEPS2BF16: as
 // f32_to_bf16, but a denormal sum becomes a zero of its sign). Many rows: a 16 x 16 transpose in
@@ -576,6 +606,18 @@ bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k) {
   const int64_t rows = b.bits == 8 ? tile_rows : tile_rows / 2;
   return (b.bits == 8 || b.bits == 4) && b.group_size % 64 == 0 && k % b.group_size == 0 && m >= 1 && m <= rows &&
          b.groups * b.group_size == k;
+}
+
+bool amx_dequantize_ok(const quantized_matrix& b, int64_t k) {
+  return (b.bits == 8 || b.bits == 4) && b.group_size % 16 == 0 && b.groups * b.group_size == k && amx_shape_ok(k);
+}
+
+void amx_dequantize(const quantized_matrix& b, int64_t j0, int64_t j1, uint16_t* dst) {
+#ifdef PREGATED_AMX
+  dequantize_block(b, j0, j1, dst);
+#else
+  (void)b, (void)j0, (void)j1, (void)dst;
+#endif
 }
 
 namespace {

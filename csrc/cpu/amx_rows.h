@@ -49,6 +49,12 @@ void pack_amx_blocks(amx_input& in, const uint16_t* a, int64_t lda, int64_t blk0
 // bf16 B ([n, k], row stride ldb).
 void amx_rows(const amx_input& in, const uint16_t* b, int64_t ldb, int64_t j0, int64_t j1, uint16_t* c, int64_t ldc);
 
+// Prefill with quantized weights in a bf16 model: whether amx_dequantize takes b (int8 or int4,
+// groups of whole 16 codes, k whole groups and whole 32s), and rows [j0, j1) of b dequantized
+// to bf16 ([j1 - j0, k]) for amx_rows. (code - zero) * scale in fp32, rounded to bf16.
+bool amx_dequantize_ok(const quantized_matrix& b, int64_t k);
+void amx_dequantize(const quantized_matrix& b, int64_t j0, int64_t j1, uint16_t* dst);
+
 // Quantized weights: whether amx_codes takes b with inner dimension k and m rows (int8 or int4,
 // groups of whole 64 codes, k whole groups, m <= 16 for int8 and <= 8 for int4).
 bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k);
