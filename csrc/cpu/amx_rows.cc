@@ -567,14 +567,19 @@ bool amx_usable() {
 #endif
 }
 
+bf16_buffer aligned_bf16(int64_t count) {
+  const size_t bytes = (static_cast<size_t>(count) * 2 + 63) / 64 * 64;  // aligned_alloc: whole alignments
+  bf16_buffer p(static_cast<uint16_t*>(std::aligned_alloc(64, bytes)));
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
 amx_input amx_buffer(int64_t m, int64_t k) {
   amx_input in;
   in.m = m;
   in.k = k;
   in.blocks = (m + tile_rows - 1) / tile_rows;
-  // 64-byte aligned: a tile row is one cache line
-  in.packed.reset(static_cast<uint16_t*>(std::aligned_alloc(64, static_cast<size_t>(in.blocks * tile_rows * k) * 2)));
-  if (!in.packed) throw std::bad_alloc();
+  in.packed = aligned_bf16(in.blocks * tile_rows * k);
   return in;
 }
 

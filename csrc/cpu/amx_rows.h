@@ -29,13 +29,17 @@ bool amx_usable();
 // Whether amx_rows takes a GEMM with inner dimension k (whole 32s: tiles never read past a row).
 inline bool amx_shape_ok(int64_t k) { return k > 0 && k % 32 == 0; }
 
+// bf16 values on 64-byte boundaries (a tile row is one cache line); throws std::bad_alloc.
+struct aligned_free {
+  void operator()(uint16_t* p) const { std::free(p); }
+};
+using bf16_buffer = std::unique_ptr<uint16_t[], aligned_free>;
+bf16_buffer aligned_bf16(int64_t count);
+
 // A's rows in blocks of 16 (the last padded with zeros), each block [k / 2][16][2] in bf16.
 struct amx_input {
-  struct aligned_free {
-    void operator()(uint16_t* p) const { std::free(p); }
-  };
   int64_t m = 0, k = 0, blocks = 0;
-  std::unique_ptr<uint16_t[], aligned_free> packed;  // blocks * 16 * k, 64-byte aligned
+  bf16_buffer packed;  // blocks * 16 * k
 };
 
 // From A in bf16 ([m, k], row stride lda).

@@ -6,7 +6,6 @@
 // do on a GPU, in CI and under ThreadSanitizer.
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>

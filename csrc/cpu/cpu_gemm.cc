@@ -1,9 +1,6 @@
 #include "cpu_gemm.h"
 
 #include <algorithm>
-#include <cstdlib>
-#include <memory>
-#include <new>
 #include <string>
 #include <thread>
 #include <vector>
@@ -100,14 +97,8 @@ float* fp32_output(dtype dt, void* c, int64_t m, int64_t n, std::vector<float>* 
 // on one core).
 amx_input pack_on_pool(int64_t m, int64_t k, const uint16_t* a, int64_t lda, thread_pool& pool) {
   amx_input in = amx_buffer(m, k);
-  const int64_t tasks = std::min<int64_t>(in.blocks, m * k >= (int64_t{1} << 17) ? 4 * pool.size() : 1);
-  const int64_t per = (in.blocks + tasks - 1) / tasks;
-  const auto pack = [&](int64_t t) { pack_amx_blocks(in, a, lda, t * per, std::min(in.blocks, (t + 1) * per)); };
-  if (tasks == 1) {
-    pack(0);
-  } else {
-    pool.run(tasks, pack);
-  }
+  pool.run_split(in.blocks, m * k >= (int64_t{1} << 17),
+                 [&](int64_t blk0, int64_t blk1) { pack_amx_blocks(in, a, lda, blk0, blk1); });
   return in;
 }
 
@@ -258,9 +249,7 @@ status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* 
     const int64_t tiles = (n + tile - 1) / tile;
     pool.run(tiles, [&](int64_t t) {
       const int64_t j0 = t * tile, nb = std::min(tile, n - j0);
-      std::unique_ptr<uint16_t[], amx_input::aligned_free> w(
-          static_cast<uint16_t*>(std::aligned_alloc(64, static_cast<size_t>(tile * k) * 2)));
-      if (!w) throw std::bad_alloc();
+      const bf16_buffer w = aligned_bf16(nb * k);
       amx_dequantize(b, j0, j0 + nb, w.get());
       amx_rows(in, w.get(), k, 0, nb, static_cast<uint16_t*>(c) + j0, ldc);
     });

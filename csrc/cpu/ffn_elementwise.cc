@@ -130,10 +130,10 @@ bool vectors() {
 #endif
 }
 
-void activate_row(const expert_spec& sp, void* row) {
+void activate_row(const expert_spec& sp, void* row, bool vec) {
 #if defined(__x86_64__) && defined(__GNUC__)
   const bool silu = sp.kind == ffn_kind::ffn_kind_gated_silu || sp.kind == ffn_kind::ffn_kind_silu;
-  if (silu && vectors()) {
+  if (silu && vec) {
     const bool gated = sp.kind == ffn_kind::ffn_kind_gated_silu;
     switch (sp.dt) {
       case dtype::dtype_f32: return gated ? silu_avx2<dtype::dtype_f32, true>(sp, row) : silu_avx2<dtype::dtype_f32, false>(sp, row);
@@ -145,9 +145,9 @@ void activate_row(const expert_spec& sp, void* row) {
   act_portable(sp, row, 0);
 }
 
-void bias_row(dtype dt, void* row, int64_t width, const void* bias) {
+void bias_row(dtype dt, void* row, int64_t width, const void* bias, bool vec) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (vectors()) {
+  if (vec) {
     switch (dt) {
       case dtype::dtype_f32: return bias_avx2<dtype::dtype_f32>(row, width, bias);
       case dtype::dtype_bf16: return bias_avx2<dtype::dtype_bf16>(row, width, bias);
@@ -158,9 +158,10 @@ void bias_row(dtype dt, void* row, int64_t width, const void* bias) {
   for (int64_t j = 0; j < width; ++j) store_at(dt, row, j, widen_at(dt, row, j) + widen_at(dt, bias, j));
 }
 
-void combine_row(dtype dt, void* out, const void* y, const int32_t* rows, const float* w, int64_t top_k, int64_t width) {
+void combine_row(dtype dt, void* out, const void* y, const int32_t* rows, const float* w, int64_t top_k, int64_t width,
+                 bool vec) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (vectors()) {
+  if (vec) {
     switch (dt) {
       case dtype::dtype_f32: return combine_avx2<dtype::dtype_f32>(out, y, rows, w, top_k, width);
       case dtype::dtype_bf16: return combine_avx2<dtype::dtype_bf16>(out, y, rows, w, top_k, width);
@@ -182,15 +183,8 @@ constexpr int64_t pool_elements = int64_t{1} << 16;
 // fn(r) for r in [0, rows), in tasks of whole rows on the current pool when there is enough work.
 template <class Fn>
 void over_rows(int64_t rows, int64_t width, Fn&& fn) {
-  if (rows * width < pool_elements) {
-    for (int64_t r = 0; r < rows; ++r) fn(r);
-    return;
-  }
-  thread_pool& pool = thread_pool::current();
-  const int64_t tasks = std::min<int64_t>(rows, 4 * static_cast<int64_t>(pool.size()));
-  const int64_t per = (rows + tasks - 1) / tasks;
-  pool.run(tasks, [&](int64_t t) {
-    for (int64_t r = t * per; r < std::min(rows, (t + 1) * per); ++r) fn(r);
+  thread_pool::current().run_split(rows, rows * width >= pool_elements, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) fn(r);
   });
 }
 
@@ -198,19 +192,23 @@ void over_rows(int64_t rows, int64_t width, Fn&& fn) {
 
 void activate_rows(const expert_spec& sp, void* data, int64_t rows, int64_t ld) {
   const int64_t es = static_cast<int64_t>(dtype_size(sp.dt));
-  over_rows(rows, sp.intermediate, [&](int64_t r) { activate_row(sp, static_cast<uint8_t*>(data) + r * ld * es); });
+  const bool vec = vectors();
+  over_rows(rows, sp.intermediate, [&](int64_t r) { activate_row(sp, static_cast<uint8_t*>(data) + r * ld * es, vec); });
 }
 
 void add_bias_rows(dtype dt, void* data, int64_t rows, int64_t width, int64_t ld, const void* bias) {
   const int64_t es = static_cast<int64_t>(dtype_size(dt));
-  over_rows(rows, width, [&](int64_t r) { bias_row(dt, static_cast<uint8_t*>(data) + r * ld * es, width, bias); });
+  const bool vec = vectors();
+  over_rows(rows, width, [&](int64_t r) { bias_row(dt, static_cast<uint8_t*>(data) + r * ld * es, width, bias, vec); });
 }
 
 void combine_rows(dtype dt, void* out, const void* y, const int32_t* row_of, const float* weights, int64_t tokens,
                   int64_t top_k, int64_t width) {
   const int64_t es = static_cast<int64_t>(dtype_size(dt));
+  const bool vec = vectors();
   over_rows(tokens, width * top_k, [&](int64_t t) {
-    combine_row(dt, static_cast<uint8_t*>(out) + t * width * es, y, row_of + t * top_k, weights + t * top_k, top_k, width);
+    combine_row(dt, static_cast<uint8_t*>(out) + t * width * es, y, row_of + t * top_k, weights + t * top_k, top_k, width,
+                vec);
   });
 }
 

@@ -39,6 +39,19 @@ class thread_pool {
   // are done. A call made while another is running (another thread's MoE block) runs inline.
   void run(int64_t n, const std::function<void(int64_t)>& fn);
 
+  // fn(i0, i1) over pieces of [0, n), up to four a thread, on this pool; with `parallel` false
+  // (too little work to hand out) one call fn(0, n) on the calling thread.
+  template <class Fn>
+  void run_split(int64_t n, bool parallel, Fn&& fn) {
+    if (!parallel || n <= 1) {
+      fn(int64_t{0}, n);
+      return;
+    }
+    const int64_t tasks = std::min<int64_t>(n, 4 * static_cast<int64_t>(size()));
+    const int64_t per = (n + tasks - 1) / tasks;
+    run(tasks, [&](int64_t t) { fn(t * per, std::min(n, (t + 1) * per)); });
+  }
+
   // The backend's pool: PREGATED_NUM_THREADS, else one thread per core (divided by torchrun's
   // LOCAL_WORLD_SIZE: the ranks on a host share its cores), or set_shared_size().
   static thread_pool& shared();
