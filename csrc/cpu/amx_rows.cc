@@ -287,10 +287,25 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void column_scales(con
 // group stays inside.
 inline int64_t scales_stride(const amx_codes_input& in) { return (in.blocks * in.per_tile + 15) / 16 * 16 + 16; }
 
-// Lane (u, i) of a tile of sums -> its group slot u (lanes: the rows rounded up to a power of two).
-__attribute__((target("avx512f"))) inline __m512i group_of_lanes(int64_t lanes) {
-  return _mm512_srlv_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                           _mm512_set1_epi32(__builtin_ctzll(static_cast<unsigned long long>(lanes))));
+// Per-slot values p[0, P) of one column over the lanes of a tile of sums, lane (row i, group slot
+// u) = i * P + u: the P values repeated, one broadcast load (a permute by group was a second
+// operation, on the port the scaling's arithmetic needs).
+template <int P>
+__attribute__((target("avx512f"))) inline __m512 slot_lanes(const float* p) {
+  if constexpr (P == 16) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (P == 8) {
+    return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(p))));
+  } else if constexpr (P == 4) {
+    return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+  } else if constexpr (P == 2) {
+    double pair;
+    std::memcpy(&pair, p, sizeof pair);
+    return _mm512_castpd_ps(_mm512_set1_pd(pair));
+  } else {
+    static_assert(P == 1, "group slots: 16 / rows rounded up to a power of two");
+    return _mm512_set1_ps(*p);
+  }
 }
 
 // Group g's products into C tile U (int8 codes read in place through tile CT, the activations
@@ -299,7 +314,7 @@ __attribute__((target("avx512f"))) inline __m512i group_of_lanes(int64_t lanes) 
   for (int64_t s = 0; s < per_group; ++s) {                                                      \
     const int64_t c0 = (g) * G + s * code_k;                                                     \
     _tile_loadd(CT, codes + c0, static_cast<long>(b.row_bytes));                                 \
-    _tile_loadd(AT, in.packed.data() + (c0 / code_k) * tile_rows * code_k, 64);                  \
+    _tile_loadd(AT, in.packed.get() + (c0 / code_k) * tile_rows * code_k, 64);                  \
     _tile_dpbusd(U, CT, AT);                                                                     \
   }
 
@@ -310,34 +325,36 @@ __attribute__((target("avx512f"))) inline __m512i group_of_lanes(int64_t lanes) 
     if (g < groups) PREGATED_GROUP_PRODUCTS(U, CT, AT, g)                                         \
   }
 
-// A block's sums (column r's in row r, lanes (group slot u, row i)) into acc: times `factor` *
+// A block's sums (column r's in row r, lanes (row i, group slot u)) into acc: times `factor` *
 // scale_w[r, group u] (sw[r * gpad + u]) * scale_a[i, group u] (lane of sa_row), less the zero
 // term scale_w * zero (swz) * scale_a * (sum of the group's activation codes) (ss_row).
+template <int P>
 __attribute__((target("avx512f"))) inline void scale_sums(const int32_t* sums, const float* sa_row, const float* ss_row,
                                                          float factor, const float* sw, const float* swz,
-                                                         int64_t gpad, __m512i group_of_lane,
-                                                         __m512 (&acc)[tile_rows]) {
+                                                         int64_t gpad, __m512 (&acc)[tile_rows]) {
   const __m512 sa = _mm512_mul_ps(_mm512_loadu_ps(sa_row), _mm512_set1_ps(factor));
   const __m512 ss = _mm512_loadu_ps(ss_row);
 #pragma GCC unroll 16
   for (int r = 0; r < tile_rows; ++r) {
     const __m512 x = _mm512_cvtepi32_ps(_mm512_load_si512(sums + r * tile_rows));
-    const __m512 w = _mm512_permutexvar_ps(group_of_lane, _mm512_loadu_ps(sw + r * gpad));
-    const __m512 wz = _mm512_permutexvar_ps(group_of_lane, _mm512_loadu_ps(swz + r * gpad));
+    const __m512 w = slot_lanes<P>(sw + r * gpad);
+    const __m512 wz = slot_lanes<P>(swz + r * gpad);
     acc[r] = _mm512_fnmadd_ps(wz, ss, _mm512_fmadd_ps(x, _mm512_mul_ps(w, sa), acc[r]));
   }
 }
 
 // Columns [0, cols) of C (row stride ldc) from acc: row i of column r is the sum over the group
-// slots u of lane (u, i).
+// slots u of lane (i, u).
+template <int P>
 __attribute__((target("avx512f"))) inline void write_columns(const __m512 (&acc)[tile_rows], const amx_codes_input& in,
                                                             int64_t cols, float* c, int64_t ldc) {
   alignas(64) float out[tile_rows * tile_rows];
+#pragma GCC unroll 16
   for (int r = 0; r < tile_rows; ++r) _mm512_store_ps(out + r * tile_rows, acc[r]);
   for (int64_t r = 0; r < cols; ++r) {
     for (int64_t i = 0; i < in.m; ++i) {
       float v = 0.0f;
-      for (int64_t u = 0; u < in.per_tile; ++u) v += out[r * tile_rows + u * in.lanes + i];
+      for (int64_t u = 0; u < P; ++u) v += out[r * tile_rows + i * P + u];
       c[i * ldc + r] = v;
     }
   }
@@ -345,23 +362,22 @@ __attribute__((target("avx512f"))) inline void write_columns(const __m512 (&acc)
 
 // C tile U's P groups (block blk) scaled into acc.
 #define PREGATED_SCALE_BLOCK(U, blk)                                                              \
-  scale_sums(sums + (U) * tile_rows * tile_rows, in.scale.data() + (blk) * tile_rows,             \
-             in.scaled_sum.data() + (blk) * tile_rows, 1.0f, sw.data() + (blk) * P, swz.data() + (blk) * P, gpad, \
-             group_of_lane, acc);
+  scale_sums<P>(sums + (U) * tile_rows * tile_rows, in.scale.data() + (blk) * tile_rows,          \
+                in.scaled_sum.data() + (blk) * tile_rows, 1.0f, sw.data() + (blk) * P, swz.data() + (blk) * P, gpad, acc);
 
 // A tile multiply sums 64 codes of k into C[column][n] for the 16 columns n of the activations'
 // tile, and decode has few rows: the activations' tiles carry P = 16 / L groups side by side (L:
-// the rows rounded up to a power of two; group g's rows in columns (g % P) * L + i, zeros
+// the rows rounded up to a power of two; group g's row i in column i * P + g % P, zeros
 // elsewhere), so P consecutive groups add into one C tile without mixing, and one tile store and
 // one pass of scaling serve P groups. Four C tiles in flight (blocks of P groups each). int8
 // codes (int4 goes through run_pieces below).
+template <int P>
 __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void run_codes(
     const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
   alignas(64) int32_t sums[4 * tile_rows * tile_rows];
-  const int64_t G = b.group_size, per_group = G / code_k, groups = b.groups, P = in.per_tile;
+  const int64_t G = b.group_size, per_group = G / code_k, groups = b.groups;
   const int64_t gpad = scales_stride(in);
   std::vector<float> sw(static_cast<size_t>(tile_rows * gpad)), swz(sw.size());
-  const __m512i group_of_lane = group_of_lanes(in.lanes);
   int64_t configured = 0;
   for (int64_t j = j0; j < j1; j += tile_rows) {
     const int64_t cols = std::min(tile_rows, j1 - j);
@@ -371,7 +387,8 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
       configured = cols;
     }
     column_scales(b, j, cols, gpad, sw.data(), swz.data());
-    __m512 acc[tile_rows];  // column r's sums, lanes (group slot u, row i)
+    __m512 acc[tile_rows];  // column r's sums, lanes (row i, group slot u)
+#pragma GCC unroll 16
     for (int r = 0; r < tile_rows; ++r) acc[r] = _mm512_setzero_ps();
     const uint8_t* codes = b.codes + j * b.row_bytes;
     for (int64_t blk0 = 0; blk0 < in.blocks; blk0 += 4) {
@@ -394,7 +411,7 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
       if (nb > 2) PREGATED_SCALE_BLOCK(2, blk0 + 2)
       if (nb > 3) PREGATED_SCALE_BLOCK(3, blk0 + 3)
     }
-    write_columns(acc, in, cols, c + j, ldc);
+    write_columns<P>(acc, in, cols, c + j, ldc);
   }
   _tile_release();
 }
@@ -433,13 +450,28 @@ constexpr int64_t piece_prefetch = 4;
 // Piece s of 16 rows (row stride `stride`; `valid` bytes of each row there; rows from `rows` on
 // are left alone) as 16 x the even codes in buf and 16 x the odd codes after them, 64 bytes a row.
 // Each row r also prefetches ahead + r * stride (ahead: null for nothing).
-__attribute__((target("avx512f,avx512bw"))) inline void unpack_piece(const uint8_t* src, int64_t stride, int64_t rows,
+__attribute__((target("avx512f,avx512bw"))) inline void unpack_rows(const uint8_t* src, int64_t stride, int64_t rows,
                                                                     int64_t valid, const uint8_t* ahead, uint8_t* buf) {
   const __m512i high = _mm512_set1_epi8(static_cast<char>(0xF0));
   const __mmask64 mask = valid >= 64 ? ~__mmask64{0} : (__mmask64{1} << valid) - 1;
   for (int64_t r = 0; r < rows; ++r) {
     if (ahead != nullptr) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * stride), _MM_HINT_T0);
     const __m512i v = _mm512_maskz_loadu_epi8(mask, src + r * stride);
+    _mm512_store_si512(buf + r * 64, _mm512_and_si512(_mm512_slli_epi16(v, 4), high));
+    _mm512_store_si512(buf + tile_rows * code_k + r * 64, _mm512_and_si512(v, high));
+  }
+}
+
+// The same for the common case, 16 rows of 64 valid bytes and something ahead, unrolled: the loop
+// above spends as many instructions on its counters, mask and checks as on the unpack.
+__attribute__((target("avx512f,avx512bw"))) inline void unpack_piece(const uint8_t* src, int64_t stride, int64_t rows,
+                                                                    int64_t valid, const uint8_t* ahead, uint8_t* buf) {
+  if (rows < tile_rows || valid < 64 || ahead == nullptr) return unpack_rows(src, stride, rows, valid, ahead, buf);
+  const __m512i high = _mm512_set1_epi8(static_cast<char>(0xF0));
+#pragma GCC unroll 16
+  for (int64_t r = 0; r < tile_rows; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(ahead + r * stride), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(src + r * stride);
     _mm512_store_si512(buf + r * 64, _mm512_and_si512(_mm512_slli_epi16(v, 4), high));
     _mm512_store_si512(buf + tile_rows * code_k + r * 64, _mm512_and_si512(v, high));
   }
@@ -474,15 +506,15 @@ __attribute__((target("amx-tile,amx-int8"))) inline void piece_products(const in
   _tile_dpbusd(0, 7, 5);
 }
 
+template <int P>
 __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void run_pieces(
     const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
   alignas(64) int32_t sums[tile_rows * tile_rows];
   alignas(64) uint8_t unpacked[2][piece_bytes];  // pieces s and s - 1
-  const int64_t G = b.group_size, P = in.per_tile;
+  const int64_t G = b.group_size;
   const int64_t pieces = (b.groups * G + 127) / 128, per_block = P * G / 128;  // k = groups * G
   const int64_t gpad = scales_stride(in);
   std::vector<float> sw(static_cast<size_t>(tile_rows * gpad)), swz(sw.size());
-  const __m512i group_of_lane = group_of_lanes(in.lanes);
   const tile_config cfg = codes_config(tile_rows);
   _tile_loadconfig(&cfg);
   for (int64_t j = j0; j < j1; j += tile_rows) {
@@ -494,7 +526,8 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
         std::memset(buf + (tile_rows + cols) * code_k, 0, static_cast<size_t>((tile_rows - cols) * code_k));
       }
     }
-    __m512 acc[tile_rows];  // column r's sums, lanes (group slot u, row i)
+    __m512 acc[tile_rows];  // column r's sums, lanes (row i, group slot u)
+#pragma GCC unroll 16
     for (auto& a : acc) a = _mm512_setzero_ps();
     const uint8_t* codes = b.codes + j * b.row_bytes;
     // the block after this one (its columns; 0: none), whose first pieces and scales it prefetches
@@ -509,7 +542,7 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
     unpack_piece(codes, b.row_bytes, cols, b.row_bytes, ahead(0), unpacked[0]);
     int64_t in_block = 0, blk = 0;  // pieces of block blk through the tiles
     for (int64_t s = 1; s <= pieces; ++s) {
-      piece_products(in.packed.data() + (s - 1) * piece_bytes, unpacked[(s - 1) & 1]);
+      piece_products(in.packed.get() + (s - 1) * piece_bytes, unpacked[(s - 1) & 1]);
       next_scales.step(s - 1);
       if (s < pieces) unpack_piece(codes + s * 64, b.row_bytes, cols, b.row_bytes - s * 64, ahead(s), unpacked[s & 1]);
       if (++in_block < per_block && s != pieces) continue;
@@ -517,11 +550,11 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
       in_block = 0;
       _tile_stored(0, sums, 64);
       _tile_zero(0);
-      scale_sums(sums, in.scale.data() + blk * tile_rows, in.scaled_sum.data() + blk * tile_rows, 1.0f / 16,
-                 sw.data() + blk * P, swz.data() + blk * P, gpad, group_of_lane, acc);
+      scale_sums<P>(sums, in.scale.data() + blk * tile_rows, in.scaled_sum.data() + blk * tile_rows, 1.0f / 16,
+                    sw.data() + blk * P, swz.data() + blk * P, gpad, acc);
       ++blk;
     }
-    write_columns(acc, in, cols, c + j, ldc);
+    write_columns<P>(acc, in, cols, c + j, ldc);
   }
   _tile_release();
 }
@@ -567,10 +600,11 @@ bool amx_usable() {
 #endif
 }
 
-bf16_buffer aligned_bf16(int64_t count) {
-  const size_t bytes = (static_cast<size_t>(count) * 2 + 63) / 64 * 64;  // aligned_alloc: whole alignments
-  bf16_buffer p(static_cast<uint16_t*>(std::aligned_alloc(64, bytes)));
-  if (!p) throw std::bad_alloc();
+void* aligned_bytes(int64_t bytes, bool zeroed) {
+  const size_t size = (static_cast<size_t>(bytes) + 63) / 64 * 64;  // aligned_alloc: whole alignments
+  void* p = std::aligned_alloc(64, size == 0 ? 64 : size);
+  if (p == nullptr) throw std::bad_alloc();
+  if (zeroed) std::memset(p, 0, size);
   return p;
 }
 
@@ -579,7 +613,7 @@ amx_input amx_buffer(int64_t m, int64_t k) {
   in.m = m;
   in.k = k;
   in.blocks = (m + tile_rows - 1) / tile_rows;
-  in.packed = aligned_bf16(in.blocks * tile_rows * k);
+  in.packed = aligned_array<uint16_t>(in.blocks * tile_rows * k);
   return in;
 }
 
@@ -647,19 +681,19 @@ amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quant
   while (in.lanes < m) in.lanes *= 2;
   in.per_tile = tile_rows / in.lanes;
   in.blocks = (b.groups + in.per_tile - 1) / in.per_tile;
-  const int64_t G = b.group_size, L = in.lanes, P = in.per_tile;
+  const int64_t G = b.group_size, P = in.per_tile;
   const bool pieces = b.bits == 4;
-  in.packed.assign(static_cast<size_t>(pieces ? (k + 127) / 128 * 2 * tile_rows * code_k : k * tile_rows), 0);
+  in.packed = aligned_array<int8_t>(pieces ? (k + 127) / 128 * 2 * tile_rows * code_k : k * tile_rows, true);
   in.scale.assign(static_cast<size_t>(in.blocks * tile_rows), 0.0f);
   in.scaled_sum.assign(static_cast<size_t>(in.blocks * tile_rows), 0.0f);
   std::vector<int8_t> q(static_cast<size_t>(k));
   for (int64_t i = 0; i < m; ++i) {
     const float* ai = a + i * k;
     for (int64_t g = 0; g < b.groups; ++g) {
-      const size_t lane = static_cast<size_t>((g / P) * tile_rows + (g % P) * L + i);
+      const size_t lane = static_cast<size_t>((g / P) * tile_rows + i * P + g % P);
       round_group(ai + g * G, G, q.data() + g * G, &in.scale[lane], &in.scaled_sum[lane]);
     }
-    for (int64_t c0 = 0; c0 < k; c0 += code_k) scatter_codes(q.data() + c0, c0, (c0 / G) % P * L + i, pieces, in.packed.data());
+    for (int64_t c0 = 0; c0 < k; c0 += code_k) scatter_codes(q.data() + c0, c0, i * P + (c0 / G) % P, pieces, in.packed.get());
   }
   return in;
 }
@@ -667,8 +701,14 @@ amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quant
 void amx_codes(const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
 #ifdef PREGATED_AMX
   if (j0 >= j1) return;
-  if (b.bits == 4) run_pieces(in, b, j0, j1, c, ldc);
-  else run_codes(in, b, j0, j1, c, ldc);
+  const bool pieces = b.bits == 4;
+  switch (in.per_tile) {  // group slots a tile: 16 / rows rounded up to a power of two
+    case 16: return pieces ? run_pieces<16>(in, b, j0, j1, c, ldc) : run_codes<16>(in, b, j0, j1, c, ldc);
+    case 8: return pieces ? run_pieces<8>(in, b, j0, j1, c, ldc) : run_codes<8>(in, b, j0, j1, c, ldc);
+    case 4: return pieces ? run_pieces<4>(in, b, j0, j1, c, ldc) : run_codes<4>(in, b, j0, j1, c, ldc);
+    case 2: return pieces ? run_pieces<2>(in, b, j0, j1, c, ldc) : run_codes<2>(in, b, j0, j1, c, ldc);
+    default: return pieces ? run_pieces<1>(in, b, j0, j1, c, ldc) : run_codes<1>(in, b, j0, j1, c, ldc);
+  }
 #else
   (void)in, (void)b, (void)j0, (void)j1, (void)c, (void)ldc;
 #endif

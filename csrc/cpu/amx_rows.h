@@ -29,12 +29,20 @@ bool amx_usable();
 // Whether amx_rows takes a GEMM with inner dimension k (whole 32s: tiles never read past a row).
 inline bool amx_shape_ok(int64_t k) { return k > 0 && k % 32 == 0; }
 
-// bf16 values on 64-byte boundaries (a tile row is one cache line); throws std::bad_alloc.
+// `count` values from a 64-byte boundary, zeroed or not: a tile row is one cache line (a tile
+// load from 16-byte aligned rows, as std::vector gives, reads two lines a row and took twice the
+// time of the int4 tiles' whole multiply). Throws std::bad_alloc.
 struct aligned_free {
-  void operator()(uint16_t* p) const { std::free(p); }
+  void operator()(void* p) const { std::free(p); }
 };
-using bf16_buffer = std::unique_ptr<uint16_t[], aligned_free>;
-bf16_buffer aligned_bf16(int64_t count);
+template <class T>
+using aligned_buffer = std::unique_ptr<T[], aligned_free>;
+void* aligned_bytes(int64_t bytes, bool zeroed);
+template <class T>
+aligned_buffer<T> aligned_array(int64_t count, bool zeroed = false) {
+  return aligned_buffer<T>(static_cast<T*>(aligned_bytes(count * static_cast<int64_t>(sizeof(T)), zeroed)));
+}
+using bf16_buffer = aligned_buffer<uint16_t>;
 
 // A's rows in blocks of 16 (the last padded with zeros), each block [k / 2][16][2] in bf16.
 struct amx_input {
@@ -70,7 +78,7 @@ struct amx_codes_input {
   int64_t m = 0, lanes = 1, per_tile = 16, blocks = 0;  // blocks: groups / per_tile, rounded up
   // int8, per 64 codes of k: [16 quads of codes][16 columns][4]. int4, per piece s of 128 codes:
   // two such tiles, tile h holding codes 128 s + 2 p + h at position p.
-  std::vector<int8_t> packed;
+  aligned_buffer<int8_t> packed;
   std::vector<float> scale;       // [blocks][16 columns]: A ~= q * scale (0 in unused columns)
   std::vector<float> scaled_sum;  // [blocks][16 columns]: scale * (sum of the group's q)
 };

@@ -249,7 +249,7 @@ status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* 
     const int64_t tiles = (n + tile - 1) / tile;
     pool.run(tiles, [&](int64_t t) {
       const int64_t j0 = t * tile, nb = std::min(tile, n - j0);
-      const bf16_buffer w = aligned_bf16(nb * k);
+      const bf16_buffer w = aligned_array<uint16_t>(nb * k);
       amx_dequantize(b, j0, j0 + nb, w.get());
       amx_rows(in, w.get(), k, 0, nb, static_cast<uint16_t*>(c) + j0, ldc);
     });
