@@ -265,27 +265,24 @@ tile_config codes_config(int64_t columns) {
   return cfg;
 }
 
-// The scales of 16 columns from j as fp32, row r at r * stride: sw[g], swz[g] = scale * zero
-// (zeros past the last column and past the last group, up to `stride`).
-__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void column_scales(const quantized_matrix& b, int64_t j,
-                                                                            int64_t cols, int64_t stride, float* sw,
-                                                                            float* swz) {
+// The weights' scales of groups [g0, g0 + 16) of the 16 columns from j, as fp32, column r's at
+// r * 16: sw[u] = scale, swz[u] = scale * zero (zeros past the last column and the last group).
+// Taken a slice at a time as the blocks reach it, so that the conversion overlaps the stream of
+// codes: all groups at once at the start of each 16 columns took 11% of the int4 host lane's time
+// at 8 rows, most of it waiting on memory.
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void slice_scales(const quantized_matrix& b, int64_t j,
+                                                                           int64_t cols, int64_t g0, float* sw,
+                                                                           float* swz) {
   const int64_t groups = b.groups;
+  const __mmask16 mask = static_cast<__mmask16>((1u << std::clamp<int64_t>(groups - g0, 0, 16)) - 1);
   for (int64_t r = 0; r < tile_rows; ++r) {
-    for (int64_t g = 0; g < stride; g += 16) {
-      const int64_t valid = r < cols ? std::clamp<int64_t>(groups - g, 0, 16) : 0;
-      const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
-      const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, b.scales + (j + r) * groups + g));
-      const __m512 z = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, b.zeros + (j + r) * groups + g));
-      _mm512_storeu_ps(sw + r * stride + g, s);
-      _mm512_storeu_ps(swz + r * stride + g, _mm512_mul_ps(s, z));
-    }
+    const __mmask16 m = r < cols ? mask : 0;
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, b.scales + (j + r) * groups + g0));
+    const __m512 z = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, b.zeros + (j + r) * groups + g0));
+    _mm512_store_ps(sw + r * 16, s);
+    _mm512_store_ps(swz + r * 16, _mm512_mul_ps(s, z));
   }
 }
-
-// Floats per column in column_scales' rows: whole 16s, and a 16-lane load from any block's first
-// group stays inside.
-inline int64_t scales_stride(const amx_codes_input& in) { return (in.blocks * in.per_tile + 15) / 16 * 16 + 16; }
 
 // Per-slot values p[0, P) of one column over the lanes of a tile of sums, lane (row i, group slot
 // u) = i * P + u: the P values repeated, one broadcast load (a permute by group was a second
@@ -326,19 +323,19 @@ __attribute__((target("avx512f"))) inline __m512 slot_lanes(const float* p) {
   }
 
 // A block's sums (column r's in row r, lanes (row i, group slot u)) into acc: times `factor` *
-// scale_w[r, group u] (sw[r * gpad + u]) * scale_a[i, group u] (lane of sa_row), less the zero
+// scale_w[r, group u] (sw[r * 16 + u]) * scale_a[i, group u] (lane of sa_row), less the zero
 // term scale_w * zero (swz) * scale_a * (sum of the group's activation codes) (ss_row).
 template <int P>
 __attribute__((target("avx512f"))) inline void scale_sums(const int32_t* sums, const float* sa_row, const float* ss_row,
                                                          float factor, const float* sw, const float* swz,
-                                                         int64_t gpad, __m512 (&acc)[tile_rows]) {
+                                                         __m512 (&acc)[tile_rows]) {
   const __m512 sa = _mm512_mul_ps(_mm512_loadu_ps(sa_row), _mm512_set1_ps(factor));
   const __m512 ss = _mm512_loadu_ps(ss_row);
 #pragma GCC unroll 16
   for (int r = 0; r < tile_rows; ++r) {
     const __m512 x = _mm512_cvtepi32_ps(_mm512_load_si512(sums + r * tile_rows));
-    const __m512 w = slot_lanes<P>(sw + r * gpad);
-    const __m512 wz = slot_lanes<P>(swz + r * gpad);
+    const __m512 w = slot_lanes<P>(sw + r * 16);
+    const __m512 wz = slot_lanes<P>(swz + r * 16);
     acc[r] = _mm512_fnmadd_ps(wz, ss, _mm512_fmadd_ps(x, _mm512_mul_ps(w, sa), acc[r]));
   }
 }
@@ -360,10 +357,21 @@ __attribute__((target("avx512f"))) inline void write_columns(const __m512 (&acc)
   }
 }
 
-// C tile U's P groups (block blk) scaled into acc.
-#define PREGATED_SCALE_BLOCK(U, blk)                                                              \
-  scale_sums<P>(sums + (U) * tile_rows * tile_rows, in.scale.data() + (blk) * tile_rows,          \
-                in.scaled_sum.data() + (blk) * tile_rows, 1.0f, sw.data() + (blk) * P, swz.data() + (blk) * P, gpad, acc);
+// Block blk's sums (P groups from blk * P) scaled into acc, `factor` as scale_sums; the weights'
+// scales of the next 16 groups converted when the block starts them.
+template <int P>
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline void scale_block(
+    const amx_codes_input& in, const quantized_matrix& b, int64_t j, int64_t cols, int64_t blk, const int32_t* sums,
+    float factor, float* sw, float* swz, __m512 (&acc)[tile_rows]) {
+  const int64_t g0 = blk * P;
+  if (g0 % 16 == 0) slice_scales(b, j, cols, g0, sw, swz);
+  scale_sums<P>(sums, in.scale.data() + blk * tile_rows, in.scaled_sum.data() + blk * tile_rows, factor, sw + g0 % 16,
+                swz + g0 % 16, acc);
+}
+
+// C tile U's block blk scaled into acc.
+#define PREGATED_SCALE_BLOCK(U, blk) \
+  scale_block<P>(in, b, j, cols, blk, sums + (U) * tile_rows * tile_rows, 1.0f, sw, swz, acc);
 
 // A tile multiply sums 64 codes of k into C[column][n] for the 16 columns n of the activations'
 // tile, and decode has few rows: the activations' tiles carry P = 16 / L groups side by side (L:
@@ -376,8 +384,7 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
     const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
   alignas(64) int32_t sums[4 * tile_rows * tile_rows];
   const int64_t G = b.group_size, per_group = G / code_k, groups = b.groups;
-  const int64_t gpad = scales_stride(in);
-  std::vector<float> sw(static_cast<size_t>(tile_rows * gpad)), swz(sw.size());
+  alignas(64) float sw[tile_rows * 16], swz[tile_rows * 16];  // slice_scales
   int64_t configured = 0;
   for (int64_t j = j0; j < j1; j += tile_rows) {
     const int64_t cols = std::min(tile_rows, j1 - j);
@@ -386,7 +393,6 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
       _tile_loadconfig(&cfg);
       configured = cols;
     }
-    column_scales(b, j, cols, gpad, sw.data(), swz.data());
     __m512 acc[tile_rows];  // column r's sums, lanes (row i, group slot u)
 #pragma GCC unroll 16
     for (int r = 0; r < tile_rows; ++r) acc[r] = _mm512_setzero_ps();
@@ -513,13 +519,11 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
   alignas(64) uint8_t unpacked[2][piece_bytes];  // pieces s and s - 1
   const int64_t G = b.group_size;
   const int64_t pieces = (b.groups * G + 127) / 128, per_block = P * G / 128;  // k = groups * G
-  const int64_t gpad = scales_stride(in);
-  std::vector<float> sw(static_cast<size_t>(tile_rows * gpad)), swz(sw.size());
+  alignas(64) float sw[tile_rows * 16], swz[tile_rows * 16];  // slice_scales
   const tile_config cfg = codes_config(tile_rows);
   _tile_loadconfig(&cfg);
   for (int64_t j = j0; j < j1; j += tile_rows) {
     const int64_t cols = std::min(tile_rows, j1 - j);
-    column_scales(b, j, cols, gpad, sw.data(), swz.data());
     if (cols < tile_rows) {  // the last columns: zero codes, zero sums in the rows past them
       for (auto& buf : unpacked) {
         std::memset(buf + cols * code_k, 0, static_cast<size_t>((tile_rows - cols) * code_k));
@@ -550,8 +554,7 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
       in_block = 0;
       _tile_stored(0, sums, 64);
       _tile_zero(0);
-      scale_sums<P>(sums, in.scale.data() + blk * tile_rows, in.scaled_sum.data() + blk * tile_rows, 1.0f / 16,
-                    sw.data() + blk * P, swz.data() + blk * P, gpad, acc);
+      scale_block<P>(in, b, j, cols, blk, sums, 1.0f / 16, sw, swz, acc);
       ++blk;
     }
     write_columns<P>(acc, in, cols, c + j, ldc);
