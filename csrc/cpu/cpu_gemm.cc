@@ -276,7 +276,7 @@ status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* 
   // pieces, amx_rows.cc). Up to 2 rows vpdpbusd on the packed codes: the host lane's Mixtral
   // expert (benchmarks/tools/host_lane.py, four alternating runs) read 16.2-19.4 GB/s with it at 2
   // rows against 15.7-17.0 on the tiles, and 11-11.6 against 15.0-17.7 at 4 rows.
-  if (m <= small_rows_max && amx_chosen() && amx_codes_ok(b, m, k) && (b.bits == 8 || m >= 3)) {
+  if (m <= small_rows_max && amx_chosen() && amx_codes_ok(b, m, k) && (b.bits == 8 || m >= 2)) {
     const amx_codes_input in = pack_amx_codes(m, k, a32.data(), b);
     const int64_t tiles = (n + 15) / 16;
     const int64_t tasks = tasks_for(tiles, 16 * b.row_bytes);
