@@ -272,10 +272,11 @@ status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* 
   std::vector<float> c32;
   int64_t cf_ld = ldc;
   float* cf = fp32_output(dt, c, m, n, &c32, &cf_ld);
-  // Decode on int8 tiles, 16 columns a tile: int8 codes at any row count; int4 from 3 rows (in
-  // pieces, amx_rows.cc). Up to 2 rows vpdpbusd on the packed codes: the host lane's Mixtral
-  // expert (benchmarks/tools/host_lane.py, four alternating runs) read 16.2-19.4 GB/s with it at 2
-  // rows against 15.7-17.0 on the tiles, and 11-11.6 against 15.0-17.7 at 4 rows.
+  // Decode on int8 tiles, 16 columns a tile: int8 codes at any row count; int4 from 2 rows (in
+  // pieces, amx_rows.cc), one row vpdpbusd on the packed codes. The host lane's Mixtral expert
+  // (benchmarks/tools/host_lane.py, alternated runs) at 2 rows: 22.5-22.8 GB/s on the tiles
+  // against 20.9-21.0 with vpdpbusd, since the activations' tiles are 64-byte aligned (before:
+  // 15.7-17.0 against 16.2-19.4).
   if (m <= small_rows_max && amx_chosen() && amx_codes_ok(b, m, k) && (b.bits == 8 || m >= 2)) {
     const amx_codes_input in = pack_amx_codes(m, k, a32.data(), b);
     const int64_t tiles = (n + 15) / 16;
