@@ -455,32 +455,27 @@ constexpr int64_t piece_prefetch = 4;
 
 // Piece s of 16 rows (row stride `stride`; `valid` bytes of each row there; rows from `rows` on
 // are left alone) as 16 x the even codes in buf and 16 x the odd codes after them, 64 bytes a row.
-// Each row r also prefetches ahead + r * stride (ahead: null for nothing).
+// Each row r also prefetches ahead + r * stride (ahead: null for nothing). Full: 16 rows of 64
+// valid bytes and something ahead, the common case, unrolled with no mask or checks (the general
+// loop spends as many instructions on its counters, mask and checks as on the unpack).
+template <bool Full>
 __attribute__((target("avx512f,avx512bw"))) inline void unpack_rows(const uint8_t* src, int64_t stride, int64_t rows,
                                                                     int64_t valid, const uint8_t* ahead, uint8_t* buf) {
   const __m512i high = _mm512_set1_epi8(static_cast<char>(0xF0));
-  const __mmask64 mask = valid >= 64 ? ~__mmask64{0} : (__mmask64{1} << valid) - 1;
-  for (int64_t r = 0; r < rows; ++r) {
-    if (ahead != nullptr) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * stride), _MM_HINT_T0);
-    const __m512i v = _mm512_maskz_loadu_epi8(mask, src + r * stride);
+  const __mmask64 mask = Full || valid >= 64 ? ~__mmask64{0} : (__mmask64{1} << valid) - 1;
+#pragma GCC unroll 16
+  for (int64_t r = 0; r < (Full ? tile_rows : rows); ++r) {
+    if (Full || ahead != nullptr) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * stride), _MM_HINT_T0);
+    const __m512i v = Full ? _mm512_loadu_si512(src + r * stride) : _mm512_maskz_loadu_epi8(mask, src + r * stride);
     _mm512_store_si512(buf + r * 64, _mm512_and_si512(_mm512_slli_epi16(v, 4), high));
     _mm512_store_si512(buf + tile_rows * code_k + r * 64, _mm512_and_si512(v, high));
   }
 }
 
-// The same for the common case, 16 rows of 64 valid bytes and something ahead, unrolled: the loop
-// above spends as many instructions on its counters, mask and checks as on the unpack.
 __attribute__((target("avx512f,avx512bw"))) inline void unpack_piece(const uint8_t* src, int64_t stride, int64_t rows,
                                                                     int64_t valid, const uint8_t* ahead, uint8_t* buf) {
-  if (rows < tile_rows || valid < 64 || ahead == nullptr) return unpack_rows(src, stride, rows, valid, ahead, buf);
-  const __m512i high = _mm512_set1_epi8(static_cast<char>(0xF0));
-#pragma GCC unroll 16
-  for (int64_t r = 0; r < tile_rows; ++r) {
-    _mm_prefetch(reinterpret_cast<const char*>(ahead + r * stride), _MM_HINT_T0);
-    const __m512i v = _mm512_loadu_si512(src + r * stride);
-    _mm512_store_si512(buf + r * 64, _mm512_and_si512(_mm512_slli_epi16(v, 4), high));
-    _mm512_store_si512(buf + tile_rows * code_k + r * 64, _mm512_and_si512(v, high));
-  }
+  if (rows == tile_rows && valid >= 64 && ahead != nullptr) return unpack_rows<true>(src, stride, rows, valid, ahead, buf);
+  unpack_rows<false>(src, stride, rows, valid, ahead, buf);
 }
 
 // The scales and zeros of rows [j, j + rows) prefetched over `steps` steps, a share each (none
@@ -560,6 +555,13 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c"))) void
     write_columns<P>(acc, in, cols, c + j, ldc);
   }
   _tile_release();
+}
+
+// int4 codes in pieces, int8 codes in place, with P group slots a tile.
+template <int P>
+void run_slots(const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
+  if (b.bits == 4) run_pieces<P>(in, b, j0, j1, c, ldc);
+  else run_codes<P>(in, b, j0, j1, c, ldc);
 }
 
 // scatter_codes (below). int4 pieces: each 16 codes' four dwords (two of even codes, two of odd)
@@ -681,8 +683,9 @@ void scatter_codes(const int8_t* q, int64_t c0, int64_t col, bool pieces, int8_t
 amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quantized_matrix& b) {
   amx_codes_input in;
   in.m = m;
-  while (in.lanes < m) in.lanes *= 2;
-  in.per_tile = tile_rows / in.lanes;
+  int64_t lanes = 1;  // m rounded up to a power of two
+  while (lanes < m) lanes *= 2;
+  in.per_tile = tile_rows / lanes;
   in.blocks = (b.groups + in.per_tile - 1) / in.per_tile;
   const int64_t G = b.group_size, P = in.per_tile;
   const bool pieces = b.bits == 4;
@@ -704,13 +707,12 @@ amx_codes_input pack_amx_codes(int64_t m, int64_t k, const float* a, const quant
 void amx_codes(const amx_codes_input& in, const quantized_matrix& b, int64_t j0, int64_t j1, float* c, int64_t ldc) {
 #ifdef PREGATED_AMX
   if (j0 >= j1) return;
-  const bool pieces = b.bits == 4;
   switch (in.per_tile) {  // group slots a tile: 16 / rows rounded up to a power of two
-    case 16: return pieces ? run_pieces<16>(in, b, j0, j1, c, ldc) : run_codes<16>(in, b, j0, j1, c, ldc);
-    case 8: return pieces ? run_pieces<8>(in, b, j0, j1, c, ldc) : run_codes<8>(in, b, j0, j1, c, ldc);
-    case 4: return pieces ? run_pieces<4>(in, b, j0, j1, c, ldc) : run_codes<4>(in, b, j0, j1, c, ldc);
-    case 2: return pieces ? run_pieces<2>(in, b, j0, j1, c, ldc) : run_codes<2>(in, b, j0, j1, c, ldc);
-    default: return pieces ? run_pieces<1>(in, b, j0, j1, c, ldc) : run_codes<1>(in, b, j0, j1, c, ldc);
+    case 16: return run_slots<16>(in, b, j0, j1, c, ldc);
+    case 8: return run_slots<8>(in, b, j0, j1, c, ldc);
+    case 4: return run_slots<4>(in, b, j0, j1, c, ldc);
+    case 2: return run_slots<2>(in, b, j0, j1, c, ldc);
+    default: return run_slots<1>(in, b, j0, j1, c, ldc);
   }
 #else
   (void)in, (void)b, (void)j0, (void)j1, (void)c, (void)ldc;

@@ -72,11 +72,11 @@ void amx_dequantize(const quantized_matrix& b, int64_t j0, int64_t j1, uint16_t*
 bool amx_codes_ok(const quantized_matrix& b, int64_t m, int64_t k);
 
 // A rounded to int8 per group of b and packed for the tiles, with each group's scales. The
-// tiles' 16 columns carry `per_tile` groups side by side, `lanes` columns each (m rounded up to a
-// power of two): group g, row i in column i * per_tile + g % per_tile (so a column's per-group
-// weight scales, repeated every per_tile columns, are one broadcast load).
+// tiles' 16 columns carry `per_tile` groups side by side (16 / m rounded up to a power of two):
+// group g, row i in column i * per_tile + g % per_tile (so a column's per-group weight scales,
+// repeated every per_tile columns, are one broadcast load).
 struct amx_codes_input {
-  int64_t m = 0, lanes = 1, per_tile = 16, blocks = 0;  // blocks: groups / per_tile, rounded up
+  int64_t m = 0, per_tile = 16, blocks = 0;  // blocks: groups / per_tile, rounded up
   // int8, per 64 codes of k: [16 quads of codes][16 columns][4]. int4, per piece s of 128 codes:
   // two such tiles, tile h holding codes 128 s + 2 p + h at position p.
   aligned_buffer<int8_t> packed;
