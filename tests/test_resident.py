@@ -39,6 +39,33 @@ def test_resident_forward_matches_reference(device, dtype, ffn, has_bias):
     rt.close()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_reserve_resident_grows_the_workspace_ahead(device):
+    """What a captured graph relies on: after reserve_resident(rows), blocks up to that many
+    (token, expert) rows leave the workspace as it is; a larger one grows it."""
+    weights = random_experts(1, 4, 16, 8, "gated_silu", torch.float32, seed=3)
+    rt = make_runtime(weights, "gated_silu", torch.float32, device=device)
+    pin_all(rt, 1, 4)
+    assert rt.stats()["resident_workspace_bytes"] == 0
+    reserved = rt.reserve_resident(12)
+    assert reserved > 0 and rt.stats()["resident_workspace_bytes"] == reserved
+    assert rt.reserve_resident(3) == reserved, "the workspace never shrinks"
+    x = torch.randn(6, 16)
+    ids, w = random_routing(6, 2, 4, seed=1)
+    out = rt.forward_resident(0, x.to(device), ids.to(device, torch.int32), w.to(device))
+    assert relative_error(out, moe_reference(weights[0], x, ids, w, "gated_silu")) < TOLERANCE[torch.float32]
+    assert rt.stats()["resident_workspace_bytes"] == reserved, "12 rows reserved, 12 used: nothing grew"
+    x = torch.randn(7, 16)
+    ids, w = random_routing(7, 2, 4, seed=2)
+    rt.forward_resident(0, x.to(device), ids.to(device, torch.int32), w.to(device))
+    assert rt.stats()["resident_workspace_bytes"] > reserved
+    with pytest.raises(ValueError, match="rows must be >= 0, got -1"):
+        rt.reserve_resident(-1)
+    rt.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        rt.reserve_resident(4)
+
+
 def test_resident_forward_refuses_what_it_cannot_run():
     weights = random_experts(1, 4, 16, 8, "gated_silu", torch.float32, seed=1)
     rt = make_runtime(weights, "gated_silu", torch.float32, slots=3)

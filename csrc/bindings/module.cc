@@ -281,6 +281,16 @@ class py_runtime {
     return out;
   }
 
+  int64_t reserve_resident(int64_t rows) {
+    int64_t bytes = 0;
+    runtime& r = rt();
+    {
+      py::gil_scoped_release nogil;
+      throw_if_error(r.reserve_resident(rows, &bytes));
+    }
+    return bytes;
+  }
+
   std::vector<int32_t> slot_table() {
     std::vector<int32_t> out;
     throw_if_error(rt().slot_table(&out));
@@ -327,6 +337,7 @@ class py_runtime {
     d["evictions"] = s.evictions;
     d["forwards"] = s.forwards;
     d["resident_forwards"] = s.resident_forwards;
+    d["resident_workspace_bytes"] = s.resident_workspace_bytes;
     d["hot_experts"] = s.hot_experts;
     py::dict costs;
     costs["link_bytes_per_s"] = s.costs.link_bytes_per_s;
@@ -669,7 +680,13 @@ hold their slots.)doc")
            R"doc(One MoE block whose experts are all resident (every expert of the layer pinned and loaded,
 as under policy gpu-only): x [T, H], ids [T, K] int32 and weights [T, K] float32, all on the runtime's
 device. Experts are found through the device slot table: nothing goes to the host, nothing is
-allocated after the first call, so it can be captured in a CUDA graph.)doc")
+allocated once the workspace holds its rows (see reserve_resident), so it can be captured in a CUDA
+graph.)doc")
+      .def("reserve_resident", &py_runtime::reserve_resident, py::arg("rows"),
+           R"doc(Grows the resident path's workspace to hold `rows` (token, expert) rows now, so that no later
+block up to that size allocates (what a CUDA graph that captures one needs); returns the workspace's size
+in bytes. A larger block later grows it again, at a new address: compare stats()["resident_workspace_bytes"]
+with the size at capture before replaying a graph.)doc")
       .def("slot_table", &py_runtime::slot_table,
            "The device slot table as last built: for every (layer, expert), its slot or -1.")
       .def("prefetch", &py_runtime::prefetch, py::arg("layer"), py::arg("experts"))

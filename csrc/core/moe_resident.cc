@@ -24,6 +24,29 @@ status runtime::impl::refresh_slot_table(void* stream) {
   return {};
 }
 
+status runtime::impl::grow_resident_workspace(int64_t rows, void* stream) {
+  const size_t need = resident_workspace_bytes(cfg.spec, rows);
+  if (need <= resident_ws_bytes) return {};  // grows to the largest block seen; never per call after that
+  PREGATED_RETURN_IF_ERROR(be->synchronize(stream));
+  if (resident_ws != nullptr) be->free_device(resident_ws);
+  resident_ws = nullptr;
+  resident_ws_bytes = 0;
+  PREGATED_RETURN_IF_ERROR(be->alloc_device(need, &resident_ws));
+  resident_ws_bytes = need;
+  return {};
+}
+
+status runtime::reserve_resident(int64_t rows, int64_t* workspace_bytes) {
+  std::shared_lock<std::shared_mutex> api(impl_->api_mu);
+  impl& m = *impl_;
+  PREGATED_RETURN_IF_ERROR(m.check_open());
+  if (rows < 0) return invalid_argument("reserve_resident: rows must be >= 0, got " + std::to_string(rows));
+  std::lock_guard<std::mutex> one(m.resident_mu);
+  PREGATED_RETURN_IF_ERROR(m.grow_resident_workspace(rows, nullptr));
+  *workspace_bytes = static_cast<int64_t>(m.resident_ws_bytes);
+  return {};
+}
+
 status runtime::moe_forward_resident(const resident_args& a) {
   std::shared_lock<std::shared_mutex> api(impl_->api_mu);
   impl& m = *impl_;
@@ -55,15 +78,7 @@ status runtime::moe_forward_resident(const resident_args& a) {
     ++m.stats.forwards;
     ++m.stats.resident_forwards;
   }
-  const size_t need = resident_workspace_bytes(m.cfg.spec, R);
-  if (need > m.resident_ws_bytes) {  // grows to the largest block seen; never per call after that
-    PREGATED_RETURN_IF_ERROR(m.be->synchronize(a.stream));
-    if (m.resident_ws != nullptr) m.be->free_device(m.resident_ws);
-    m.resident_ws = nullptr;
-    m.resident_ws_bytes = 0;
-    PREGATED_RETURN_IF_ERROR(m.be->alloc_device(need, &m.resident_ws));
-    m.resident_ws_bytes = need;
-  }
+  PREGATED_RETURN_IF_ERROR(m.grow_resident_workspace(R, a.stream));
   const int32_t* slot_of = m.slot_table + static_cast<size_t>(a.layer) * static_cast<size_t>(m.cfg.num_experts);
   return m.be->expert_ffn_resident(m.cfg.spec, m.slab, m.slot_bytes, slot_of, a.x, a.ids, a.weights,
                                    a.tokens, a.top_k, a.out, m.resident_ws, a.stream);

@@ -430,9 +430,11 @@ status runtime::trace(std::vector<trace_event>* out) {
 runtime_stats runtime::stats() {
   std::shared_lock<std::shared_mutex> api(impl_->api_mu);
   impl& m = *impl_;
+  std::lock_guard<std::mutex> one(m.resident_mu);  // the order moe_forward_resident takes them in
   std::lock_guard<std::mutex> lk(m.mu);
   if (!m.closed) m.resolve_probes(/*wait=*/true);
   runtime_stats out = m.stats;
+  out.resident_workspace_bytes = static_cast<int64_t>(m.resident_ws_bytes);
   out.total = layer_stats{};
   for (const layer_stats& l : out.layers) {
     out.total.bytes_h2d += l.bytes_h2d;

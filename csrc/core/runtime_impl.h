@@ -94,6 +94,8 @@ struct runtime::impl {
   status check_layer(int32_t layer, const char* what) const;
   // Uploads the slot table on `stream` if the cache changed since (mu held).
   status refresh_slot_table(void* stream);
+  // The resident workspace holds `rows` (token, expert) rows; under resident_mu.
+  status grow_resident_workspace(int64_t rows, void* stream);
   status check_experts(const int32_t* experts, int32_t n, const char* what) const;
 
   // copy_engine.cc

@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import os
 import time
+import warnings
 
 import torch
 
@@ -26,6 +27,7 @@ from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
 from .cpu_dense import LEAN_PREFILL_ROWS, decode_threads, place_on_huge_pages, use_cpu_pool_for_dense
 from .cpu_fused import use_fused_modules
+from .graph_step import KEPT_GRAPHS, CaptureFailed, GraphStep, cache_length, graph_step_agrees, graph_step_wanted
 from .lean_step import lean_step_for
 from .quantize import resolve_expert_quantization, store_writer
 from .prompts import as_token_ids, check_chat_messages, check_token_ids, encode_prompt, split_batch
@@ -178,7 +180,13 @@ class Engine:
             self.lean_step = (lean_step_for(self.model, self.blocks, self.taps, self._cache_arg)
                               if self.device == "cpu" and self.ep is None and not tensor_parallel else None)
             self.dense_bytes = dense_bytes(self.model)
-            self._counters = {"tokens": 0, "decode_seconds": 0.0, "prefill_tokens": 0, "prefill_seconds": 0.0}
+            # The graph step (graph_step.py) where the policy allows it: "graph" captures it (CUDA),
+            # "eager" runs the same step uncaptured (how CPU tests check it), None never.
+            self.graph_mode = "graph" if self.device.startswith("cuda") and graph_step_wanted() else None
+            self._graph_agrees: bool | None = None  # graph_step_agrees, once
+            self._graph_steps: dict[tuple[int, int], GraphStep] = {}  # by (batch, cache length), oldest first
+            self._counters = {"tokens": 0, "decode_seconds": 0.0, "prefill_tokens": 0, "prefill_seconds": 0.0,
+                              "graph_steps": 0}
             self.eos_ids = set(cfg.eos_token_ids)
             eos_text = self.tokenizer.token_id(self.tokenizer.eos_token)
             if eos_text is not None:
@@ -255,6 +263,7 @@ class Engine:
         self.hybrid = check_hybrid(self.hybrid["hot_fraction"] if hot_fraction is ... else hot_fraction,
                                    lane_plan or self.hybrid["lane_plan"],
                                    self.hybrid["lane_costs"] if lane_costs is ... else lane_costs)
+        self._graph_steps.clear()  # their graphs hold the addresses of the slots rebuilt here
         self.runtime.resize(budget, eviction)
         self.policy, self.expert_memory, self.eviction = policy, budget, eviction
         self.moe.policy = policy
@@ -271,6 +280,7 @@ class Engine:
         """Frees the device memory of the model and the expert slots."""
         if getattr(self, "taps", None) is not None:
             self.taps.close()
+        self._graph_steps = {}
         if getattr(self, "runtime", None) is not None:
             unregister_runtime(self._handle)
             self.runtime.close()
@@ -316,15 +326,20 @@ class Engine:
             grow_in_place(cache)  # later steps append in place
         return out.logits, cache
 
-    def _prefill(self, prompts: list[list[int]]):
-        """Left-pads the prompts into one batch and runs them; returns the cache, the attention
-        mask [B, L], the last positions [B] and the logits of the last prompt token [B, V]."""
+    def _padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts left-padded into one batch: tokens [B, L] and valid [B, L] bool (on the host)."""
         B, L = len(prompts), max(len(p) for p in prompts)
         tokens = torch.full((B, L), self.pad_id, dtype=torch.long)
         valid = torch.zeros(B, L, dtype=torch.bool)
         for b, p in enumerate(prompts):
             tokens[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
             valid[b, L - len(p):] = True
+        return tokens, valid
+
+    def _prefill(self, prompts: list[list[int]]):
+        """Left-pads the prompts into one batch and runs them; returns the cache, the attention
+        mask [B, L], the last positions [B] and the logits of the last prompt token [B, V]."""
+        tokens, valid = self._padded(prompts)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         mask = valid.long().to(self.device)
         logits, cache = self._forward(tokens.to(self.device), mask, positions.to(self.device), None, valid)
@@ -446,7 +461,18 @@ class Engine:
             if B * max(len(p) for p in prompts) <= LEAN_PREFILL_ROWS:  # a short prefill runs like decode
                 lean.enter_context(decode_threads(self.device, spin=self.spin_between_jobs))
             t0 = time.perf_counter()
-            cache, mask, last_pos, logits = self._prefill(prompts)
+            graph = self._graph_step(B, max(len(p) for p in prompts) + params.max_new_tokens)
+            if graph is not None:
+                tokens, valid = self._padded(prompts)
+                try:
+                    logits = graph.prefill(tokens.to(self.device), valid)
+                except CaptureFailed as e:
+                    warnings.warn(f"pregated: the decode step could not be captured as a CUDA graph ({e}); "
+                                  "decoding without graphs from here on (PREGATED_GRAPH_STEP=0 says so up front)")
+                    self.graph_mode, graph = None, None
+                    self._graph_steps.clear()
+            if graph is None:
+                cache, mask, last_pos, logits = self._prefill(prompts)
             unpadded = len({len(p) for p in prompts}) == 1
             self._sync()
             self._counters["prefill_seconds"] += time.perf_counter() - t0
@@ -470,6 +496,10 @@ class Engine:
                             finish[b] = "stop"
                     if all(f is not None for f in finish) or step == params.max_new_tokens - 1:
                         break
+                    if graph is not None:  # every row steps; a finished row's tokens are not read
+                        logits = graph.step(nxt)
+                        self._counters["graph_steps"] += 1
+                        continue
                     active = torch.tensor([f is None for f in finish])[:, None]
                     mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
                     last_pos = last_pos + 1
@@ -503,6 +533,27 @@ class Engine:
                                                 finish_reason=finish[b] or "length",
                                                 prompt_tokens=len(prompts[b])))
             self._last_results = results
+
+    def _graph_step(self, batch: int, tokens: int) -> GraphStep | None:
+        """The graph step for `batch` sequences of up to `tokens` tokens where this decode can take
+        it (graph_step.py): the resident path, no timeline traced, a model the check agrees with;
+        else None (the model's forward with a growing cache)."""
+        if (self.graph_mode is None or not self.moe.resident() or self.tp is not None
+                or self._trace_step is not None or self.cfg.is_encoder_decoder):
+            return None
+        if self._graph_agrees is None:
+            self._graph_agrees = graph_step_agrees(self)
+        if not self._graph_agrees:
+            return None
+        key = (batch, cache_length(tokens, self.cfg.max_position_embeddings))
+        step = self._graph_steps.pop(key, None)
+        if step is None:
+            step = GraphStep(self._forward, self.model.config, self.runtime, self.cfg.top_k, *key, self.device,
+                             capture=self.graph_mode == "graph")
+        self._graph_steps[key] = step  # the most recent last
+        while len(self._graph_steps) > KEPT_GRAPHS:
+            self._graph_steps.pop(next(iter(self._graph_steps)))
+        return step
 
     @property
     def spin_between_jobs(self) -> bool:

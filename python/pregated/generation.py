@@ -58,10 +58,10 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits: [B, V] -> next token ids [B] (on the CPU)."""
+    """logits: [B, V] (on any device) -> next token ids [B] (on the CPU)."""
+    if params.temperature == 0:  # max's indices: the first maximum, as argmax's, in half its time on the CPU;
+        return logits.max(-1).indices.cpu()  # on a GPU only the ids cross to the host
     logits = logits.float().cpu()
-    if params.temperature == 0:  # max's indices: the first maximum, as argmax's, in half its time on the CPU
-        return logits.max(-1).indices
     # Shifted so the largest logit is 0, and divided in float64: a tiny temperature then sends
     # the others towards -inf (greedy in the limit) instead of overflowing into nan.
     logits = (logits - logits.max(-1, keepdim=True).values).double()

@@ -22,7 +22,7 @@ import torch
 
 from .cpu_dense import few_rows, siblings_of
 from .cpu_fused import CHECK_SEED, _attention_forward, _lean_attention, _router_forward, _tolerance, global_hooks
-from .experts import Binding
+from .experts import stubbed_experts
 
 LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 FEEDING_NORM = "post_attention_layernorm"  # the norm whose output is the MoE block's input
@@ -122,11 +122,6 @@ def _sliding_window(config) -> int | None:
     return window if types is None or "sliding_attention" in types else None
 
 
-def _stub_executor(block: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """An experts stand-in for the check: depends on the rows, their experts and their weights."""
-    return x * weights.float().sum(-1, keepdim=True).to(x.dtype) + (ids.float().sum(-1, keepdim=True) * 1e-2).to(x.dtype)
-
-
 def _agrees(step: LeanStep, blocks) -> bool:
     """Two decode steps of two sequences after a prefill of three tokens, the model's own forward
     against the step (experts stubbed): logits and every cached key and value."""
@@ -136,12 +131,9 @@ def _agrees(step: LeanStep, blocks) -> bool:
     w = step.layers[0].q_proj.weight
     gen = torch.Generator().manual_seed(CHECK_SEED)
     vocab = step.embed.weight.shape[0]
-    saved = [b.experts.__dict__.get("_pregated") for b in blocks]
     tol = _tolerance(w.dtype)
     try:
-        for m, b in enumerate(blocks):
-            b.experts._pregated = Binding(_stub_executor, m)
-        with torch.inference_mode():
+        with stubbed_experts(blocks), torch.inference_mode():
             caches = [DynamicCache(config=cfg), DynamicCache(config=cfg)]
             prefix = torch.randint(vocab, (2, 3), generator=gen)
             for cache in caches:
@@ -158,11 +150,6 @@ def _agrees(step: LeanStep, blocks) -> bool:
     except Exception:  # a model whose step is more than the lean one's
         return False
     finally:
-        for b, binding in zip(blocks, saved):
-            if binding is None:
-                b.experts.__dict__.pop("_pregated", None)
-            else:
-                b.experts._pregated = binding
         if step.taps is not None:  # what the check's forwards recorded for the pre-gate
             step.taps.residual[:] = [None] * len(step.taps.residual)
     pairs = [(a.keys, b.keys) for a, b in zip(caches[0].layers, caches[1].layers)]

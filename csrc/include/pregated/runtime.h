@@ -102,6 +102,10 @@ struct runtime_stats {
   int64_t evictions = 0;
   int64_t forwards = 0;
   int64_t resident_forwards = 0;  // of those, on the resident path (no expert lookups counted)
+  // The resident path's device workspace: it grows (a new allocation) when a block has more
+  // rows than any before. A CUDA graph that captured a resident block holds the old address, so
+  // whoever replays one compares this figure with the one at capture.
+  int64_t resident_workspace_bytes = 0;
   int64_t hot_experts = 0;        // experts the host lane's planner pins as hot right now
   lane_costs costs;               // the planner's cost model now (zeros without a host lane)
 };
@@ -153,6 +157,9 @@ class runtime {
   // graph. Calls are serialised (one workspace). Fails, naming the layer, when an expert of the
   // layer is not resident.
   status moe_forward_resident(const resident_args& args);
+  // Grows the resident path's workspace to hold `rows` (token, expert) rows now, so that no
+  // later block up to that size allocates (a CUDA graph cannot); its size in bytes after.
+  status reserve_resident(int64_t rows, int64_t* workspace_bytes);
   // The device slot table as last built: [num_layers * num_experts], slot or -1 (tests).
   status slot_table(std::vector<int32_t>* out);
 

@@ -1,0 +1,178 @@
+"""The decode step of the resident path (policy gpu-only: every expert pinned, exact routing) as
+one CUDA graph per batch size and cache length.
+
+A `GraphStep` holds transformers' StaticCache (keys and values at fixed addresses; each layer
+keeps its write position in a device tensor and advances it itself) and fixed input buffers: the
+tokens [B, 1], their positions [B, 1] and the 2-D attention mask [B, N]. One step is the model's
+own forward over those buffers (the experts through the runtime's resident op, whose experts are
+found through the device slot table) and `positions += 1`: nothing in it reads the host or asks
+the host anything, so it is captured once and replayed per token. The caller writes the sampled
+tokens in and reads the logits out: the one synchronisation of a step is reading the token.
+
+The mask holds ones past the prompt: the causal mask keeps a row from the cache slots not written
+yet, so nothing in it changes while decoding. Prefill runs eagerly into the same cache. Before a
+capture the runtime's resident workspace is reserved for the prefill's rows, so that neither the
+prefill nor a step allocates; a later, larger block grows it at a new address, and the graph is
+captured again before it is replayed (`stats()["resident_workspace_bytes"]`).
+
+Used where the policy allows it and where a check agrees: the engine's own decode against this
+one (experts stubbed) for two padded sequences, and every layer of the static cache a plain
+`StaticLayer` (sliding-window and state-space layers keep host-side counters a replay would not
+advance). On the CPU the same step runs eagerly (`capture=False`): that is how CPU tests check it.
+
+B = batch, L = prompt tokens (left-padded), N = cache length, K = experts per token, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .experts import stubbed_experts
+
+CACHE_ROUND = 256  # cache lengths are rounded up to a multiple of this: one graph serves many requests
+KEPT_GRAPHS = 2    # graph steps (each with its cache) an engine keeps: the most recently used
+
+
+class CaptureFailed(RuntimeError):
+    """The step could not be captured as a CUDA graph (something in it synchronises or allocates)."""
+
+
+def graph_step_wanted() -> bool:
+    """PREGATED_GRAPH_STEP: 1 (default) decodes through the graph step where it applies, 0 never."""
+    value = os.environ.get("PREGATED_GRAPH_STEP", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"PREGATED_GRAPH_STEP={value!r}: give 1 (decode through CUDA graphs where the policy "
+                         "allows) or 0 (never)")
+    return value == "1"
+
+
+def cache_length(tokens: int, limit: int | None) -> int:
+    """The cache length for sequences of up to `tokens` tokens: rounded up to CACHE_ROUND, within
+    the model's `limit` (its max_position_embeddings) where that is larger."""
+    rounded = -(-tokens // CACHE_ROUND) * CACHE_ROUND
+    return max(tokens, min(rounded, limit)) if limit else rounded
+
+
+def plain_static_layers(cache) -> bool:
+    """Every layer of `cache` a plain StaticLayer (its state all in device tensors)."""
+    from transformers.cache_utils import StaticLayer
+
+    return bool(cache.layers) and all(type(layer) is StaticLayer for layer in cache.layers)
+
+
+class GraphStep:
+    """The static cache and buffers of one decode step for `batch` sequences of up to `length`
+    tokens. `forward(tokens, mask, positions, cache, active)` is the engine's forward, returning
+    (logits [B, 1, V], cache); `top_k` the experts per token (for the workspace's rows)."""
+
+    def __init__(self, forward, config, runtime, top_k: int, batch: int, length: int, device: str, capture: bool):
+        from transformers.cache_utils import StaticCache
+
+        self.forward, self.runtime, self.top_k = forward, runtime, top_k
+        self.batch, self.length, self.device, self.capture = batch, length, device, capture
+        self.cache = StaticCache(config=config, max_cache_len=length)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.mask = torch.ones(batch, length, dtype=torch.long, device=device)
+        self.everyone = torch.ones(batch, 1, dtype=torch.bool)  # on the host: every row through the experts
+        self.logits: torch.Tensor | None = None  # [B, V] float32 of the last step (the graph's output)
+        self.graph = None
+        self.workspace = -1  # the runtime's resident workspace (bytes) the graph was captured with
+
+    def _step(self) -> None:
+        logits, _ = self.forward(self.tokens, self.mask, self.positions, self.cache, self.everyone)
+        self.logits = logits[:, -1].float()
+        self.positions.add_(1)
+
+    def _reset(self) -> None:
+        self.cache.reset()
+        self.positions.zero_()
+        self.mask.fill_(1)
+
+    def _capture(self) -> None:
+        """Two eager steps on a side stream (allocations, cuBLAS's setup, the cache's lazy
+        tensors), then the capture; the cache and buffers are reset after."""
+        self.graph = None
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        self.graph = graph
+        self._reset()
+
+    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L] on the device, valid [B, L] bool on the host (False: left padding) ->
+        the logits of each row's last token [B, V] float32; the cache then holds the prompts."""
+        B, L = tokens.shape
+        if B != self.batch or L >= self.length:
+            raise ValueError(f"graph step for {self.batch} sequences of up to {self.length} tokens got a prefill "
+                             f"of {B} x {L}")
+        if self.capture:
+            workspace = self.runtime.reserve_resident(B * L * self.top_k)
+            if self.graph is None or workspace != self.workspace:
+                self._reset()
+                try:
+                    self._capture()
+                except Exception as e:
+                    self.graph = None
+                    raise CaptureFailed(f"{type(e).__name__}: {e}") from e
+                self.workspace = self.runtime.stats()["resident_workspace_bytes"]
+        self._reset()
+        self.mask[:, :L].copy_(valid)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        logits, _ = self.forward(tokens, self.mask, positions.to(self.device), self.cache, valid)
+        self.positions.copy_(positions[:, -1:] + 1)
+        return logits[:, -1].float()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] (each row's new token, on any device) -> the logits of the next one [B, V]
+        float32, a buffer the next step overwrites."""
+        self.tokens.copy_(tokens.view(self.batch, 1))
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+        return self.logits
+
+
+def graph_step_agrees(engine) -> bool:
+    """The graph step's decode (run eagerly, experts stubbed) against the engine's own: two
+    sequences, one left-padded, a prefill and three steps; the logits of every step."""
+    from .cpu_fused import _tolerance
+
+    vocab = engine.cfg.vocab_size
+    prompts = [[t % vocab for t in (5, 6, 7, 8)], [t % vocab for t in (9, 10, 11)]]
+    try:
+        with stubbed_experts(engine.blocks), torch.inference_mode():
+            cache, mask, last_pos, want = engine._prefill(prompts)
+            step = GraphStep(engine._forward, engine.model.config, engine.runtime, engine.cfg.top_k, len(prompts),
+                             cache_length(8, None), engine.device, capture=False)
+            if not plain_static_layers(step.cache):
+                return False
+            tokens, valid = engine._padded(prompts)
+            got = step.prefill(tokens.to(engine.device), valid)
+            active = torch.ones(len(prompts), 1, dtype=torch.bool)
+            tol = _tolerance(engine.dtype)
+            for n in range(4):
+                if got.shape != want.shape or not torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item()):
+                    return False
+                if n == 3:
+                    break
+                nxt = torch.tensor([(20 + n) % vocab, (30 + n) % vocab])
+                mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+                last_pos = last_pos + 1
+                out, cache = engine._forward(nxt[:, None].to(engine.device), mask, last_pos[:, None], cache, active)
+                want = out[:, -1].float()
+                got = step.step(nxt.to(engine.device)).clone()
+    except Exception:  # a model whose forward does not take a static cache
+        return False
+    finally:
+        engine.taps.residual[:] = [None] * len(engine.taps.residual)  # what the check's forwards recorded
+    return True

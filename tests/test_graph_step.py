@@ -1,0 +1,171 @@
+"""The graph step (graph_step.py): the resident path's decode over a static cache and fixed
+buffers, captured as a CUDA graph on a GPU. On the CPU the same step runs uncaptured
+(graph_mode "eager"): the tokens must be those of the growing cache's decode and of
+transformers; the capture itself is checked on the GPU (test_graph_step_gpu below)."""
+
+import warnings
+
+import pytest
+import torch
+
+from pregated.engine import Engine
+from pregated.graph_step import CACHE_ROUND, KEPT_GRAPHS, GraphStep, cache_length, graph_step_wanted
+
+from test_engine_parity import reference_greedy
+from tiny_models import reference_model
+
+# families whose static cache is all plain layers (the step's condition), MLA and shared experts among them
+TAKEN = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"]
+# families the step refuses: sliding-window attention, state-space and linear-attention layers
+REFUSED = ["gpt_oss", "granitemoehybrid", "qwen3_next"]
+PROMPTS = [list(range(5, 17)), list(range(40, 47))]  # two lengths: the second row is left-padded
+
+
+def _generate(eng, mode, prompts, **kw):
+    eng.graph_mode = mode
+    before = eng.stats()["graph_steps"]
+    out = eng.generate(prompts, **kw)
+    return out, eng.stats()["graph_steps"] - before
+
+
+@pytest.mark.parametrize("family", TAKEN)
+def test_graph_step_decodes_as_the_growing_cache(family, checkpoint_factory):
+    with Engine(checkpoint_factory(family), device="cpu", quiet=True) as eng:
+        assert eng.graph_mode is None  # on the CPU nothing is captured unless asked
+        eng.eos_ids = set()
+        for kw in (dict(max_new_tokens=10), dict(max_new_tokens=10, temperature=1.0, seed=3)):
+            want, steps = _generate(eng, None, PROMPTS, **kw)
+            assert steps == 0
+            got, steps = _generate(eng, "eager", PROMPTS, **kw)
+            assert steps == 9, "the graph step did not run the decode"
+            assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert eng._graph_agrees is True
+
+
+def test_graph_step_matches_transformers(checkpoint_factory):
+    """Independent of our other decode: transformers' greedy tokens, each from a full forward."""
+    folder = checkpoint_factory("mixtral")
+    prompt = list(range(5, 11))
+    want = reference_greedy(reference_model(folder), prompt, 24)
+    with Engine(folder, device="cpu", quiet=True) as eng:
+        eng.eos_ids = set()
+        got, steps = _generate(eng, "eager", prompt, max_new_tokens=24)
+    assert steps == 23
+    assert got.token_ids == want
+
+
+def test_graph_step_logits_follow_the_model(checkpoint_factory):
+    """Step by step, the step's logits against the engine's logits() over the whole sequence
+    (a prefill each time), with real experts, for a padded batch."""
+    with Engine(checkpoint_factory("qwen3_moe"), device="cpu", quiet=True) as eng, torch.inference_mode():
+        step = GraphStep(eng._forward, eng.model.config, eng.runtime, eng.cfg.top_k, 2, 64, "cpu", capture=False)
+        tokens, valid = eng._padded(PROMPTS)
+        logits = step.prefill(tokens, valid)
+        seqs = [list(p) for p in PROMPTS]
+        for n in range(4):
+            for b, seq in enumerate(seqs):
+                want = eng.logits(seq)[-1]
+                assert torch.allclose(logits[b], want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), (n, b)
+            nxt = torch.tensor([100 + n, 200 + n])
+            for seq, t in zip(seqs, nxt.tolist()):
+                seq.append(t)
+            logits = step.step(nxt).clone()
+
+
+@pytest.mark.parametrize("family", REFUSED)
+def test_graph_step_refuses_caches_with_host_state(family, checkpoint_factory):
+    with Engine(checkpoint_factory(family), device="cpu", quiet=True) as eng:
+        eng.eos_ids = set()
+        want, _ = _generate(eng, None, PROMPTS, max_new_tokens=6)
+        got, steps = _generate(eng, "eager", PROMPTS, max_new_tokens=6)
+        assert steps == 0 and eng._graph_agrees is False
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+def test_graph_step_only_on_the_resident_path(mixtral_folder):
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
+        eng.eos_ids = set()
+        one = eng.cfg.expert_bytes()
+        eng.reconfigure(policy="pregated", expert_memory=2 * eng.cfg.top_k * one)
+        _, steps = _generate(eng, "eager", PROMPTS, max_new_tokens=5)
+        assert steps == 0, "an offloading policy needs the routing on the host: no graph step"
+        eng.reconfigure(policy="gpu-only")
+        eng.set_routing("pregate")
+        _, steps = _generate(eng, "eager", PROMPTS, max_new_tokens=5)
+        assert steps == 0, "routing by the pre-gate needs the host"
+        eng.set_routing("exact")
+        _, steps = _generate(eng, "eager", PROMPTS, max_new_tokens=5)
+        assert steps == 4
+        before = eng.stats()["graph_steps"]
+        eng.trace_decode_step(PROMPTS[0], warmup_tokens=2)
+        assert eng.stats()["graph_steps"] == before, "a traced decode runs the eager path (its timeline is per block)"
+
+
+def test_graph_steps_are_kept_per_batch_and_length(mixtral_folder):
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
+        eng.eos_ids = set()
+        eng.graph_mode = "eager"
+        eng.generate(PROMPTS[0], max_new_tokens=4)
+        eng.generate(PROMPTS[1], max_new_tokens=8)  # the same length class: the same step
+        assert list(eng._graph_steps) == [(1, CACHE_ROUND)]
+        first = eng._graph_steps[(1, CACHE_ROUND)]
+        eng.generate(PROMPTS, max_new_tokens=4)
+        eng.generate(PROMPTS[0], max_new_tokens=CACHE_ROUND)  # a longer cache
+        assert len(eng._graph_steps) == KEPT_GRAPHS
+        assert list(eng._graph_steps) == [(2, CACHE_ROUND), (1, 2 * CACHE_ROUND)]
+        assert first not in eng._graph_steps.values()
+        eng.reconfigure(policy="gpu-only")
+        assert eng._graph_steps == {}, "reconfigure rebuilds the slots a captured graph points into"
+
+
+def test_cache_length_and_switch(monkeypatch):
+    assert cache_length(1, 4096) == CACHE_ROUND
+    assert cache_length(CACHE_ROUND + 1, 4096) == 2 * CACHE_ROUND
+    assert cache_length(300, 400) == 400 and cache_length(300, None) == 2 * CACHE_ROUND
+    assert cache_length(500, 400) == 500  # beyond the limit: what was asked (the prompt check refuses it)
+    monkeypatch.setenv("PREGATED_GRAPH_STEP", "0")
+    assert not graph_step_wanted()
+    monkeypatch.setenv("PREGATED_GRAPH_STEP", "yes")
+    with pytest.raises(ValueError, match="PREGATED_GRAPH_STEP='yes'"):
+        graph_step_wanted()
+
+
+def test_a_prefill_longer_than_the_step_is_refused(mixtral_folder):
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
+        step = GraphStep(eng._forward, eng.model.config, eng.runtime, eng.cfg.top_k, 1, 8, "cpu", capture=False)
+        tokens, valid = eng._padded([list(range(5, 15))])
+        with pytest.raises(ValueError, match="up to 8 tokens got a prefill of 1 x 10"):
+            step.prefill(tokens, valid)
+
+
+@pytest.mark.gpu
+def test_graph_step_gpu(checkpoint_factory):
+    """On the GPU: the decode is captured (graph_steps counts replays), its tokens are those of the
+    eager decode, a replay asks the host nothing, and a longer prompt (a larger resident
+    workspace, at a new address) is captured again rather than replayed stale."""
+    folder = checkpoint_factory("mixtral", dtype=torch.bfloat16)
+    with Engine(folder, device="cuda", policy="gpu-only", quiet=True) as eng:
+        assert eng.graph_mode == "graph"
+        eng.eos_ids = set()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed capture warns: that is a failure here
+            for kw in (dict(max_new_tokens=16), dict(max_new_tokens=16, temperature=1.0, seed=5)):
+                want, _ = _generate(eng, None, PROMPTS, **kw)
+                got, steps = _generate(eng, "graph", PROMPTS, **kw)
+                assert steps == 15
+                assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        step = eng._graph_steps[(2, CACHE_ROUND)]
+        assert step.graph is not None
+        captured = step.workspace
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step.step(torch.tensor([7, 8], device="cuda"))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        long_prompt = [list(range(5, 205)), list(range(5, 100))]
+        want, _ = _generate(eng, None, long_prompt, max_new_tokens=8)
+        got, steps = _generate(eng, "graph", long_prompt, max_new_tokens=8)
+        assert steps == 7 and [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert step.workspace > captured, "the larger workspace was not captured again"
+        assert eng.stats()["resident_workspace_bytes"] == step.workspace
