@@ -202,15 +202,29 @@ def run_engine(engine, prompts, new_tokens: int) -> dict:
     dec = {k: s[k] - pre[k] for k in ("bytes_h2d", "expert_hits", "expert_misses", "stall_seconds",
                                       "host_experts", "host_bytes", "host_seconds")}
     used = dec["expert_hits"] + dec["expert_misses"]
+    peak = _peak(engine)
+    eager = None
+    if s["graph_steps"] > 0:  # the same decode without the graph step, for the record
+        engine.graph_mode, mode = None, engine.graph_mode
+        try:
+            engine.reset_stats()
+            engine.generate(batch_or_one, max_new_tokens=new_tokens)
+            e = engine.stats()
+            eager = decode_tokens / e["decode_seconds"] if e["decode_seconds"] > 0 else None
+        finally:
+            engine.graph_mode = mode
     return {
         "decode_tokens_per_s": decode_tokens / s["decode_seconds"] if s["decode_seconds"] > 0 else None,
         "prefill_tokens_per_s": s["prefill_tokens"] / s["prefill_seconds"] if s["prefill_seconds"] > 0 else None,
         "ttft_s": s["prefill_seconds"],
-        "peak_device_bytes": _peak(engine),
+        "peak_device_bytes": peak,
         "bytes_h2d_per_token": dec["bytes_h2d"] / decode_tokens,
         "bytes_h2d_decode": dec["bytes_h2d"],
         "bytes_h2d_prefill": pre["bytes_h2d"],
         "decode_tokens": decode_tokens,
+        # decode steps replayed from a CUDA graph (graph_step.py: gpu-only on a GPU), of decode_tokens / batch
+        "graph_steps": s["graph_steps"],
+        "decode_tokens_per_s_without_graphs": eager,
         # the resident path (gpu-only) counts no lookups: every expert is in a slot by construction
         "hit_rate": dec["expert_hits"] / used if used else (1.0 if s.get("resident_forwards") else None),
         "prefetch_precision": s["prefetch_precision"],

@@ -92,9 +92,12 @@ class GraphStep:
         self.mask.fill_(1)
 
     def _capture(self) -> None:
-        """Two eager steps on a side stream (allocations, cuBLAS's setup, the cache's lazy
-        tensors), then the capture; the cache and buffers are reset after."""
+        """One eager step on the current stream (the cache's lazy tensors are made on the stream
+        that uses them), two on a side stream (as torch asks before a capture: allocations,
+        cuBLAS's setup), then the capture; the cache and buffers are reset after. Only this
+        thread's calls are checked during the capture: the runtime's copy thread may go on."""
         self.graph = None
+        self._step()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -102,7 +105,7 @@ class GraphStep:
                 self._step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._step()
         self.graph = graph
         self._reset()
