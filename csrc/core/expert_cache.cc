@@ -26,43 +26,51 @@ status expert_cache::init(int32_t num_slots, int32_t num_layers, int32_t num_exp
   slot_of_.assign(n, -1);
   freq_.assign(n, 0);
   clock_ = 0;
+  empty_.clear();
+  for (int32_t i = 0; i < num_slots; ++i) empty_.insert(empty_.end(), i);
+  order_.clear();
+  pinned_ = 0;
   return {};
 }
 
 int32_t expert_cache::find(expert_key key) const { return slot_of_[index(key)]; }
 
-bool expert_cache::evict_before(const slot_info& a, const slot_info& b) const {
-  if (policy_ == eviction_policy::eviction_policy_lfu) {
-    const uint64_t fa = freq_[index(a.key)], fb = freq_[index(b.key)];
-    if (fa != fb) return fa < fb;
-  }
-  return a.last_use < b.last_use;  // LRU, and LFU's tie-break
+expert_cache::order_key expert_cache::key_of(int32_t slot) const {
+  const slot_info& s = slots_[static_cast<size_t>(slot)];
+  const uint64_t uses = policy_ == eviction_policy::eviction_policy_lfu ? freq_[index(s.key)] : 0;
+  return {uses, s.last_use, slot};
+}
+
+void expert_cache::unlist(int32_t slot) {
+  if (listed(slots_[static_cast<size_t>(slot)])) order_.erase(key_of(slot));
+}
+
+void expert_cache::relist(int32_t slot) {
+  if (listed(slots_[static_cast<size_t>(slot)])) order_.insert(key_of(slot));
 }
 
 int32_t expert_cache::choose_slot(bool for_prefetch) const {
-  // Ranks: 0 = a clean victim; 1 = a load in flight or an unused prefetch (demand only).
-  int32_t best = -1;
-  int best_rank = 2;
-  for (int32_t i = 0; i < num_slots(); ++i) {
-    const slot_info& s = slots_[static_cast<size_t>(i)];
-    if (s.state == slot_state::slot_state_empty) return i;
-    if (s.refs > 0 || s.pinned) continue;
-    const bool loading = s.state != slot_state::slot_state_ready;
-    const int rank = (loading || s.prefetched) ? 1 : 0;
-    if (for_prefetch && rank > 0) continue;
-    if (rank < best_rank || (rank == best_rank && evict_before(s, slots_[static_cast<size_t>(best)]))) {
-      best = i;
-      best_rank = rank;
-    }
+  if (!empty_.empty()) return *empty_.begin();
+  // The first in eviction order that no forward holds: a clean victim (ready, not an unused
+  // prefetch) at once; else, for a demand load only, the first loading or prefetched one.
+  int32_t fallback = -1;
+  for (const order_key& k : order_) {
+    const slot_info& s = slots_[static_cast<size_t>(k.slot)];
+    if (s.refs > 0) continue;
+    if (s.state == slot_state::slot_state_ready && !s.prefetched) return k.slot;
+    if (!for_prefetch && fallback < 0) fallback = k.slot;
   }
-  return best;
+  return fallback;
 }
 
 bool expert_cache::assign(int32_t slot, expert_key key) {
   ++version_;
   slot_info& s = slots_[static_cast<size_t>(slot)];
   const bool evicted = s.state != slot_state::slot_state_empty;
+  unlist(slot);
   if (evicted) slot_of_[index(s.key)] = -1;
+  pinned_ -= s.pinned ? 1 : 0;
+  empty_.erase(slot);
   const uint64_t gen = s.generation + 1;
   s = slot_info{};
   s.key = key;
@@ -70,25 +78,44 @@ bool expert_cache::assign(int32_t slot, expert_key key) {
   s.generation = gen;
   s.last_use = ++clock_;
   slot_of_[index(key)] = slot;
+  relist(slot);
   return evicted;
+}
+
+void expert_cache::set_pinned(int32_t slot, bool pinned) {
+  slot_info& s = slots_[static_cast<size_t>(slot)];
+  if (s.pinned == pinned || s.state == slot_state::slot_state_empty) return;
+  unlist(slot);
+  s.pinned = pinned;
+  pinned_ += pinned ? 1 : -1;
+  relist(slot);
 }
 
 void expert_cache::clear(int32_t slot) {
   ++version_;
   slot_info& s = slots_[static_cast<size_t>(slot)];
+  unlist(slot);
   if (s.state != slot_state::slot_state_empty) slot_of_[index(s.key)] = -1;
+  pinned_ -= s.pinned ? 1 : 0;
   const uint64_t gen = s.generation + 1;
   s = slot_info{};
   s.generation = gen;
+  empty_.insert(slot);
 }
 
 void expert_cache::touch(int32_t slot) {
+  unlist(slot);
   slot_info& s = slots_[static_cast<size_t>(slot)];
   s.last_use = ++clock_;
   ++freq_[index(s.key)];
+  relist(slot);
 }
 
-void expert_cache::refresh(int32_t slot) { slots_[static_cast<size_t>(slot)].last_use = ++clock_; }
+void expert_cache::refresh(int32_t slot) {
+  unlist(slot);
+  slots_[static_cast<size_t>(slot)].last_use = ++clock_;
+  relist(slot);
+}
 
 void expert_cache::ready_table(int32_t* out) const {
   std::fill(out, out + slot_of_.size(), -1);
@@ -108,10 +135,35 @@ bool expert_cache::layer_resident(int32_t layer) const {
   return true;
 }
 
-int32_t expert_cache::pinned_count() const {
-  int32_t n = 0;
-  for (const slot_info& s : slots_) n += s.pinned ? 1 : 0;
-  return n;
+std::string expert_cache::check_order() const {
+  std::string problems;
+  int32_t pinned = 0;
+  size_t listed_slots = 0, empty_slots = 0;
+  for (int32_t i = 0; i < num_slots(); ++i) {
+    const slot_info& s = slots_[static_cast<size_t>(i)];
+    const std::string who = "slot " + std::to_string(i) + ": ";
+    pinned += s.pinned ? 1 : 0;
+    const bool empty = s.state == slot_state::slot_state_empty;
+    empty_slots += empty ? 1 : 0;
+    if (empty != (empty_.count(i) != 0)) {
+      problems += who + (empty ? "empty but not" : "bound but") + " in the set of empty slots\n";
+    }
+    if (listed(s)) {
+      ++listed_slots;
+      if (order_.count(key_of(i)) == 0) {
+        problems += who + "may be evicted but is not in the eviction order (or under a stale key)\n";
+      }
+    }
+  }
+  auto count = [&](const char* what, size_t kept, size_t actual) {
+    if (kept != actual) {
+      problems += std::string(what) + ": " + std::to_string(kept) + " kept, " + std::to_string(actual) + " found\n";
+    }
+  };
+  count("slots in the eviction order", order_.size(), listed_slots);
+  count("empty slots", empty_.size(), empty_slots);
+  count("pinned slots", static_cast<size_t>(pinned_), static_cast<size_t>(pinned));
+  return problems;
 }
 
 }  // namespace pregated

@@ -134,7 +134,7 @@ void runtime::impl::rebalance_hot() {
   for (size_t i = 0; i < hot.size(); ++i) {  // leaving first: their pins make room
     if (!hot[i] || want[i]) continue;
     const int32_t slot = cache.find(key_at(i));
-    if (slot >= 0) cache.slot(slot).pinned = false;
+    if (slot >= 0) cache.set_pinned(slot, false);
     hot[i] = 0;
     --hot_count;
   }
@@ -155,7 +155,7 @@ void runtime::impl::rebalance_hot() {
       if (cache.assign(slot, key)) ++stats.evictions;
       enqueue(slot, /*demand=*/false);
     }
-    cache.slot(slot).pinned = true;
+    cache.set_pinned(slot, true);
     if (!hot[i]) ++hot_count;
     hot[i] = 1;
   }
@@ -165,7 +165,7 @@ void runtime::impl::drop_hot() {
   for (size_t i = 0; i < hot.size(); ++i) {
     if (!hot[i]) continue;
     const int32_t slot = cache.find(key_at(i));
-    if (slot >= 0) cache.slot(slot).pinned = false;
+    if (slot >= 0) cache.set_pinned(slot, false);
   }
   std::fill(hot.begin(), hot.end(), 0);
   std::fill(heat.begin(), heat.end(), 0.0);

@@ -300,7 +300,7 @@ status runtime::pin(expert_key key) {
       if (m.cache.assign(slot, key)) ++m.stats.evictions;
       m.enqueue(slot, /*demand=*/true);
     }
-    m.cache.slot(slot).pinned = true;
+    m.cache.set_pinned(slot, true);
     return {};
   }
 }
@@ -312,7 +312,7 @@ status runtime::unpin(expert_key key) {
   PREGATED_RETURN_IF_ERROR(m.store.check_key(key));
   std::lock_guard<std::mutex> lk(m.mu);
   const int32_t slot = m.cache.find(key);
-  if (slot >= 0) m.cache.slot(slot).pinned = false;
+  if (slot >= 0) m.cache.set_pinned(slot, false);
   return {};
 }
 
@@ -522,6 +522,7 @@ status runtime::check(std::string* report) {
       }
     }
   }
+  problems += m.cache.check_order();
   // The device slot table, once rebuilt, says what the cache says.
   PREGATED_RETURN_IF_ERROR(m.refresh_slot_table(nullptr));
   PREGATED_RETURN_IF_ERROR(m.be->synchronize(nullptr));

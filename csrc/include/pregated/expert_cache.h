@@ -1,8 +1,17 @@
 // The expert cache: which expert each slot of the slab holds, in which state, and which slot
 // to give up when a new expert must come in. A plain data structure: the runtime locks it.
+//
+// Choosing a slot costs no scan over the slots: the empty slots are kept in a set (lowest
+// first), and the slots that may be evicted (bound, not pinned) in eviction order (LRU: last use;
+// LFU: uses, then last use). A victim is the first of that order that no forward holds, and that
+// is not loading or an unused prefetch (those only for a demand load, as a last resort). So what
+// a slot's order depends on (its last use, its expert's uses, whether it is pinned or bound) is
+// changed through this class only; its refs and copy state may be written directly.
 #pragma once
 
 #include <cstdint>
+#include <set>
+#include <string>
 #include <vector>
 
 #include "pregated/status.h"
@@ -49,8 +58,10 @@ class expert_cache {
   // Returns -1 when nothing can be given up.
   int32_t choose_slot(bool for_prefetch) const;
 
-  // Bind `slot` to `key` in state queued; what it held is evicted. Returns true on eviction.
+  // Bind `slot` to `key` in state queued, unpinned; what it held is evicted. Returns true on eviction.
   bool assign(int32_t slot, expert_key key);
+  // Pin (never evicted) or unpin the bound `slot`.
+  void set_pinned(int32_t slot, bool pinned);
   // Forget what the slot holds.
   void clear(int32_t slot);
   // Record a use of the expert in `slot` (LRU clock, LFU count).
@@ -59,7 +70,7 @@ class expert_cache {
   void refresh(int32_t slot);
 
   uint64_t frequency(expert_key key) const { return freq_[index(key)]; }
-  int32_t pinned_count() const;
+  int32_t pinned_count() const { return pinned_; }
 
   // Bumped whenever which expert a slot holds, or whether its copy is done, may have changed:
   // the device slot table is rebuilt when it differs from the version it was built at.
@@ -70,14 +81,29 @@ class expert_cache {
   void ready_table(int32_t* out) const;
   // Every expert of `layer` holds a slot of its own, ready and pinned.
   bool layer_resident(int32_t layer) const;
+  // What is wrong with the sets that stand in for scans (empty slots, eviction order, pinned
+  // count) against the slots themselves; empty when they agree (runtime::check).
+  std::string check_order() const;
 
  private:
   size_t index(expert_key key) const {
     return static_cast<size_t>(key.layer) * static_cast<size_t>(num_experts_) +
            static_cast<size_t>(key.expert);
   }
-  // True when `a` should be evicted before `b` under the policy.
-  bool evict_before(const slot_info& a, const slot_info& b) const;
+  // A bound, unpinned slot's place in the eviction order: (uses under LFU else 0, last use, slot).
+  struct order_key {
+    uint64_t uses;
+    uint64_t last_use;
+    int32_t slot;
+    bool operator<(const order_key& o) const {
+      return uses != o.uses ? uses < o.uses : last_use != o.last_use ? last_use < o.last_use : slot < o.slot;
+    }
+  };
+  order_key key_of(int32_t slot) const;
+  bool listed(const slot_info& s) const { return s.state != slot_state::slot_state_empty && !s.pinned; }
+  void unlist(int32_t slot);  // out of the eviction order, before its key changes
+  void relist(int32_t slot);  // back in, where it now belongs
+
 
   eviction_policy policy_ = eviction_policy::eviction_policy_lru;
   int32_t num_experts_ = 0;
@@ -86,6 +112,9 @@ class expert_cache {
   std::vector<uint64_t> freq_;    // uses of each expert over the cache's life (LFU)
   uint64_t clock_ = 0;
   uint64_t version_ = 1;
+  std::set<int32_t> empty_;     // empty slots
+  std::set<order_key> order_;   // bound, unpinned slots, the next victim first
+  int32_t pinned_ = 0;
 };
 
 }  // namespace pregated
