@@ -41,12 +41,20 @@ expert_cache::order_key expert_cache::key_of(int32_t slot) const {
   return {uses, s.last_use, slot};
 }
 
-void expert_cache::unlist(int32_t slot) {
-  if (listed(slots_[static_cast<size_t>(slot)])) order_.erase(key_of(slot));
-}
-
-void expert_cache::relist(int32_t slot) {
-  if (listed(slots_[static_cast<size_t>(slot)])) order_.insert(key_of(slot));
+template <class Change>
+void expert_cache::update(int32_t slot, Change change) {
+  slot_info& s = slots_[static_cast<size_t>(slot)];
+  // The node moves to its new place (no allocation): touches are the common case.
+  std::set<order_key>::node_type node;
+  if (listed(s)) node = order_.extract(key_of(slot));
+  change(s);
+  if (!listed(s)) return;
+  if (node.empty()) {
+    order_.insert(key_of(slot));
+  } else {
+    node.value() = key_of(slot);
+    order_.insert(std::move(node));
+  }
 }
 
 int32_t expert_cache::choose_slot(bool for_prefetch) const {
@@ -65,56 +73,53 @@ int32_t expert_cache::choose_slot(bool for_prefetch) const {
 
 bool expert_cache::assign(int32_t slot, expert_key key) {
   ++version_;
-  slot_info& s = slots_[static_cast<size_t>(slot)];
-  const bool evicted = s.state != slot_state::slot_state_empty;
-  unlist(slot);
-  if (evicted) slot_of_[index(s.key)] = -1;
-  pinned_ -= s.pinned ? 1 : 0;
-  empty_.erase(slot);
-  const uint64_t gen = s.generation + 1;
-  s = slot_info{};
-  s.key = key;
-  s.state = slot_state::slot_state_queued;
-  s.generation = gen;
-  s.last_use = ++clock_;
-  slot_of_[index(key)] = slot;
-  relist(slot);
+  bool evicted = false;
+  update(slot, [&](slot_info& s) {
+    evicted = s.state != slot_state::slot_state_empty;
+    if (evicted) slot_of_[index(s.key)] = -1;
+    pinned_ -= s.pinned ? 1 : 0;
+    const uint64_t gen = s.generation + 1;
+    s = slot_info{};
+    s.key = key;
+    s.state = slot_state::slot_state_queued;
+    s.generation = gen;
+    s.last_use = ++clock_;
+    slot_of_[index(key)] = slot;
+  });
+  if (!evicted) empty_.erase(slot);
   return evicted;
 }
 
 void expert_cache::set_pinned(int32_t slot, bool pinned) {
-  slot_info& s = slots_[static_cast<size_t>(slot)];
-  if (s.pinned == pinned || s.state == slot_state::slot_state_empty) return;
-  unlist(slot);
-  s.pinned = pinned;
+  const slot_info& now = slots_[static_cast<size_t>(slot)];
+  if (now.pinned == pinned || now.state == slot_state::slot_state_empty) return;
+  update(slot, [&](slot_info& s) { s.pinned = pinned; });
   pinned_ += pinned ? 1 : -1;
-  relist(slot);
 }
 
 void expert_cache::clear(int32_t slot) {
   ++version_;
-  slot_info& s = slots_[static_cast<size_t>(slot)];
-  unlist(slot);
-  if (s.state != slot_state::slot_state_empty) slot_of_[index(s.key)] = -1;
-  pinned_ -= s.pinned ? 1 : 0;
-  const uint64_t gen = s.generation + 1;
-  s = slot_info{};
-  s.generation = gen;
-  empty_.insert(slot);
+  bool was_bound = false;
+  update(slot, [&](slot_info& s) {
+    was_bound = s.state != slot_state::slot_state_empty;
+    if (was_bound) slot_of_[index(s.key)] = -1;
+    pinned_ -= s.pinned ? 1 : 0;
+    const uint64_t gen = s.generation + 1;
+    s = slot_info{};
+    s.generation = gen;
+  });
+  if (was_bound) empty_.insert(slot);
 }
 
 void expert_cache::touch(int32_t slot) {
-  unlist(slot);
-  slot_info& s = slots_[static_cast<size_t>(slot)];
-  s.last_use = ++clock_;
-  ++freq_[index(s.key)];
-  relist(slot);
+  update(slot, [&](slot_info& s) {
+    s.last_use = ++clock_;
+    ++freq_[index(s.key)];
+  });
 }
 
 void expert_cache::refresh(int32_t slot) {
-  unlist(slot);
-  slots_[static_cast<size_t>(slot)].last_use = ++clock_;
-  relist(slot);
+  update(slot, [&](slot_info& s) { s.last_use = ++clock_; });
 }
 
 void expert_cache::ready_table(int32_t* out) const {

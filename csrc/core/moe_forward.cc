@@ -174,14 +174,15 @@ status runtime::impl::forward(const moe_args& a) {
     // Prefetches for this layer that have not started and that routing did not pick are no
     // longer wanted (one whose copy has started stays queued until the copy is issued: it is
     // counted as issued and left alone).
-    for (int32_t i = 0; i < cache.num_slots(); ++i) {
+    for (int32_t e = 0; e < cfg.num_experts; ++e) {  // this layer's slots, through the cache's map
+      const int32_t i = cache.find({a.layer, e});
+      if (i < 0) continue;
       const slot_info& s = cache.slot(i);
-      if (s.state != slot_state::slot_state_queued || s.copied_as_prefetch || s.demanded || s.refs > 0 ||
-          s.pinned || s.key.layer != a.layer) {
+      if (s.state != slot_state::slot_state_queued || s.copied_as_prefetch || s.demanded || s.refs > 0 || s.pinned) {
         continue;
       }
       // plan.experts is sorted
-      if (!std::binary_search(plan.experts.begin(), plan.experts.end(), s.key.expert)) {
+      if (!std::binary_search(plan.experts.begin(), plan.experts.end(), e)) {
         ++ls->prefetch_dropped;
         cache.clear(i);
       }
@@ -369,12 +370,11 @@ status runtime::impl::forward(const moe_args& a) {
   // This layer has run: what was prefetched for it and not used was a wrong guess. Without a
   // cache, its experts leave their slots now.
   const bool keep = cache.policy() != eviction_policy::eviction_policy_none;
-  for (int32_t i = 0; i < cache.num_slots(); ++i) {
+  for (int32_t e = 0; e < cfg.num_experts; ++e) {  // this layer's slots, through the cache's map
+    const int32_t i = cache.find({a.layer, e});
+    if (i < 0) continue;
     slot_info& s = cache.slot(i);
-    if (s.key.layer != a.layer || s.state == slot_state::slot_state_empty ||
-        s.state == slot_state::slot_state_queued) {
-      continue;
-    }
+    if (s.state == slot_state::slot_state_queued) continue;
     s.prefetched = false;
     if (!keep && s.refs == 0 && !s.pinned) {
       cache.clear(i);

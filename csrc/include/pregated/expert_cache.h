@@ -101,8 +101,9 @@ class expert_cache {
   };
   order_key key_of(int32_t slot) const;
   bool listed(const slot_info& s) const { return s.state != slot_state::slot_state_empty && !s.pinned; }
-  void unlist(int32_t slot);  // out of the eviction order, before its key changes
-  void relist(int32_t slot);  // back in, where it now belongs
+  // Applies `change` to the slot and moves it to its new place in the eviction order (in, out).
+  template <class Change>
+  void update(int32_t slot, Change change);
 
 
   eviction_policy policy_ = eviction_policy::eviction_policy_lru;
