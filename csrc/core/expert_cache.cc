@@ -71,18 +71,23 @@ int32_t expert_cache::choose_slot(bool for_prefetch) const {
   return fallback;
 }
 
+bool expert_cache::unbind(slot_info& s) {
+  const bool bound = s.state != slot_state::slot_state_empty;
+  if (bound) slot_of_[index(s.key)] = -1;
+  pinned_ -= s.pinned ? 1 : 0;
+  const uint64_t gen = s.generation + 1;
+  s = slot_info{};
+  s.generation = gen;
+  return bound;
+}
+
 bool expert_cache::assign(int32_t slot, expert_key key) {
   ++version_;
   bool evicted = false;
   update(slot, [&](slot_info& s) {
-    evicted = s.state != slot_state::slot_state_empty;
-    if (evicted) slot_of_[index(s.key)] = -1;
-    pinned_ -= s.pinned ? 1 : 0;
-    const uint64_t gen = s.generation + 1;
-    s = slot_info{};
+    evicted = unbind(s);
     s.key = key;
     s.state = slot_state::slot_state_queued;
-    s.generation = gen;
     s.last_use = ++clock_;
     slot_of_[index(key)] = slot;
   });
@@ -100,14 +105,7 @@ void expert_cache::set_pinned(int32_t slot, bool pinned) {
 void expert_cache::clear(int32_t slot) {
   ++version_;
   bool was_bound = false;
-  update(slot, [&](slot_info& s) {
-    was_bound = s.state != slot_state::slot_state_empty;
-    if (was_bound) slot_of_[index(s.key)] = -1;
-    pinned_ -= s.pinned ? 1 : 0;
-    const uint64_t gen = s.generation + 1;
-    s = slot_info{};
-    s.generation = gen;
-  });
+  update(slot, [&](slot_info& s) { was_bound = unbind(s); });
   if (was_bound) empty_.insert(slot);
 }
 

@@ -101,6 +101,8 @@ class expert_cache {
   };
   order_key key_of(int32_t slot) const;
   bool listed(const slot_info& s) const { return s.state != slot_state::slot_state_empty && !s.pinned; }
+  // Empties the slot (a new generation) and forgets its binding and pin; whether it was bound.
+  bool unbind(slot_info& s);
   // Applies `change` to the slot and moves it to its new place in the eviction order (in, out).
   template <class Change>
   void update(int32_t slot, Change change);
