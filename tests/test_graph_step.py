@@ -169,3 +169,46 @@ def test_graph_step_gpu(checkpoint_factory):
         assert steps == 7 and [r.token_ids for r in got] == [r.token_ids for r in want]
         assert step.workspace > captured, "the larger workspace was not captured again"
         assert eng.stats()["resident_workspace_bytes"] == step.workspace
+
+
+# Ops that read a device tensor's values on the host: on a GPU each is a synchronisation, and
+# inside a capture an error.
+HOST_READS = {"item", "_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
+              "unique_consecutive", "equal", "is_nonzero", "bincount", "histc", "repeat_interleave"}
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op in HOST_READS that runs inside, and an index by a boolean mask (a nonzero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        masked = name == "index" and any(t is not None and t.dtype == torch.bool for t in args[1])
+        if name in HOST_READS or masked:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_graph_step_reads_nothing_from_the_device(mixtral_folder, monkeypatch):
+    """On the CPU, what a capture would refuse: the step's PyTorch ops, with transformers taking
+    its branches for a capture (is_current_stream_capturing() is True inside), read no tensor
+    value on the host. The CPU Engine's own kernels and the runtime's resident op are not
+    PyTorch ops; the resident op asks the host nothing by construction (test_resident)."""
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng, torch.inference_mode():
+        step = GraphStep(eng._forward, eng.model.config, eng.runtime, eng.cfg.top_k, 2, 64, "cpu", capture=False)
+        tokens, valid = eng._padded(PROMPTS)
+        step.prefill(tokens, valid)
+        nxt = torch.tensor([3, 4])
+        with HostReads() as probe:  # the detector sees what it should
+            torch.ones(2).sum().item()
+        assert probe.seen in (["aten.item.default"], ["aten._local_scalar_dense.default"])
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        before = eng.stats()["resident_forwards"]
+        with HostReads() as probe:
+            step.step(nxt)
+            step.step(nxt)
+        assert probe.seen == [], f"the step reads device values on the host: {probe.seen}"
+        assert eng.stats()["resident_forwards"] == before + 2 * eng.cfg.num_moe_layers  # the experts did run

@@ -304,10 +304,10 @@ class Engine:
                  active: torch.Tensor, all_logits: bool = False, unpadded: bool = False):
         """tokens, positions: [B, L]; mask: [B, S] (1 = a real token, over every token so far);
         active: [B, L] bool on the host, rows that go through the experts (known on the host,
-        so choosing them costs no device synchronisation); unpadded: the mask is all ones (known
-        on the host), so a decode step may take the lean step (lean_step.py).
+        so choosing them costs no device synchronisation), or None for every row; unpadded: the
+        mask is all ones (known on the host), so a decode step may take the lean step (lean_step.py).
         -> (logits [B, L, V] or of the last position [B, 1, V], the cache)."""
-        everyone = bool(active.all())
+        everyone = active is None or bool(active.all())
         if (unpadded and everyone and self.lean_step is not None and cache is not None and tokens.shape[1] == 1
                 and not all_logits):
             logits = self.lean_step(tokens, positions, cache)

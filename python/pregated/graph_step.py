@@ -76,13 +76,12 @@ class GraphStep:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.mask = torch.ones(batch, length, dtype=torch.long, device=device)
-        self.everyone = torch.ones(batch, 1, dtype=torch.bool)  # on the host: every row through the experts
         self.logits: torch.Tensor | None = None  # [B, V] float32 of the last step (the graph's output)
         self.graph = None
         self.workspace = -1  # the runtime's resident workspace (bytes) the graph was captured with
 
     def _step(self) -> None:
-        logits, _ = self.forward(self.tokens, self.mask, self.positions, self.cache, self.everyone)
+        logits, _ = self.forward(self.tokens, self.mask, self.positions, self.cache, None)  # every row
         self.logits = logits[:, -1].float()
         self.positions.add_(1)
 
