@@ -159,10 +159,12 @@ def test_graph_step_gpu(checkpoint_factory):
         captured = step.workspace
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
-        try:
+        try:  # tokens from the host (pinned staging) and from the device: neither waits for the device
+            step.step(torch.tensor([7, 8]))
             step.step(torch.tensor([7, 8], device="cuda"))
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        assert eng.stats()["graph_host_seconds"] > 0
         long_prompt = [list(range(5, 205)), list(range(5, 100))]
         want, _ = _generate(eng, None, long_prompt, max_new_tokens=8)
         got, steps = _generate(eng, "graph", long_prompt, max_new_tokens=8)

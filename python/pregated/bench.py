@@ -224,6 +224,10 @@ def run_engine(engine, prompts, new_tokens: int) -> dict:
         "decode_tokens": decode_tokens,
         # decode steps replayed from a CUDA graph (graph_step.py: gpu-only on a GPU), of decode_tokens / batch
         "graph_steps": s["graph_steps"],
+        # host time to hand a graph step to the device (the replay's launch), per step and per MoE block
+        "graph_host_s_per_step": s["graph_host_seconds"] / s["graph_steps"] if s["graph_steps"] else None,
+        "graph_host_s_per_block": (s["graph_host_seconds"] / s["graph_steps"] / engine.cfg.num_moe_layers
+                                   if s["graph_steps"] else None),
         "decode_tokens_per_s_without_graphs": eager,
         # the resident path (gpu-only) counts no lookups: every expert is in a slot by construction
         "hit_rate": dec["expert_hits"] / used if used else (1.0 if s.get("resident_forwards") else None),

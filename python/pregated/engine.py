@@ -186,7 +186,7 @@ class Engine:
             self._graph_agrees: bool | None = None  # graph_step_agrees, once
             self._graph_steps: dict[tuple[int, int], GraphStep] = {}  # by (batch, cache length), oldest first
             self._counters = {"tokens": 0, "decode_seconds": 0.0, "prefill_tokens": 0, "prefill_seconds": 0.0,
-                              "graph_steps": 0}
+                              "graph_steps": 0, "graph_host_seconds": 0.0}
             self.eos_ids = set(cfg.eos_token_ids)
             eos_text = self.tokenizer.token_id(self.tokenizer.eos_token)
             if eos_text is not None:
@@ -497,8 +497,10 @@ class Engine:
                     if all(f is not None for f in finish) or step == params.max_new_tokens - 1:
                         break
                     if graph is not None:  # every row steps; a finished row's tokens are not read
+                        t_step = time.perf_counter()
                         logits = graph.step(nxt)
                         self._counters["graph_steps"] += 1
+                        self._counters["graph_host_seconds"] += time.perf_counter() - t_step  # launch, not run
                         continue
                     active = torch.tensor([f is None for f in finish])[:, None]
                     mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)

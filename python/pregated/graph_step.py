@@ -76,6 +76,8 @@ class GraphStep:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.mask = torch.ones(batch, length, dtype=torch.long, device=device)
+        # the host's tokens cross in pinned memory, without a synchronisation (CUDA only)
+        self.staging = torch.empty(batch, 1, dtype=torch.long, pin_memory=True) if device.startswith("cuda") else None
         self.logits: torch.Tensor | None = None  # [B, V] float32 of the last step (the graph's output)
         self.graph = None
         self.workspace = -1  # the runtime's resident workspace (bytes) the graph was captured with
@@ -135,8 +137,14 @@ class GraphStep:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B] (each row's new token, on any device) -> the logits of the next one [B, V]
-        float32, a buffer the next step overwrites."""
-        self.tokens.copy_(tokens.view(self.batch, 1))
+        float32, a buffer the next step overwrites. Tokens from the host go through pinned
+        memory: the copy does not wait for the device (the caller has read the last step's
+        output, so the staging buffer's previous copy is done)."""
+        tokens = tokens.view(self.batch, 1)
+        if self.staging is not None and tokens.device.type == "cpu":
+            self.staging.copy_(tokens)
+            tokens = self.staging
+        self.tokens.copy_(tokens, non_blocking=True)
         if self.graph is not None:
             self.graph.replay()
         else:
