@@ -156,3 +156,28 @@ def test_int4_moves_the_packed_bytes_of_the_same_copies(policy, int4_exact_folde
     assert bf16_one * 2 == dense_one
     want = bf16_one * (4 + 32 / 64) / 16
     assert abs(q_one / want - 1) < 0.05, f"an int4 copy moved {q_one} bytes, a bf16 one {bf16_one}: {q_one / bf16_one:.4f}"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_gpu_only_quantized_decode_takes_the_resident_path(fmt, mixtral_folder):
+    """gpu-only with quantized experts: decode blocks run on the resident path (no ids to the
+    host; on a GPU the graph step can capture them), prefill blocks through the general path
+    (more rows than the resident path takes for quantized experts); the tokens are the general
+    path's, and those of the graph step run uncaptured."""
+    prompts = [list(range(5, 45)), list(range(50, 60))]  # 2 x 40 x 2 prefill rows: the general path
+    with Engine(mixtral_folder, device="cpu", quiet=True, expert_dtype=fmt) as eng:
+        assert eng.policy == "gpu-only"
+        eng.eos_ids = set()
+        eng.reset_stats()
+        got = eng.generate(prompts, max_new_tokens=12)
+        s = eng.stats()
+        assert s["resident_forwards"] == 11 * eng.cfg.num_moe_layers, "every decode block on the resident path"
+        assert s["forwards"] == s["resident_forwards"] + eng.cfg.num_moe_layers, "the prefill on the general path"
+        eng.moe.score_pregate = True  # needs the routing on the host: the general path everywhere
+        want = eng.generate(prompts, max_new_tokens=12)
+        eng.moe.score_pregate = False
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        eng.graph_mode = "eager"
+        graphed = eng.generate(prompts, max_new_tokens=12)
+        assert eng.stats()["graph_steps"] == 11
+        assert [r.token_ids for r in graphed] == [r.token_ids for r in want]

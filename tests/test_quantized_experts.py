@@ -55,9 +55,9 @@ def quantized_runtime(weights, ffn, dtype, fmt, group, device="cpu", slots=None)
         for e, parts in enumerate(layer):
             d = {}
             for name, w in parts.items():
-                if name.endswith("_bias"):
-                    rt.set_expert(l, e, name, w)
-                    d[name] = w
+                if name.endswith("_bias"):  # biases stay in the model's dtype
+                    rt.set_expert(l, e, name, w.to(dtype))
+                    d[name] = w.to(dtype).float()
                     continue
                 codes, scale, zero = quantize(w.float(), spec)
                 rt.set_expert(l, e, name, pack(codes, spec.bits))

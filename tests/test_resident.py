@@ -66,6 +66,33 @@ def test_reserve_resident_grows_the_workspace_ahead(device):
         rt.reserve_resident(4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt,group", [("int8", 32), ("int4", 64), ("int4", 32), ("int3", 64), ("int2", 128)])
+@pytest.mark.parametrize("ffn,has_bias", [("gated_silu", False), ("gated_swiglu_oai", True)])
+def test_resident_forward_of_quantized_experts(device, dtype, fmt, group, ffn, has_bias):
+    """Quantized experts on the resident path (decode-sized blocks) against dequantize-then-matmul."""
+    from test_quantized_experts import quantized_runtime, tolerance
+
+    layers, E, H, I = 2, 8, 128, 64
+    weights = random_experts(layers, E, H, I, ffn, torch.float32, seed=4, has_bias=has_bias)
+    rt, deq = quantized_runtime(weights, ffn, dtype, fmt, group, device=device)
+    pin_all(rt, layers, E)
+    for T, K in ((1, 2), (3, 8), (8, 8)):
+        x = torch.randn(T, H).to(dtype)
+        ids, w = random_routing(T, K, E, seed=T * 10 + K)
+        out = rt.forward_resident(1, x.to(device), ids.to(device, torch.int32), w.to(device))
+        err = relative_error(out, moe_reference(deq[1], x, ids, w, ffn))
+        assert err < tolerance(dtype, fmt, device), f"T={T} K={K}: {err:.2e}"
+    assert rt.stats()["resident_forwards"] == 3
+    x = torch.randn(9, H).to(dtype)  # 72 rows: more than the resident path takes for quantized experts
+    ids, w = random_routing(9, 8, E, seed=5)
+    with pytest.raises(ValueError, match="72 .token, expert. rows of .* experts; the resident path takes up to 64"):
+        rt.forward_resident(1, x.to(device), ids.to(device, torch.int32), w.to(device))
+    rt.check()
+    rt.close()
+
+
 def test_resident_forward_refuses_what_it_cannot_run():
     weights = random_experts(1, 4, 16, 8, "gated_silu", torch.float32, seed=1)
     rt = make_runtime(weights, "gated_silu", torch.float32, slots=3)

@@ -438,6 +438,7 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("text"), "'8GiB', '512MB', '1.5G' or '123' -> bytes.");
   m.def("format_bytes", &format_bytes, py::arg("bytes"));
   m.attr("DEFAULT_GROUP_SIZE") = expert_spec{}.group_size;  // quantized experts' default group
+  m.attr("RESIDENT_QUANTIZED_ROWS_MAX") = resident_quantized_rows_max;
   m.def("cpu_kernel_isa", [] { return std::string(cpu_kernel_isa()); },
         "The instruction set of the CPU backend's decode kernels on this CPU: avx512, avx2 or portable.");
   m.def("cpu_threads", [] { return cpu_threads(); }, "Threads of the CPU backend's pool.");

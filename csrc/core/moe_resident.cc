@@ -57,9 +57,11 @@ status runtime::moe_forward_resident(const resident_args& a) {
                             std::to_string(m.cfg.num_experts) + ", got tokens=" + std::to_string(a.tokens) +
                             " top_k=" + std::to_string(a.top_k));
   }
-  if (m.cfg.spec.quantized()) {
-    return invalid_argument("moe_forward_resident: quantized experts (" +
-                            std::string(weight_format_name(m.cfg.spec.format)) + ") run through moe_forward");
+  if (m.cfg.spec.quantized() && a.tokens * a.top_k > resident_quantized_rows_max) {
+    return invalid_argument("moe_forward_resident: " + std::to_string(a.tokens * a.top_k) + " (token, expert) rows of " +
+                            std::string(weight_format_name(m.cfg.spec.format)) + " experts; the resident path takes up to " +
+                            std::to_string(resident_quantized_rows_max) + " (its kernels read an expert's codes per "
+                            "row): run larger blocks through moe_forward");
   }
   if (a.tokens == 0) return {};
   if (a.x == nullptr || a.out == nullptr || a.ids == nullptr || a.weights == nullptr) {

@@ -269,16 +269,19 @@ class cpu_backend final : public backend {
       groups.push_back({p, q - p, slab + static_cast<size_t>(slot) * slot_bytes});
       p = q;
     }
-    // One weight for every group: few-row groups in one pass, larger ones (prefill) alone.
-    auto project = [&](const uint8_t* a, int64_t lda, size_t part_offset, uint8_t* c, int64_t n, int64_t k) -> status {
+    // One weight for every group: dense few-row groups in one pass, larger ones (prefill) alone;
+    // quantized weights one group at a time (their kernels read the codes once for all its rows).
+    auto project = [&](const uint8_t* a, int64_t lda, int weight, uint8_t* c, int64_t n, int64_t k) -> status {
       std::vector<cpu::rows_item> items;
       for (const group& g : groups) {
         const uint8_t* a_g = a + static_cast<size_t>(g.start * lda) * esz;
         uint8_t* c_g = c + static_cast<size_t>(g.start * n) * esz;
-        if (g.m <= cpu::small_rows_max) {
-          items.push_back({g.m, a_g, lda, g.w + part_offset, c_g, n});
+        if (sp.quantized()) {
+          PREGATED_RETURN_IF_ERROR(cpu::gemm_nt_quantized(dt, g.m, n, k, a_g, lda, quantized_part(sp, g.w, weight), c_g, n));
+        } else if (g.m <= cpu::small_rows_max) {
+          items.push_back({g.m, a_g, lda, g.w + sp.part_offset(weight), c_g, n});
         } else {
-          PREGATED_RETURN_IF_ERROR(cpu::gemm_nt(dt, g.m, n, k, a_g, lda, g.w + part_offset, k, c_g, n));
+          PREGATED_RETURN_IF_ERROR(cpu::gemm_nt(dt, g.m, n, k, a_g, lda, g.w + sp.part_offset(weight), k, c_g, n));
         }
       }
       return cpu::gemm_nt_items(dt, items.data(), static_cast<int64_t>(items.size()), n, k);
@@ -291,7 +294,7 @@ class cpu_backend final : public backend {
       }
     }
     PREGATED_RETURN_IF_ERROR(activate(sp, act, R, U, stream));
-    PREGATED_RETURN_IF_ERROR(project(act, U, sp.part_offset(sp.down_part()), y, H, I));
+    PREGATED_RETURN_IF_ERROR(project(act, U, sp.down_part(), y, H, I));
     for (const group& g : groups) {
       if (sp.has_bias) {
         PREGATED_RETURN_IF_ERROR(add_bias(dt, y + static_cast<size_t>(g.start * H) * esz, g.m, H, H,

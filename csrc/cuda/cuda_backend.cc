@@ -270,6 +270,18 @@ class cuda_backend final : public backend {
     cudaStream_t s = as_stream(stream);
     PREGATED_CUDA_CHECK(cudaSetDevice(device_));
     PREGATED_CUDA_CHECK(cuda::launch_resident_tables(sp, slab, slot_bytes, slot_of, x, ids, R, top_k, act, y, t, s));
+    if (sp.quantized()) {  // t.w_up / t.w_down hold each row's codes of the two weights
+      const int down = sp.down_part();
+      PREGATED_CUDA_CHECK(cuda::launch_quantized_rows(dt, R, U, H, t.x, t.w_up, quantized_part(sp, nullptr, 0),
+                                                      const_cast<void* const*>(t.act), s));
+      if (sp.has_bias) PREGATED_CUDA_CHECK(cuda::launch_add_row_bias(dt, act, R, U, U, t.b_up, s));
+      PREGATED_CUDA_CHECK(cuda::launch_activate(sp, act, R, U, s));
+      PREGATED_CUDA_CHECK(cuda::launch_quantized_rows(dt, R, H, I, const_cast<const void* const*>(t.act), t.w_down,
+                                                      quantized_part(sp, nullptr, down), t.y, s));
+      if (sp.has_bias) PREGATED_CUDA_CHECK(cuda::launch_add_row_bias(dt, y, R, H, H, t.b_down, s));
+      PREGATED_CUDA_CHECK(cuda::launch_combine(dt, out, y, t.row_of, weights, tokens, top_k, H, s));
+      return {};
+    }
     cublasHandle_t h = nullptr;
     PREGATED_RETURN_IF_ERROR(handle(&h));
     PREGATED_CUBLAS_CHECK(cublasSetStream(h, s));

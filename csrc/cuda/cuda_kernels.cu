@@ -319,6 +319,28 @@ __global__ void quantized_gemv_kernel(int64_t m, int64_t k, const T* a, int64_t 
   }
 }
 
+// One block per (output j, row r): row r's weights are the expert block its pointer names.
+template <typename T>
+__global__ void quantized_rows_kernel(int64_t k, const void* const* a, const void* const* w, quantized_matrix b,
+                                      size_t scales_off, size_t zeros_off, void* const* c) {
+  const int64_t j = blockIdx.x, r = blockIdx.y;
+  b.codes = static_cast<const uint8_t*>(w[r]);
+  b.scales = reinterpret_cast<const uint16_t*>(b.codes + scales_off);
+  b.zeros = reinterpret_cast<const uint16_t*>(b.codes + zeros_off);
+  const T* x = static_cast<const T*>(a[r]);
+  float acc = 0;
+  for (int64_t t = threadIdx.x; t < k; t += blockDim.x) acc += to_f32(x[t]) * weight_at(b, j, t);
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
+  __shared__ float part[32];
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float v = 0;
+    for (int i = 0; i < static_cast<int>(blockDim.x >> 5); ++i) v += part[i];
+    static_cast<T*>(c[r])[j] = from_f32<T>(v);
+  }
+}
+
 template <typename T>
 __global__ void dequantize_kernel(quantized_matrix b, int64_t n, int64_t k, T* dst) {
   const int64_t total = n * k;
@@ -345,6 +367,31 @@ cudaError_t launch_quantized_gemv(dtype dt, int64_t m, int64_t n, int64_t k, con
     case dtype::dtype_bf16:
       quantized_gemv_kernel<__nv_bfloat16><<<static_cast<unsigned>(n), threads, 0, stream>>>(
           m, k, static_cast<const __nv_bfloat16*>(a), lda, b, static_cast<__nv_bfloat16*>(c), ldc);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_quantized_rows(dtype dt, int64_t rows, int64_t n, int64_t k, const void* const* a,
+                                  const void* const* w, const quantized_matrix& layout, void* const* c,
+                                  cudaStream_t stream) {
+  if (rows <= 0 || n <= 0) return cudaSuccess;
+  if (rows > 65535) return cudaErrorInvalidValue;  // the grid's second dimension
+  const int threads = 128;
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(rows));
+  // layout's pointers are offsets from the block's start; the codes' offset is w[r]'s
+  const size_t codes = reinterpret_cast<size_t>(layout.codes);
+  const size_t scales = reinterpret_cast<size_t>(layout.scales) - codes;
+  const size_t zeros = reinterpret_cast<size_t>(layout.zeros) - codes;
+  switch (dt) {
+    case dtype::dtype_f32:
+      quantized_rows_kernel<float><<<grid, threads, 0, stream>>>(k, a, w, layout, scales, zeros, c);
+      break;
+    case dtype::dtype_f16:
+      quantized_rows_kernel<__half><<<grid, threads, 0, stream>>>(k, a, w, layout, scales, zeros, c);
+      break;
+    case dtype::dtype_bf16:
+      quantized_rows_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(k, a, w, layout, scales, zeros, c);
       break;
   }
   return cudaGetLastError();

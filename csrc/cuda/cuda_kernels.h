@@ -43,6 +43,12 @@ cudaError_t launch_resident_tables(const expert_spec& sp, const uint8_t* slab, s
 // C[m, n] = A[m, k] * dequantize(B)[n, k]^T for m <= 8 (one block per row of B, codes read once).
 cudaError_t launch_quantized_gemv(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
                                   const quantized_matrix& b, void* c, int64_t ldc, cudaStream_t stream);
+// The resident path's quantized GEMVs: for every row r, c_r[n] = a_r[k] * dequantize(B_r)[n, k]^T,
+// where B_r is `layout` (a weight's view of an expert block at address 0, from quantized_part)
+// moved to the block whose codes start at w[r]; a, w and c are device arrays of R pointers.
+cudaError_t launch_quantized_rows(dtype dt, int64_t rows, int64_t n, int64_t k, const void* const* a,
+                                  const void* const* w, const quantized_matrix& layout, void* const* c,
+                                  cudaStream_t stream);
 // dst[n, k] (dt) = dequantize(B).
 cudaError_t launch_dequantize(dtype dt, const quantized_matrix& b, int64_t n, int64_t k, void* dst,
                               cudaStream_t stream);

@@ -540,7 +540,7 @@ class Engine:
         """The graph step for `batch` sequences of up to `tokens` tokens where this decode can take
         it (graph_step.py): the resident path, no timeline traced, a model the check agrees with;
         else None (the model's forward with a growing cache)."""
-        if (self.graph_mode is None or not self.moe.resident() or self.tp is not None
+        if (self.graph_mode is None or not self.moe.resident(batch) or self.tp is not None
                 or self._trace_step is not None or self.cfg.is_encoder_decoder):
             return None
         if self._graph_agrees is None:

@@ -181,14 +181,17 @@ class MoEExecutor:
         self.host_seconds[m] += time.perf_counter() - t
         return out
 
-    def resident(self) -> bool:
+    def resident(self, tokens: int = 1) -> bool:
         """Every expert is pinned in a slot (gpu-only) and nothing needs the routing on the host
-        (exact routing, no pre-gate scoring, no recording): the block runs on the device alone."""
+        (exact routing, no pre-gate scoring, no recording): a block of `tokens` tokens runs on
+        the device alone. Quantized experts take it for decode-sized blocks only (up to
+        _core.RESIDENT_QUANTIZED_ROWS_MAX token-expert rows); larger ones take the general path."""
         return (self.policy == "gpu-only" and self.routing == "exact" and not self.score_pregate
-                and self.recorder is None and self.cfg.expert_format == "dense" and self.ep is None)
+                and self.recorder is None and self.ep is None
+                and (self.cfg.expert_format == "dense" or tokens * self.cfg.top_k <= _core.RESIDENT_QUANTIZED_ROWS_MAX))
 
     def _block(self, m: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.resident():
+        if self.resident(x.shape[0] if self.rows is None else len(self.rows)):
             rows = self.rows
             xs, ids, weights = (x, ids, weights) if rows is None else (x[rows], ids[rows], weights[rows])
             out = run_experts_resident(

@@ -67,6 +67,11 @@ struct moe_args {
   int32_t num_next = 0;
 };
 
+// Quantized experts take the resident path for blocks of up to this many (token, expert) rows
+// (decode): its kernels dequantize an expert's codes once per row, where the general path's
+// GEMMs for prefill read them once per expert.
+constexpr int64_t resident_quantized_rows_max = 64;
+
 // One MoE block on the resident path (runtime::moe_forward_resident): everything in device memory.
 struct resident_args {
   int32_t layer = 0;
