@@ -3,7 +3,7 @@
 # backend required, run the GPU-marked tests, run the standard benchmark suite, and keep what
 # they measured.
 #
-#   scripts/gpu-check.sh [--results DIR] [--skip-tests] [--skip-bench] [--quick | --only 0,2]
+#   scripts/gpu-check.sh [--results DIR] [--skip-tests] [--skip-bench] [--quick | --only 0,2] [--sanitize]
 #   scripts/gpu-check.sh --dry-run --results DIR     the suite's steps on the CPU, tiny shapes
 #
 # The whole suite allows itself 16 minutes, more than one device call (10) and than a lease of 15
@@ -11,6 +11,9 @@
 # (the headline ratios: pregated.suite's QUICK_SUITE, at most 9 minutes) while the machine is
 # warm; the build folder (build/gpu) is kept between calls, so the second build only relinks. With
 # more time, `--skip-tests --only 0,1` and `--only 2,3` split the whole suite over two calls.
+#
+# --sanitize also runs the runtime's GPU tests (test_runtime_gpu.py, test_resident.py) under
+# compute-sanitizer's memcheck and racecheck (logs: sanitize-*.log); expect it to take minutes.
 #
 # Needs the GPU image's build tools (cmake, ninja, nvcc, pybind11, scikit-build-core, torch).
 # scipy-openblas32 is installed from .whl/ when the machine lacks it (no index is reached).
@@ -25,6 +28,7 @@ DRY=0
 TESTS=1
 BENCH=1
 SUITE_ARGS=()
+SANITIZE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --results) RESULTS=$2; shift 2 ;;
@@ -33,7 +37,8 @@ while [ $# -gt 0 ]; do
     --skip-bench) BENCH=0; shift ;;
     --quick) SUITE_ARGS+=(--quick); shift ;;
     --only) SUITE_ARGS+=(--only "$2"); shift 2 ;;
-    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
+    --sanitize) SANITIZE=1; shift ;;
+    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -78,6 +83,24 @@ if [ "$TESTS" = 1 ]; then
   (cd tests && "$PY" -m pytest -m gpu -v -rs -s -p no:cacheprovider .) 2>&1 | tee "$RESULTS/gpu-tests.log"
   status=${PIPESTATUS[0]}
   set -e
+fi
+if [ "$SANITIZE" = 1 ]; then
+  step "compute-sanitizer on the runtime's GPU tests"
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  if [ -x "$SAN" ]; then
+    for tool in memcheck racecheck; do
+      set +e
+      (cd tests && "$SAN" --tool "$tool" --error-exitcode 3 --target-processes all \
+        "$PY" -m pytest -m gpu -q -p no:cacheprovider test_runtime_gpu.py test_resident.py) 2>&1 \
+        | tee "$RESULTS/sanitize-$tool.log"
+      san_status=${PIPESTATUS[0]}
+      set -e
+      [ "$san_status" = 0 ] || status=$san_status
+    done
+  else
+    echo "gpu-check: compute-sanitizer not found (looked on PATH and in /usr/local/cuda/bin): skipped" \
+      | tee "$RESULTS/sanitize-skipped.log"
+  fi
 fi
 if [ "$BENCH" = 1 ]; then
   step "benchmark suite"
