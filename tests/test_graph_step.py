@@ -214,3 +214,23 @@ def test_graph_step_reads_nothing_from_the_device(mixtral_folder, monkeypatch):
             step.step(nxt)
         assert probe.seen == [], f"the step reads device values on the host: {probe.seen}"
         assert eng.stats()["resident_forwards"] == before + 2 * eng.cfg.num_moe_layers  # the experts did run
+
+
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_graph_step_reserves_the_resident_rows_it_will_run(fmt, mixtral_folder):
+    """Before a capture the workspace is reserved for the prefill's rows where the prefill takes
+    the resident path (dense experts), else for the decode's (quantized experts: their prefill
+    takes the general path), so a large prompt does not hold a prefill-sized workspace for nothing."""
+    def workspace_bytes(rows: int) -> int:  # runtime.cc's resident_workspace_bytes
+        up = lambda n: -(-n // 256) * 256  # noqa: E731
+        H, U, esz = eng.layout.hidden, 2 * eng.layout.intermediate, 4
+        return up(rows * U * esz) + up(rows * H * esz) + up(rows * 8 * 8) + up(rows * 4)
+
+    with Engine(mixtral_folder, device="cpu", quiet=True, expert_dtype=fmt) as eng, torch.inference_mode():
+        assert eng.stats()["resident_workspace_bytes"] == 0
+        step = GraphStep(eng._forward, eng.model.config, eng.runtime, eng.cfg.top_k, 2, 128, "cpu", capture=False,
+                         resident=eng.moe.resident)
+        tokens, valid = eng._padded([list(range(5, 65)), list(range(70, 100))])
+        step.prefill(tokens, valid)
+        rows = 2 * 60 * eng.cfg.top_k if fmt is None else 2 * eng.cfg.top_k
+        assert eng.stats()["resident_workspace_bytes"] == workspace_bytes(rows)

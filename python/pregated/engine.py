@@ -551,7 +551,7 @@ class Engine:
         step = self._graph_steps.pop(key, None)
         if step is None:
             step = GraphStep(self._forward, self.model.config, self.runtime, self.cfg.top_k, *key, self.device,
-                             capture=self.graph_mode == "graph")
+                             capture=self.graph_mode == "graph", resident=self.moe.resident)
         self._graph_steps[key] = step  # the most recent last
         while len(self._graph_steps) > KEPT_GRAPHS:
             self._graph_steps.pop(next(iter(self._graph_steps)))

@@ -65,12 +65,14 @@ def plain_static_layers(cache) -> bool:
 class GraphStep:
     """The static cache and buffers of one decode step for `batch` sequences of up to `length`
     tokens. `forward(tokens, mask, positions, cache, active)` is the engine's forward, returning
-    (logits [B, 1, V], cache); `top_k` the experts per token (for the workspace's rows)."""
+    (logits [B, 1, V], cache); `top_k` the experts per token and `resident(tokens)` whether a
+    block of that many tokens takes the resident path (the workspace's rows)."""
 
-    def __init__(self, forward, config, runtime, top_k: int, batch: int, length: int, device: str, capture: bool):
+    def __init__(self, forward, config, runtime, top_k: int, batch: int, length: int, device: str, capture: bool,
+                 resident=lambda tokens: True):
         from transformers.cache_utils import StaticCache
 
-        self.forward, self.runtime, self.top_k = forward, runtime, top_k
+        self.forward, self.runtime, self.top_k, self.resident = forward, runtime, top_k, resident
         self.batch, self.length, self.device, self.capture = batch, length, device, capture
         self.cache = StaticCache(config=config, max_cache_len=length)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -118,8 +120,9 @@ class GraphStep:
         if B != self.batch or L >= self.length:
             raise ValueError(f"graph step for {self.batch} sequences of up to {self.length} tokens got a prefill "
                              f"of {B} x {L}")
+        # the prefill's rows where it takes the resident path too (quantized experts: decode only)
+        workspace = self.runtime.reserve_resident((B * L if self.resident(B * L) else B) * self.top_k)
         if self.capture:
-            workspace = self.runtime.reserve_resident(B * L * self.top_k)
             if self.graph is None or workspace != self.workspace:
                 self._reset()
                 try:
