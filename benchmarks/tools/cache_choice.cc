@@ -33,7 +33,7 @@ int main(int argc, char** argv) {
     }
     s = c.choose_slot(false);
     c.assign(s, key);
-    c.slot(s).state = slot_state::slot_state_ready;
+    c.set_state(s, slot_state::slot_state_ready);
     c.touch(s);
     return true;
   };

@@ -69,7 +69,7 @@ void runtime::impl::copy_loop() {
         ls.bytes_h2d += static_cast<int64_t>(slot_bytes);
         slot_info& now = cache.slot(r.slot);
         if (now.generation == r.generation) {
-          now.state = caps.async_copy ? slot_state::slot_state_issued : slot_state::slot_state_ready;
+          cache.set_state(r.slot, caps.async_copy ? slot_state::slot_state_issued : slot_state::slot_state_ready);
           cache.changed();
         }
         if (caps.async_copy) in_flight.push_back(r);
@@ -93,7 +93,7 @@ void runtime::impl::copy_loop() {
       } else {
         slot_info& s = cache.slot(f.slot);
         if (s.generation == f.generation && s.state == slot_state::slot_state_issued) {
-          s.state = slot_state::slot_state_ready;
+          cache.set_state(f.slot, slot_state::slot_state_ready);
           cache.changed();
         }
       }

@@ -30,6 +30,7 @@ status expert_cache::init(int32_t num_slots, int32_t num_layers, int32_t num_exp
   for (int32_t i = 0; i < num_slots; ++i) empty_.insert(empty_.end(), i);
   order_.clear();
   pinned_ = 0;
+  loading_ = 0;
   return {};
 }
 
@@ -71,10 +72,15 @@ int32_t expert_cache::choose_slot(bool for_prefetch) const {
   return fallback;
 }
 
+namespace {
+bool loading(slot_state st) { return st == slot_state::slot_state_queued || st == slot_state::slot_state_issued; }
+}  // namespace
+
 bool expert_cache::unbind(slot_info& s) {
   const bool bound = s.state != slot_state::slot_state_empty;
   if (bound) slot_of_[index(s.key)] = -1;
   pinned_ -= s.pinned ? 1 : 0;
+  loading_ -= loading(s.state) ? 1 : 0;
   const uint64_t gen = s.generation + 1;
   s = slot_info{};
   s.generation = gen;
@@ -88,6 +94,7 @@ bool expert_cache::assign(int32_t slot, expert_key key) {
     evicted = unbind(s);
     s.key = key;
     s.state = slot_state::slot_state_queued;
+    ++loading_;
     s.last_use = ++clock_;
     slot_of_[index(key)] = slot;
   });
@@ -100,6 +107,13 @@ void expert_cache::set_pinned(int32_t slot, bool pinned) {
   if (now.pinned == pinned || now.state == slot_state::slot_state_empty) return;
   update(slot, [&](slot_info& s) { s.pinned = pinned; });
   pinned_ += pinned ? 1 : -1;
+}
+
+void expert_cache::set_state(int32_t slot, slot_state state) {
+  slot_info& s = slots_[static_cast<size_t>(slot)];
+  if (s.state == slot_state::slot_state_empty || state == slot_state::slot_state_empty) return;  // clear() empties
+  loading_ += (loading(state) ? 1 : 0) - (loading(s.state) ? 1 : 0);
+  s.state = state;
 }
 
 void expert_cache::clear(int32_t slot) {
@@ -140,12 +154,13 @@ bool expert_cache::layer_resident(int32_t layer) const {
 
 std::string expert_cache::check_order() const {
   std::string problems;
-  int32_t pinned = 0;
+  int32_t pinned = 0, loads = 0;
   size_t listed_slots = 0, empty_slots = 0;
   for (int32_t i = 0; i < num_slots(); ++i) {
     const slot_info& s = slots_[static_cast<size_t>(i)];
     const std::string who = "slot " + std::to_string(i) + ": ";
     pinned += s.pinned ? 1 : 0;
+    loads += loading(s.state) ? 1 : 0;
     const bool empty = s.state == slot_state::slot_state_empty;
     empty_slots += empty ? 1 : 0;
     if (empty != (empty_.count(i) != 0)) {
@@ -166,6 +181,7 @@ std::string expert_cache::check_order() const {
   count("slots in the eviction order", order_.size(), listed_slots);
   count("empty slots", empty_.size(), empty_slots);
   count("pinned slots", static_cast<size_t>(pinned_), static_cast<size_t>(pinned));
+  count("slots loading", static_cast<size_t>(loading_), static_cast<size_t>(loads));
   return problems;
 }
 

@@ -173,12 +173,7 @@ void runtime::impl::drop_hot() {
 }
 
 double runtime::impl::link_backlog() const {
-  int64_t copies = 0;
-  for (int32_t i = 0; i < cache.num_slots(); ++i) {
-    const slot_state st = cache.slot(i).state;
-    copies += st == slot_state::slot_state_queued || st == slot_state::slot_state_issued ? 1 : 0;
-  }
-  return static_cast<double>(copies) * costs.copy_seconds(static_cast<int64_t>(slot_bytes));
+  return static_cast<double>(cache.loading_count()) * costs.copy_seconds(static_cast<int64_t>(slot_bytes));
 }
 
 int32_t runtime::impl::prefetch_allowance(int32_t wanted) const {

@@ -13,7 +13,7 @@ void fill(expert_cache& c, int n) {
   for (int e = 0; e < n; ++e) {
     const int32_t s = c.choose_slot(false);
     c.assign(s, {0, e});
-    c.slot(s).state = slot_state::slot_state_ready;
+    c.set_state(s, slot_state::slot_state_ready);
   }
 }
 
@@ -69,7 +69,7 @@ TEST(cache_prefetch_does_not_displace_loads_or_unused_prefetches) {
   c.assign(c.choose_slot(true), {0, 0});  // queued
   const int32_t s1 = c.choose_slot(true);
   c.assign(s1, {0, 1});
-  c.slot(s1).state = slot_state::slot_state_ready;
+  c.set_state(s1, slot_state::slot_state_ready);
   c.slot(s1).prefetched = true;
   CHECK(c.choose_slot(true) == -1);   // one loading, one unused prefetch
   CHECK(c.choose_slot(false) >= 0);   // a demand load may take one of them
@@ -132,12 +132,17 @@ TEST(cache_choice_agrees_with_a_scan_over_every_slot) {
         case 3: if (bound) c.refresh(i); break;
         case 4: if (bound) c.set_pinned(i, !s.pinned); break;
         case 5: if (bound) s.refs = s.refs > 0 ? s.refs - 1 : static_cast<int32_t>(rng() % 2); break;
-        case 6: if (bound) s.state = s.state == slot_state::slot_state_ready ? slot_state::slot_state_issued
-                                                                             : slot_state::slot_state_ready; break;
+        case 6: {
+          const bool ready = s.state == slot_state::slot_state_ready;
+          if (bound) c.set_state(i, ready ? slot_state::slot_state_issued : slot_state::slot_state_ready);
+          break;
+        }
         case 7: if (bound) s.prefetched = !s.prefetched; break;
         case 8: if (bound && s.refs == 0 && rng() % 4 == 0) c.clear(i); break;
       }
-      for (bool for_prefetch : {true, false}) mismatches += c.choose_slot(for_prefetch) != scanned_choice(c, for_prefetch);
+      for (bool for_prefetch : {true, false}) {
+        mismatches += c.choose_slot(for_prefetch) != scanned_choice(c, for_prefetch);
+      }
       CHECK(c.check_order().empty());
     }
     CHECK(mismatches == 0);

@@ -6,7 +6,8 @@
 // LFU: uses, then last use). A victim is the first of that order that no forward holds, and that
 // is not loading or an unused prefetch (those only for a demand load, as a last resort). So what
 // a slot's order depends on (its last use, its expert's uses, whether it is pinned or bound) is
-// changed through this class only; its refs and copy state may be written directly.
+// changed through this class only (and its copy state, which the count of loads follows); its
+// refs and flags may be written directly.
 #pragma once
 
 #include <cstdint>
@@ -71,6 +72,10 @@ class expert_cache {
 
   uint64_t frequency(expert_key key) const { return freq_[index(key)]; }
   int32_t pinned_count() const { return pinned_; }
+  // Move a bound slot's copy along (queued -> issued -> ready); what counts the loads.
+  void set_state(int32_t slot, slot_state state);
+  // Slots whose copy is queued or issued (not ready yet).
+  int32_t loading_count() const { return loading_; }
 
   // Bumped whenever which expert a slot holds, or whether its copy is done, may have changed:
   // the device slot table is rebuilt when it differs from the version it was built at.
@@ -101,7 +106,7 @@ class expert_cache {
   };
   order_key key_of(int32_t slot) const;
   bool listed(const slot_info& s) const { return s.state != slot_state::slot_state_empty && !s.pinned; }
-  // Empties the slot (a new generation) and forgets its binding and pin; whether it was bound.
+  // Empties the slot (a new generation) and forgets its binding, pin and load; whether it was bound.
   bool unbind(slot_info& s);
   // Applies `change` to the slot and moves it to its new place in the eviction order (in, out).
   template <class Change>
@@ -118,6 +123,7 @@ class expert_cache {
   std::set<int32_t> empty_;     // empty slots
   std::set<order_key> order_;   // bound, unpinned slots, the next victim first
   int32_t pinned_ = 0;
+  int32_t loading_ = 0;  // slots queued or issued
 };
 
 }  // namespace pregated
