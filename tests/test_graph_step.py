@@ -234,3 +234,39 @@ def test_graph_step_reserves_the_resident_rows_it_will_run(fmt, mixtral_folder):
         step.prefill(tokens, valid)
         rows = 2 * 60 * eng.cfg.top_k if fmt is None else 2 * eng.cfg.top_k
         assert eng.stats()["resident_workspace_bytes"] == workspace_bytes(rows)
+
+
+class FakeGraph:
+    """Stands in for a captured graph on the CPU: replay() runs the step, or (wrong=True) the
+    step with its logits changed, as a capture that recorded the wrong thing would."""
+
+    def __init__(self, step: GraphStep, wrong: bool):
+        self.step, self.wrong = step, wrong
+
+    def replay(self):
+        self.step._step()
+        if self.wrong:
+            self.step.logits = self.step.logits + 1.0
+
+
+@pytest.mark.parametrize("how", ["no-cuda", "faithful", "wrong"])
+def test_a_capture_is_checked_and_a_failed_one_decodes_eagerly(how, mixtral_folder, monkeypatch):
+    """graph_mode "graph" on the CPU: the real capture fails (no CUDA), a stand-in graph that
+    replays the step passes the replay check and decodes, and one whose replay differs from the
+    eager step is refused: a warning, graphs off for the engine, the same tokens either way."""
+    if how != "no-cuda":
+        monkeypatch.setattr(GraphStep, "_capture",
+                            lambda self: (setattr(self, "graph", FakeGraph(self, how == "wrong")), self._reset()))
+    with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
+        eng.eos_ids = set()
+        want, _ = _generate(eng, None, PROMPTS, max_new_tokens=8, temperature=1.0, seed=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got, steps = _generate(eng, "graph", PROMPTS, max_new_tokens=8, temperature=1.0, seed=2)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        failed = [w for w in caught if "could not be captured as a CUDA graph" in str(w.message)]
+        if how == "faithful":
+            assert steps == 7 and not failed and eng.graph_mode == "graph"
+        else:
+            assert steps == 0 and len(failed) == 1 and eng.graph_mode is None and eng._graph_steps == {}
+            assert ("differs from the step run eagerly" in str(failed[0].message)) == (how == "wrong")

@@ -81,11 +81,13 @@ class GraphStep:
         # the host's tokens cross in pinned memory, without a synchronisation (CUDA only)
         self.staging = torch.empty(batch, 1, dtype=torch.long, pin_memory=True) if device.startswith("cuda") else None
         self.logits: torch.Tensor | None = None  # [B, V] float32 of the last step (the graph's output)
+        self.logits_dtype = torch.float32  # the model's logits before the cast (the check's tolerance)
         self.graph = None
         self.workspace = -1  # the runtime's resident workspace (bytes) the graph was captured with
 
     def _step(self) -> None:
         logits, _ = self.forward(self.tokens, self.mask, self.positions, self.cache, None)  # every row
+        self.logits_dtype = logits.dtype
         self.logits = logits[:, -1].float()
         self.positions.add_(1)
 
@@ -113,6 +115,24 @@ class GraphStep:
         self.graph = graph
         self._reset()
 
+    def _check_replay(self) -> None:
+        """The graph's first replay against the same step run eagerly, both from the reset state
+        (a step of token 0 at position 0): a capture that recorded something other than the step
+        fails here, before any user's tokens go through it."""
+        from .cpu_fused import _tolerance
+
+        self._reset()
+        self._step()
+        want = self.logits.clone()
+        self._reset()
+        self.graph.replay()
+        got = self.logits
+        self._reset()
+        tol = _tolerance(self.logits_dtype)
+        if got is None or got.shape != want.shape or not torch.allclose(
+                got, want, rtol=tol, atol=tol * max(want.abs().max().item(), 1e-6)):
+            raise RuntimeError("the graph's replay differs from the step run eagerly")
+
     def prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """tokens [B, L] on the device, valid [B, L] bool on the host (False: left padding) ->
         the logits of each row's last token [B, V] float32; the cache then holds the prompts."""
@@ -127,6 +147,7 @@ class GraphStep:
                 self._reset()
                 try:
                     self._capture()
+                    self._check_replay()
                 except Exception as e:
                     self.graph = None
                     raise CaptureFailed(f"{type(e).__name__}: {e}") from e
