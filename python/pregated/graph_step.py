@@ -11,9 +11,12 @@ tokens in and reads the logits out: the one synchronisation of a step is reading
 
 The mask holds ones past the prompt: the causal mask keeps a row from the cache slots not written
 yet, so nothing in it changes while decoding. Prefill runs eagerly into the same cache. Before a
-capture the runtime's resident workspace is reserved for the prefill's rows, so that neither the
-prefill nor a step allocates; a later, larger block grows it at a new address, and the graph is
-captured again before it is replayed (`stats()["resident_workspace_bytes"]`).
+capture the runtime's resident workspace is reserved for the prefill's rows (where the prefill
+takes the resident path; quantized experts' prefill does not), so that neither the prefill nor a
+step allocates; a later, larger block grows it at a new address, and the graph is captured again
+before it is replayed (`stats()["resident_workspace_bytes"]`). A capture's first replay is
+compared with the same step run eagerly; a capture that fails or differs raises CaptureFailed,
+and the engine then decodes eagerly.
 
 Used where the policy allows it and where a check agrees: the engine's own decode against this
 one (experts stubbed) for two padded sequences, and every layer of the static cache a plain
