@@ -11,7 +11,7 @@ import torch
 from pregated.engine import Engine
 from pregated.graph_step import CACHE_ROUND, KEPT_GRAPHS, GraphStep, cache_length, graph_step_wanted
 
-from test_engine_parity import reference_greedy
+from test_engine_parity import FAMILIES, reference_greedy
 from tiny_models import reference_model
 
 # families whose static cache is all plain layers (the step's condition), MLA and shared experts among them
@@ -270,3 +270,16 @@ def test_a_capture_is_checked_and_a_failed_one_decodes_eagerly(how, mixtral_fold
         else:
             assert steps == 0 and len(failed) == 1 and eng.graph_mode is None and eng._graph_steps == {}
             assert ("differs from the step run eagerly" in str(failed[0].message)) == (how == "wrong")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_decodes_alike_with_or_without_the_graph_step(family, checkpoint_factory):
+    """Every family the engine runs: where the check lets the graph step in, its tokens are the
+    eager decode's; where it does not, the decode is the eager one. On a GPU this is the default
+    decode of gpu-only for every family that takes it."""
+    with Engine(checkpoint_factory(family), device="cpu", quiet=True) as eng:
+        eng.eos_ids = set()
+        want, _ = _generate(eng, None, PROMPTS, max_new_tokens=6, temperature=1.0, seed=1)
+        got, steps = _generate(eng, "eager", PROMPTS, max_new_tokens=6, temperature=1.0, seed=1)
+        assert steps == (5 if eng._graph_agrees else 0)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
