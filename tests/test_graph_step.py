@@ -59,8 +59,8 @@ def test_graph_step_logits_follow_the_model(checkpoint_factory):
     (a prefill each time), with real experts, for a padded batch."""
     with Engine(checkpoint_factory("qwen3_moe"), device="cpu", quiet=True) as eng, torch.inference_mode():
         step = GraphStep(eng._forward, eng.model.config, eng.runtime, eng.cfg.top_k, 2, 64, "cpu", capture=False)
-        tokens, valid = eng._padded(PROMPTS)
-        logits = step.prefill(tokens, valid)
+        tokens, valid, positions = eng._padded(PROMPTS)
+        logits = step.prefill(tokens, valid, positions)
         seqs = [list(p) for p in PROMPTS]
         for n in range(4):
             for b, seq in enumerate(seqs):
@@ -133,9 +133,9 @@ def test_cache_length_and_switch(monkeypatch):
 def test_a_prefill_longer_than_the_step_is_refused(mixtral_folder):
     with Engine(mixtral_folder, device="cpu", quiet=True) as eng:
         step = GraphStep(eng._forward, eng.model.config, eng.runtime, eng.cfg.top_k, 1, 8, "cpu", capture=False)
-        tokens, valid = eng._padded([list(range(5, 15))])
+        tokens, valid, positions = eng._padded([list(range(5, 15))])
         with pytest.raises(ValueError, match="up to 8 tokens got a prefill of 1 x 10"):
-            step.prefill(tokens, valid)
+            step.prefill(tokens, valid, positions)
 
 
 @pytest.mark.gpu
@@ -201,8 +201,8 @@ def test_graph_step_reads_nothing_from_the_device(mixtral_folder, monkeypatch):
     PyTorch ops; the resident op asks the host nothing by construction (test_resident)."""
     with Engine(mixtral_folder, device="cpu", quiet=True) as eng, torch.inference_mode():
         step = GraphStep(eng._forward, eng.model.config, eng.runtime, eng.cfg.top_k, 2, 64, "cpu", capture=False)
-        tokens, valid = eng._padded(PROMPTS)
-        step.prefill(tokens, valid)
+        tokens, valid, positions = eng._padded(PROMPTS)
+        step.prefill(tokens, valid, positions)
         nxt = torch.tensor([3, 4])
         with HostReads() as probe:  # the detector sees what it should
             torch.ones(2).sum().item()
@@ -230,8 +230,8 @@ def test_graph_step_reserves_the_resident_rows_it_will_run(fmt, mixtral_folder):
         assert eng.stats()["resident_workspace_bytes"] == 0
         step = GraphStep(eng._forward, eng.model.config, eng.runtime, eng.cfg.top_k, 2, 128, "cpu", capture=False,
                          resident=eng.moe.resident)
-        tokens, valid = eng._padded([list(range(5, 65)), list(range(70, 100))])
-        step.prefill(tokens, valid)
+        tokens, valid, positions = eng._padded([list(range(5, 65)), list(range(70, 100))])
+        step.prefill(tokens, valid, positions)
         rows = 2 * 60 * eng.cfg.top_k if fmt is None else 2 * eng.cfg.top_k
         assert eng.stats()["resident_workspace_bytes"] == workspace_bytes(rows)
 

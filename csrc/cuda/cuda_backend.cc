@@ -253,7 +253,8 @@ class cuda_backend final : public backend {
                              const float* weights, int64_t tokens, int64_t top_k, void* out,
                              void* ws, void* stream) override {
     // Tables of pointers filled on the device from the ids and the slot table, then one batched
-    // GEMM per projection over every (token, expert) row: no host round trip, no allocation.
+    // GEMM (quantized: dequantize-GEMV) per projection over every (token, expert) row: no host
+    // round trip, no allocation.
     const int64_t R = tokens * top_k;
     if (R == 0) return {};
     const dtype dt = sp.dt;
@@ -270,35 +271,32 @@ class cuda_backend final : public backend {
     cudaStream_t s = as_stream(stream);
     PREGATED_CUDA_CHECK(cudaSetDevice(device_));
     PREGATED_CUDA_CHECK(cuda::launch_resident_tables(sp, slab, slot_bytes, slot_of, x, ids, R, top_k, act, y, t, s));
-    if (sp.quantized()) {  // t.w_up / t.w_down hold each row's codes of the two weights
-      const int down = sp.down_part();
-      PREGATED_CUDA_CHECK(cuda::launch_quantized_rows(dt, R, U, H, t.x, t.w_up, quantized_part(sp, nullptr, 0),
-                                                      const_cast<void* const*>(t.act), s));
-      if (sp.has_bias) PREGATED_CUDA_CHECK(cuda::launch_add_row_bias(dt, act, R, U, U, t.b_up, s));
-      PREGATED_CUDA_CHECK(cuda::launch_activate(sp, act, R, U, s));
-      PREGATED_CUDA_CHECK(cuda::launch_quantized_rows(dt, R, H, I, const_cast<const void* const*>(t.act), t.w_down,
-                                                      quantized_part(sp, nullptr, down), t.y, s));
-      if (sp.has_bias) PREGATED_CUDA_CHECK(cuda::launch_add_row_bias(dt, y, R, H, H, t.b_down, s));
-      PREGATED_CUDA_CHECK(cuda::launch_combine(dt, out, y, t.row_of, weights, tokens, top_k, H, s));
-      return {};
-    }
     cublasHandle_t h = nullptr;
-    PREGATED_RETURN_IF_ERROR(handle(&h));
-    PREGATED_CUBLAS_CHECK(cublasSetStream(h, s));
+    if (!sp.quantized()) {
+      PREGATED_RETURN_IF_ERROR(handle(&h));
+      PREGATED_CUBLAS_CHECK(cublasSetStream(h, s));
+    }
     const float alpha = 1.0f, beta = 0.0f;
     const cudaDataType_t ct = cuda_type(dt);
-    // Row r: act_r[1, U] = x_r[1, H] W_up_r[U, H]^T; column-major: act^T[U, 1] = op_T(W) x^T.
-    PREGATED_CUBLAS_CHECK(cublasGemmBatchedEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(U), 1,
-                                              static_cast<int>(H), &alpha, t.w_up, ct, static_cast<int>(H), t.x, ct,
-                                              static_cast<int>(H), &beta, t.act, ct, static_cast<int>(U),
-                                              static_cast<int>(R), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    // Row r: c_r[1, n] = a_r[1, k] W_r[n, k]^T, W_r weight `weight` of row r's expert at w[r];
+    // column-major for cuBLAS: c^T[n, 1] = op_T(W) a^T. Quantized weights (w[r]: their codes):
+    // one dequantize-GEMV over every row.
+    auto project = [&](int weight, int64_t n, int64_t k, const void* const* a, int64_t lda, const void* const* w,
+                       void* const* c) -> status {
+      if (sp.quantized()) {
+        PREGATED_CUDA_CHECK(cuda::launch_quantized_rows(dt, R, n, k, a, w, quantized_part(sp, nullptr, weight), c, s));
+        return {};
+      }
+      PREGATED_CUBLAS_CHECK(cublasGemmBatchedEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), 1,
+                                                static_cast<int>(k), &alpha, w, ct, static_cast<int>(k), a, ct,
+                                                static_cast<int>(lda), &beta, c, ct, static_cast<int>(n),
+                                                static_cast<int>(R), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      return {};
+    };
+    PREGATED_RETURN_IF_ERROR(project(0, U, H, t.x, H, t.w_up, t.act));
     if (sp.has_bias) PREGATED_CUDA_CHECK(cuda::launch_add_row_bias(dt, act, R, U, U, t.b_up, s));
     PREGATED_CUDA_CHECK(cuda::launch_activate(sp, act, R, U, s));
-    PREGATED_CUBLAS_CHECK(cublasGemmBatchedEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), 1,
-                                              static_cast<int>(I), &alpha, t.w_down, ct, static_cast<int>(I),
-                                              const_cast<const void**>(t.act), ct, static_cast<int>(U), &beta, t.y,
-                                              ct, static_cast<int>(H), static_cast<int>(R), CUBLAS_COMPUTE_32F,
-                                              CUBLAS_GEMM_DEFAULT));
+    PREGATED_RETURN_IF_ERROR(project(sp.down_part(), H, I, t.act, U, t.w_down, t.y));
     if (sp.has_bias) PREGATED_CUDA_CHECK(cuda::launch_add_row_bias(dt, y, R, H, H, t.b_down, s));
     PREGATED_CUDA_CHECK(cuda::launch_combine(dt, out, y, t.row_of, weights, tokens, top_k, H, s));
     return {};

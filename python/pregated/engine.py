@@ -326,21 +326,21 @@ class Engine:
             grow_in_place(cache)  # later steps append in place
         return out.logits, cache
 
-    def _padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompts left-padded into one batch: tokens [B, L] and valid [B, L] bool (on the host)."""
+    def _padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompts left-padded into one batch, on the host: tokens [B, L], valid [B, L] bool
+        and each token's position [B, L] (padding at 0)."""
         B, L = len(prompts), max(len(p) for p in prompts)
         tokens = torch.full((B, L), self.pad_id, dtype=torch.long)
         valid = torch.zeros(B, L, dtype=torch.bool)
         for b, p in enumerate(prompts):
             tokens[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
             valid[b, L - len(p):] = True
-        return tokens, valid
+        return tokens, valid, (valid.long().cumsum(-1) - 1).clamp(min=0)
 
     def _prefill(self, prompts: list[list[int]]):
         """Left-pads the prompts into one batch and runs them; returns the cache, the attention
         mask [B, L], the last positions [B] and the logits of the last prompt token [B, V]."""
-        tokens, valid = self._padded(prompts)
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        tokens, valid, positions = self._padded(prompts)
         mask = valid.long().to(self.device)
         logits, cache = self._forward(tokens.to(self.device), mask, positions.to(self.device), None, valid)
         return cache, mask, positions[:, -1].to(self.device), logits[:, -1].float()
@@ -458,14 +458,15 @@ class Engine:
         with torch.inference_mode(), contextlib.ExitStack() as lean:
             gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
             B = len(prompts)
-            if B * max(len(p) for p in prompts) <= LEAN_PREFILL_ROWS:  # a short prefill runs like decode
+            longest = max(len(p) for p in prompts)
+            if B * longest <= LEAN_PREFILL_ROWS:  # a short prefill runs like decode
                 lean.enter_context(decode_threads(self.device, spin=self.spin_between_jobs))
             t0 = time.perf_counter()
-            graph = self._graph_step(B, max(len(p) for p in prompts) + params.max_new_tokens)
+            graph = self._graph_step(B, longest + params.max_new_tokens)
             if graph is not None:
-                tokens, valid = self._padded(prompts)
+                tokens, valid, positions = self._padded(prompts)
                 try:
-                    logits = graph.prefill(tokens.to(self.device), valid)
+                    logits = graph.prefill(tokens.to(self.device), valid, positions)
                 except CaptureFailed as e:
                     warnings.warn(f"pregated: the decode step could not be captured as a CUDA graph ({e}); "
                                   "decoding without graphs from here on (PREGATED_GRAPH_STEP=0 says so up front)")

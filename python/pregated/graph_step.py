@@ -136,9 +136,10 @@ class GraphStep:
                 got, want, rtol=tol, atol=tol * max(want.abs().max().item(), 1e-6)):
             raise RuntimeError("the graph's replay differs from the step run eagerly")
 
-    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L] on the device, valid [B, L] bool on the host (False: left padding) ->
-        the logits of each row's last token [B, V] float32; the cache then holds the prompts."""
+    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L] on the device; valid [B, L] bool (False: left padding) and positions
+        [B, L] on the host (Engine._padded) -> the logits of each row's last token [B, V] float32;
+        the cache then holds the prompts."""
         B, L = tokens.shape
         if B != self.batch or L >= self.length:
             raise ValueError(f"graph step for {self.batch} sequences of up to {self.length} tokens got a prefill "
@@ -157,7 +158,6 @@ class GraphStep:
                 self.workspace = self.runtime.stats()["resident_workspace_bytes"]
         self._reset()
         self.mask[:, :L].copy_(valid)
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         logits, _ = self.forward(tokens, self.mask, positions.to(self.device), self.cache, valid)
         self.positions.copy_(positions[:, -1:] + 1)
         return logits[:, -1].float()
@@ -193,8 +193,8 @@ def graph_step_agrees(engine) -> bool:
                              cache_length(8, None), engine.device, capture=False)
             if not plain_static_layers(step.cache):
                 return False
-            tokens, valid = engine._padded(prompts)
-            got = step.prefill(tokens.to(engine.device), valid)
+            tokens, valid, positions = engine._padded(prompts)
+            got = step.prefill(tokens.to(engine.device), valid, positions)
             active = torch.ones(len(prompts), 1, dtype=torch.bool)
             tol = _tolerance(engine.dtype)
             for n in range(4):

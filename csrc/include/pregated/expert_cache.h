@@ -86,8 +86,8 @@ class expert_cache {
   void ready_table(int32_t* out) const;
   // Every expert of `layer` holds a slot of its own, ready and pinned.
   bool layer_resident(int32_t layer) const;
-  // What is wrong with the sets that stand in for scans (empty slots, eviction order, pinned
-  // count) against the slots themselves; empty when they agree (runtime::check).
+  // What is wrong with what stands in for scans (the empty slots, the eviction order, the pinned
+  // and loading counts) against the slots themselves; empty when they agree (runtime::check).
   std::string check_order() const;
 
  private:
@@ -111,7 +111,6 @@ class expert_cache {
   // Applies `change` to the slot and moves it to its new place in the eviction order (in, out).
   template <class Change>
   void update(int32_t slot, Change change);
-
 
   eviction_policy policy_ = eviction_policy::eviction_policy_lru;
   int32_t num_experts_ = 0;
