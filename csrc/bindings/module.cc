@@ -74,6 +74,11 @@ py::dict layer_dict(const layer_stats& s) {
   d["host_seconds"] = s.host_seconds;
   d["host_wait_seconds"] = s.host_wait_seconds;
   d["device_seconds"] = s.device_seconds;
+  d["store_reads"] = s.store_reads;
+  d["store_read_bytes"] = s.store_read_bytes;
+  d["predicted_experts"] = s.predicted_experts;
+  d["predicted_routed"] = s.predicted_routed;
+  d["routed_after_prediction"] = s.routed_after_prediction;
   return d;
 }
 
@@ -244,6 +249,43 @@ class py_runtime {
 
   py::object forward_resident(int32_t layer, const py::object& x_obj, const py::object& ids_obj,
                               const py::object& w_obj, const py::object& out_obj) {
+    resident_args a;
+    py::object out = device_block(layer, x_obj, ids_obj, w_obj, out_obj, &a);
+    runtime& r = rt();
+    {
+      py::gil_scoped_release nogil;
+      throw_if_error(r.moe_forward_resident(a));
+    }
+    return out;
+  }
+
+  py::object forward_device(int32_t layer, const py::object& x_obj, const py::object& ids_obj,
+                            const py::object& w_obj, const py::object& out_obj, int32_t next_layer,
+                            const py::object& next_obj) {
+    resident_args a;
+    py::object out = device_block(layer, x_obj, ids_obj, w_obj, out_obj, &a);
+    if (!next_obj.is_none()) {
+      tensor_info n = inspect(next_obj, "next_ids");
+      expect_device(n, "next_ids", device_);
+      expect_dtype(n, "next_ids", "int32");
+      expect_contiguous(n, "next_ids");
+      a.next_layer = next_layer;
+      a.next_ids = reinterpret_cast<const int32_t*>(n.data);
+      a.num_next = 1;
+      for (int64_t d : n.shape) a.num_next *= d;
+    }
+    runtime& r = rt();
+    {
+      py::gil_scoped_release nogil;
+      throw_if_error(r.moe_forward_device(a));
+    }
+    return out;
+  }
+
+  // The arguments of a resident or device block, every tensor checked; returns `out` (made when
+  // none is given).
+  py::object device_block(int32_t layer, const py::object& x_obj, const py::object& ids_obj, const py::object& w_obj,
+                          const py::object& out_obj, resident_args* args) {
     runtime& r = rt();
     const expert_spec& sp = r.config().spec;
     tensor_info x = inspect_x(x_obj, sp);
@@ -265,7 +307,7 @@ class py_runtime {
     expect_dtype(o, "out", dtype_name(sp.dt));
     expect_dims(o, "out", {T, sp.hidden}, "tokens, hidden");
     expect_contiguous(o, "out");
-    resident_args a;
+    resident_args& a = *args;
     a.layer = layer;
     a.tokens = T;
     a.top_k = K;
@@ -274,10 +316,6 @@ class py_runtime {
     a.ids = reinterpret_cast<const int32_t*>(ids.data);
     a.weights = reinterpret_cast<const float*>(w.data);
     a.stream = stream_handle();
-    {
-      py::gil_scoped_release nogil;
-      throw_if_error(r.moe_forward_resident(a));
-    }
     return out;
   }
 
@@ -337,6 +375,7 @@ class py_runtime {
     d["evictions"] = s.evictions;
     d["forwards"] = s.forwards;
     d["resident_forwards"] = s.resident_forwards;
+    d["device_forwards"] = s.device_forwards;
     d["resident_workspace_bytes"] = s.resident_workspace_bytes;
     d["hot_experts"] = s.hot_experts;
     py::dict costs;
@@ -439,6 +478,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("format_bytes", &format_bytes, py::arg("bytes"));
   m.attr("DEFAULT_GROUP_SIZE") = expert_spec{}.group_size;  // quantized experts' default group
   m.attr("RESIDENT_QUANTIZED_ROWS_MAX") = resident_quantized_rows_max;
+  m.attr("DEVICE_ROWS_MAX") = device_rows_max;
+  m.attr("DEVICE_NEXT_MAX") = device_next_max;
   m.def("cpu_kernel_isa", [] { return std::string(cpu_kernel_isa()); },
         "The instruction set of the CPU backend's decode kernels on this CPU: avx512, avx2 or portable.");
   m.def("cpu_threads", [] { return cpu_threads(); }, "Threads of the CPU backend's pool.");
@@ -683,6 +724,15 @@ as under policy gpu-only): x [T, H], ids [T, K] int32 and weights [T, K] float32
 device. Experts are found through the device slot table: nothing goes to the host, nothing is
 allocated once the workspace holds its rows (see reserve_resident), so it can be captured in a CUDA
 graph.)doc")
+      .def("forward_device", &py_runtime::forward_device, py::arg("layer"), py::arg("x"), py::arg("ids"),
+           py::arg("weights"), py::kw_only(), py::arg("out") = py::none(), py::arg("next_layer") = -1,
+           py::arg("next_ids") = py::none(),
+           R"doc(One decode-sized MoE block under any budget (up to DEVICE_ROWS_MAX token-expert rows): x [T, H],
+ids [T, K] int32 and weights [T, K] float32 on the runtime's device, and nothing goes to the host on
+this thread. An expert in no ready slot is read in place from the expert store (over the link on a
+GPU). The runtime's route reader learns the routing one step behind: it counts hits and reads in
+place, loads the missed experts for later blocks and prefetches next_ids (int32, on the device: the
+experts predicted for next_layer).)doc")
       .def("reserve_resident", &py_runtime::reserve_resident, py::arg("rows"),
            R"doc(Grows the resident path's workspace to hold `rows` (token, expert) rows now, so that no later
 block up to that size allocates (what a CUDA graph that captures one needs); returns the workspace's size

@@ -19,6 +19,15 @@ void runtime::impl::copy_loop() {
   for (;;) {
     copy_request r;
     if (static_cast<int32_t>(in_flight.size()) < cfg.copy_depth && queue.pop(&r)) {
+      // A slot that a slice of the slot table mapped may still be read by blocks launched with
+      // that slice: wait until its layer's launch under way (if any) has recorded its event (the
+      // copy waits for the event below).
+      const int32_t read_by = table_layer[static_cast<size_t>(r.slot)];
+      if (read_by >= 0 && launching[static_cast<size_t>(read_by)] > 0) {
+        worker_busy = true;
+        state_cv.wait(lk, [&] { return launching[static_cast<size_t>(read_by)] == 0; });
+        worker_busy = false;
+      }
       slot_info& s = cache.slot(r.slot);
       // Stale entries (slot evicted or cancelled since) and everything after a failure are
       // dropped; waiters for an empty queue hear of it.
@@ -27,8 +36,9 @@ void runtime::impl::copy_loop() {
         state_cv.notify_all();
         continue;
       }
+      table_layer[static_cast<size_t>(r.slot)] = -1;
       const expert_key key = s.key;
-      const bool prefetch = !s.demanded;
+      const bool prefetch = !s.demanded && !s.refill;
       // Counted when the copy starts, so prefetch_used (uses of copies counted here) can
       // never exceed prefetch_issued: a queued prefetch that a forward needs first becomes a
       // demand load and counts as neither.
@@ -43,6 +53,7 @@ void runtime::impl::copy_loop() {
       // A slot's previous expert may still be read by GEMMs on the compute stream: the copy
       // waits for the slot's last use.
       status st = be->copy_wait(last_use[static_cast<size_t>(r.slot)].get());
+      if (st.is_ok() && read_by >= 0) st = be->copy_wait(layer_read[static_cast<size_t>(read_by)].get());
       if (st.is_ok() && t0) st = be->record_copy(t0.get());
       if (st.is_ok() && l0) st = be->record_copy(l0.get());
       if (st.is_ok()) {
@@ -124,7 +135,8 @@ status runtime::impl::wait_issued(std::unique_lock<std::mutex>& lk, int32_t slot
 status runtime::impl::wait_idle_locked(std::unique_lock<std::mutex>& lk) {
   wake_worker();
   state_cv.wait(lk, [&] {
-    return !failure.is_ok() || (queue.empty() && in_flight.empty() && !worker_busy);
+    return !failure.is_ok() ||
+           (routes.empty() && !route_busy && queue.empty() && in_flight.empty() && !worker_busy);
   });
   return failure;
 }

@@ -1,6 +1,8 @@
-// The resident path of a MoE block: every expert of the layer is pinned and loaded, so the
-// (token, expert) rows find their slots through the device slot table and nothing is asked of
-// the host. T = tokens, K = experts per token, R = T * K rows.
+// The resident path of a MoE block, and its launch shared with the device path: the
+// (token, expert) rows find their experts through the device slot table, and nothing is asked of
+// the host. On the resident path every expert of the layer is pinned and loaded; on the device
+// path (moe_device.cc) an expert in no ready slot is read in place from the expert store.
+// T = tokens, K = experts per token, R = T * K rows.
 #include <string>
 
 #include "runtime_impl.h"
@@ -16,11 +18,21 @@ size_t resident_workspace_bytes(const expert_spec& sp, int64_t rows) {
          + up(R * sizeof(int32_t));                         // rows of each token (combine)
 }
 
-status runtime::impl::refresh_slot_table(void* stream) {
-  if (table_version == cache.version()) return {};
-  cache.ready_table(table_host.data());
-  PREGATED_RETURN_IF_ERROR(be->upload(slot_table, table_host.data(), table_host.size() * sizeof(int32_t), stream));
-  table_version = cache.version();
+status runtime::impl::refresh_layer_table(int32_t layer, void* stream) {
+  uint64_t& built = layer_version[static_cast<size_t>(layer)];
+  if (built == cache.version()) return {};
+  const size_t E = static_cast<size_t>(cfg.num_experts);
+  int32_t* row = table_host.data() + static_cast<size_t>(layer) * E;
+  bool same = built != 0;  // 0: never uploaded (the device's copy is undefined)
+  for (size_t e = 0; e < E; ++e) {
+    const int32_t slot = cache.find({layer, static_cast<int32_t>(e)});
+    const int32_t want = slot >= 0 && cache.slot(slot).state == slot_state::slot_state_ready ? slot : -1;
+    same = same && row[e] == want;
+    row[e] = want;
+    if (want >= 0) table_layer[static_cast<size_t>(want)] = layer;
+  }
+  if (!same) PREGATED_RETURN_IF_ERROR(be->upload(slot_table + static_cast<size_t>(layer) * E, row, E * sizeof(int32_t), stream));
+  built = cache.version();
   return {};
 }
 
@@ -47,6 +59,71 @@ status runtime::reserve_resident(int64_t rows, int64_t* workspace_bytes) {
   return {};
 }
 
+status runtime::impl::launch_resident(std::unique_lock<std::mutex>& lk, const resident_args& a, bool at_store,
+                                      int32_t note) {
+  const size_t l = static_cast<size_t>(a.layer);
+  const size_t E = static_cast<size_t>(cfg.num_experts);
+  status refreshed = refresh_layer_table(a.layer, a.stream);
+  if (!refreshed) {
+    if (note >= 0) free_notes.push_back(note);
+    return refreshed;
+  }
+  if (note >= 0) {
+    route_note& n = notes[static_cast<size_t>(note)];
+    n.layer = a.layer;
+    n.tokens = a.tokens;
+    n.top_k = a.top_k;
+    n.next_layer = a.next_layer;
+    n.num_next = a.next_ids != nullptr ? a.num_next : 0;
+    const int32_t* row = table_host.data() + l * E;
+    n.table.assign(row, row + E);
+  }
+  std::unique_ptr<backend_event> c0, c1;  // the block's kernels on a timeline (one interval, expert -1)
+  trace_timers(&c0, &c1);
+  ++launching[l];
+  lk.unlock();
+  const int64_t R = a.tokens * a.top_k;
+  status st;
+  if (note >= 0) {
+    // The routing leaves ahead of the block's kernels, so the route reader can prefetch while they run.
+    route_note& n = notes[static_cast<size_t>(note)];
+    st = be->download(n.ids, a.ids, static_cast<size_t>(R) * sizeof(int32_t), a.stream);
+    if (st.is_ok() && n.num_next > 0) {
+      st = be->download(n.next, a.next_ids, static_cast<size_t>(n.num_next) * sizeof(int32_t), a.stream);
+    }
+    if (st.is_ok()) st = be->record(n.known.get(), a.stream);
+    lk.lock();
+    if (st.is_ok()) {
+      routes.push_back(note);
+      route_cv.notify_one();
+    } else {
+      free_notes.push_back(note);
+    }
+    lk.unlock();
+  }
+  if (st.is_ok()) st = grow_resident_workspace(R, a.stream);
+  if (st.is_ok()) {
+    expert_places at;
+    at.slab = slab;
+    at.slot_bytes = slot_bytes;
+    at.slot_of = slot_table + l * E;
+    at.store = at_store ? store_at[l] : nullptr;
+    at.expert_bytes = store.expert_bytes();
+    if (c0) st = be->record(c0.get(), a.stream);
+    if (st.is_ok()) {
+      st = be->expert_ffn_resident(cfg.spec, at, a.x, a.ids, a.weights, a.tokens, a.top_k, a.out, resident_ws, a.stream);
+    }
+    if (st.is_ok() && c1) st = be->record(c1.get(), a.stream);
+  }
+  // Recorded even after a failure: kernels may have been launched.
+  status read = be->record(layer_read[l].get(), a.stream);
+  lk.lock();
+  if (st.is_ok() && c0 && c1) traces.push_back({trace_event::kind_t::kind_compute, a.layer, -1, std::move(c0), std::move(c1)});
+  --launching[l];
+  state_cv.notify_all();
+  return st.is_ok() ? read : st;
+}
+
 status runtime::moe_forward_resident(const resident_args& a) {
   std::shared_lock<std::shared_mutex> api(impl_->api_mu);
   impl& m = *impl_;
@@ -68,28 +145,26 @@ status runtime::moe_forward_resident(const resident_args& a) {
     return invalid_argument("moe_forward_resident: x, out, ids and weights must all be given");
   }
   std::lock_guard<std::mutex> one(m.resident_mu);
-  const int64_t R = a.tokens * a.top_k;
-  {
-    std::lock_guard<std::mutex> lk(m.mu);
-    if (!m.failure.is_ok()) return m.failure;
-    if (!m.cache.layer_resident(a.layer)) {
-      return invalid_argument("moe_forward_resident: not every expert of layer " + std::to_string(a.layer) +
-                              " is resident (pinned and loaded); pin them all, or use moe_forward");
-    }
-    PREGATED_RETURN_IF_ERROR(m.refresh_slot_table(a.stream));
-    ++m.stats.forwards;
-    ++m.stats.resident_forwards;
+  std::unique_lock<std::mutex> lk(m.mu);
+  if (!m.failure.is_ok()) return m.failure;
+  if (!m.cache.layer_resident(a.layer)) {
+    return invalid_argument("moe_forward_resident: not every expert of layer " + std::to_string(a.layer) +
+                            " is resident (pinned and loaded); pin them all, or use moe_forward");
   }
-  PREGATED_RETURN_IF_ERROR(m.grow_resident_workspace(R, a.stream));
-  const int32_t* slot_of = m.slot_table + static_cast<size_t>(a.layer) * static_cast<size_t>(m.cfg.num_experts);
-  return m.be->expert_ffn_resident(m.cfg.spec, m.slab, m.slot_bytes, slot_of, a.x, a.ids, a.weights,
-                                   a.tokens, a.top_k, a.out, m.resident_ws, a.stream);
+  ++m.stats.forwards;
+  ++m.stats.resident_forwards;
+  return m.launch_resident(lk, a, /*at_store=*/false, /*note=*/-1);
 }
 
 status runtime::slot_table(std::vector<int32_t>* out) {
   std::shared_lock<std::shared_mutex> api(impl_->api_mu);
   impl& m = *impl_;
   PREGATED_RETURN_IF_ERROR(m.check_open());
+  {
+    std::lock_guard<std::mutex> lk(m.mu);
+    for (int32_t l = 0; l < m.cfg.num_layers; ++l) PREGATED_RETURN_IF_ERROR(m.refresh_layer_table(l, nullptr));
+  }
+  PREGATED_RETURN_IF_ERROR(m.be->synchronize(nullptr));
   out->assign(m.table_host.size(), -1);
   return m.be->download_sync(out->data(), m.slot_table, out->size() * sizeof(int32_t));
 }

@@ -63,8 +63,22 @@ status runtime::create(std::unique_ptr<backend> be, const runtime_config& cfg,
   void* table = nullptr;
   PREGATED_RETURN_IF_ERROR(m.be->alloc_device(m.table_host.size() * sizeof(int32_t), &table));
   m.slot_table = static_cast<int32_t*>(table);
+  PREGATED_RETURN_IF_ERROR(m.be->upload(m.slot_table, m.table_host.data(), m.table_host.size() * sizeof(int32_t), nullptr));
+  PREGATED_RETURN_IF_ERROR(m.be->synchronize(nullptr));
+  const size_t L = static_cast<size_t>(cfg.num_layers);
+  m.layer_version.assign(L, 0);
+  m.launching.assign(L, 0);
+  m.layer_read.resize(L);
+  m.store_at.assign(L, nullptr);
+  for (size_t l = 0; l < L; ++l) {
+    PREGATED_RETURN_IF_ERROR(m.be->create_event(false, &m.layer_read[l]));
+    const void* at = nullptr;
+    PREGATED_RETURN_IF_ERROR(m.be->device_address(m.store.expert({static_cast<int32_t>(l), 0}), &at));
+    m.store_at[l] = static_cast<const uint8_t*>(at);
+  }
   PREGATED_RETURN_IF_ERROR(m.start_host_lane());  // before the copy engine: it measures the link
   m.worker = std::thread([&m] { m.copy_loop(); });
+  m.route_reader = std::thread([&m] { m.route_loop(); });
   *out = std::move(rt);
   return {};
 }
@@ -95,6 +109,9 @@ status runtime::impl::make_slab(int64_t expert_memory, eviction_policy eviction)
   slab = static_cast<uint8_t*>(p);
   copy_done = std::move(done);
   last_use = std::move(used);
+  table_layer.assign(static_cast<size_t>(slots), -1);  // the slices map no slot of the new slab
+  layer_version.assign(static_cast<size_t>(cfg.num_layers), 0);
+  predicted_for.assign(static_cast<size_t>(cfg.num_layers), {});
   stats = runtime_stats{};
   stats.layers.assign(static_cast<size_t>(cfg.num_layers), layer_stats{});
   return {};
@@ -167,6 +184,8 @@ status runtime::close() {
     m.queue.clear();
   }
   m.worker_cv.notify_all();
+  m.route_cv.notify_all();
+  if (m.route_reader.joinable()) m.route_reader.join();  // returns once every note's routing arrived
   if (m.worker.joinable()) m.worker.join();  // returns once copies in flight completed
   m.be->synchronize(nullptr);
   m.probes.clear();
@@ -176,6 +195,10 @@ status runtime::close() {
   m.spare.clear();
   m.copy_done.clear();
   m.last_use.clear();
+  m.layer_read.clear();
+  m.notes.clear();
+  if (m.note_memory != nullptr) m.be->free_host(m.note_memory);
+  m.note_memory = nullptr;
   if (m.slab != nullptr) m.be->free_device(m.slab);
   m.slab = nullptr;
   m.host_compute.reset();
@@ -431,8 +454,9 @@ runtime_stats runtime::stats() {
   std::shared_lock<std::shared_mutex> api(impl_->api_mu);
   impl& m = *impl_;
   std::lock_guard<std::mutex> one(m.resident_mu);  // the order moe_forward_resident takes them in
-  std::lock_guard<std::mutex> lk(m.mu);
+  std::unique_lock<std::mutex> lk(m.mu);
   if (!m.closed) m.resolve_probes(/*wait=*/true);
+  m.wait_routes_read(lk);
   runtime_stats out = m.stats;
   out.resident_workspace_bytes = static_cast<int64_t>(m.resident_ws_bytes);
   out.total = layer_stats{};
@@ -449,6 +473,11 @@ runtime_stats runtime::stats() {
     out.total.host_seconds += l.host_seconds;
     out.total.host_wait_seconds += l.host_wait_seconds;
     out.total.device_seconds += l.device_seconds;
+    out.total.store_reads += l.store_reads;
+    out.total.store_read_bytes += l.store_read_bytes;
+    out.total.predicted_experts += l.predicted_experts;
+    out.total.predicted_routed += l.predicted_routed;
+    out.total.routed_after_prediction += l.routed_after_prediction;
   }
   out.hot_experts = m.hot_count;
   out.costs = m.costs;
@@ -458,8 +487,10 @@ runtime_stats runtime::stats() {
 void runtime::reset_stats() {
   std::shared_lock<std::shared_mutex> api(impl_->api_mu);
   impl& m = *impl_;
-  std::lock_guard<std::mutex> lk(m.mu);
+  std::unique_lock<std::mutex> lk(m.mu);
   if (!m.closed) m.resolve_probes(/*wait=*/true);
+  m.wait_routes_read(lk);
+  for (std::vector<int32_t>& p : m.predicted_for) p.clear();  // scored from the next predictions on
   const size_t layers = m.stats.layers.size();
   m.stats = runtime_stats{};
   m.stats.layers.assign(layers, layer_stats{});
@@ -524,7 +555,7 @@ status runtime::check(std::string* report) {
   }
   problems += m.cache.check_order();
   // The device slot table, once rebuilt, says what the cache says.
-  PREGATED_RETURN_IF_ERROR(m.refresh_slot_table(nullptr));
+  for (int32_t l = 0; l < m.cfg.num_layers; ++l) PREGATED_RETURN_IF_ERROR(m.refresh_layer_table(l, nullptr));
   PREGATED_RETURN_IF_ERROR(m.be->synchronize(nullptr));
   std::vector<int32_t> want(m.table_host.size()), got(m.table_host.size());
   m.cache.ready_table(want.data());

@@ -39,13 +39,38 @@ struct runtime::impl {
   uint8_t* slab = nullptr;
   size_t slot_bytes = 0;
   // The device slot table ([num_layers * num_experts] int32: the slot of each ready expert, or
-  // -1), rebuilt from the cache (under mu) when the cache's version moved on.
+  // -1), a layer's slice rebuilt from the cache (under mu) before the layer's next resident or
+  // device block when the cache's version moved on.
   int32_t* slot_table = nullptr;
   std::vector<int32_t> table_host;
-  uint64_t table_version = 0;
+  std::vector<uint64_t> layer_version;  // per layer: the cache version its slice was built at
+  // Ordering a slot's reuse after the blocks that may read it through an uploaded slice (under
+  // mu): per slot, the layer whose slice last mapped it (-1: none since its last copy); per
+  // layer, its resident or device launches under way and an event after its last such block.
+  // A copy into a slot waits until that layer has no launch under way, then for its event.
+  std::vector<int32_t> table_layer;
+  std::vector<int32_t> launching;
+  std::vector<std::unique_ptr<backend_event>> layer_read;
   std::mutex resident_mu;  // one resident forward at a time: they share one workspace
   void* resident_ws = nullptr;
   size_t resident_ws_bytes = 0;
+  // The device path (moe_device.cc): a ring of notes, each a block's routing copied to pinned
+  // host memory behind its launch; the route reader takes them in order, one step behind.
+  struct route_note {
+    int32_t layer = 0;
+    int32_t next_layer = -1;
+    int64_t tokens = 0, top_k = 0, num_next = 0;
+    int32_t* ids = nullptr;        // pinned: [device_rows_max]
+    int32_t* next = nullptr;       // pinned: [device_next_max]
+    std::vector<int32_t> table;    // the layer's slice of the slot table as the block read it
+    std::unique_ptr<backend_event> known;  // recorded after the routing's download
+  };
+  std::vector<route_note> notes;
+  // Per layer: the experts (sorted, distinct) predicted for its next device-path block, not yet
+  // scored against that block's routing.
+  std::vector<std::vector<int32_t>> predicted_for;
+  void* note_memory = nullptr;
+  std::vector<const uint8_t*> store_at;  // per layer: the store's block as the device addresses it
   std::vector<std::unique_ptr<backend_event>> copy_done;  // per slot: its last copy finished
   std::vector<std::unique_ptr<backend_event>> last_use;   // per slot: its last GEMM finished
 
@@ -66,6 +91,11 @@ struct runtime::impl {
   std::vector<stall_probe> probes;                    // waiting to be resolved
   std::vector<std::unique_ptr<backend_event>> spare;  // timing events to reuse
   std::thread worker;
+  std::vector<int32_t> free_notes;
+  std::deque<int32_t> routes;  // notes handed to the route reader, oldest first
+  bool route_busy = false;     // the route reader holds a note
+  std::condition_variable route_cv;
+  std::thread route_reader;
   bool tracing = false;
   std::unique_ptr<backend_event> trace_base;
   std::vector<trace_probe> traces;
@@ -92,10 +122,24 @@ struct runtime::impl {
   // Allocates the slab, the cache and the per-slot events for a budget (mu held or no worker).
   status make_slab(int64_t expert_memory, eviction_policy eviction);
   status check_layer(int32_t layer, const char* what) const;
-  // Uploads the slot table on `stream` if the cache changed since (mu held).
-  status refresh_slot_table(void* stream);
+  // Uploads the layer's slice of the slot table on `stream` if the cache changed since it was
+  // built (mu held).
+  status refresh_layer_table(int32_t layer, void* stream);
   // The resident workspace holds `rows` (token, expert) rows; under resident_mu.
   status grow_resident_workspace(int64_t rows, void* stream);
+  // moe_resident.cc: a resident or device block's launch, under resident_mu, lk holding mu on
+  // entry and exit: the layer's slice refreshed, the note (if >= 0) filled, downloaded and handed
+  // to the route reader, the kernels launched with the store read in place where `at_store`.
+  status launch_resident(std::unique_lock<std::mutex>& lk, const resident_args& a, bool at_store, int32_t note);
+
+  // moe_device.cc: the route reader's thread and what it does with one block's routing (mu held).
+  status make_notes();
+  // Until the route reader has read every block launched so far (their statistics are in).
+  void wait_routes_read(std::unique_lock<std::mutex>& lk) {
+    state_cv.wait(lk, [&] { return (routes.empty() && !route_busy) || !failure.is_ok(); });
+  }
+  void route_loop();
+  void read_routing(const route_note& n);
   status check_experts(const int32_t* experts, int32_t n, const char* what) const;
 
   // copy_engine.cc

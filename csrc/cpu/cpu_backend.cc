@@ -231,14 +231,21 @@ class cpu_backend final : public backend {
     std::memcpy(dst, src, bytes);
     return {};
   }
+  status download(void* dst, const void* src, size_t bytes, void*) override {
+    std::memcpy(dst, src, bytes);
+    return {};
+  }
   status download_sync(void* dst, const void* src, size_t bytes) override {
     std::memcpy(dst, src, bytes);
     return {};
   }
-  status expert_ffn_resident(const expert_spec& sp, const uint8_t* slab, size_t slot_bytes,
-                             const int32_t* slot_of, const void* x, const int32_t* ids,
-                             const float* weights, int64_t tokens, int64_t top_k, void* out,
-                             void* ws, void* stream) override {
+  status device_address(const void* host, const void** out) override {
+    *out = host;
+    return {};
+  }
+  status expert_ffn_resident(const expert_spec& sp, const expert_places& at, const void* x, const int32_t* ids,
+                             const float* weights, int64_t tokens, int64_t top_k, void* out, void* ws,
+                             void* stream) override {
     // What a GPU runs as batched GEMMs: the (token, expert) rows grouped by expert, each group
     // on its expert's slot; groups of up to 8 rows (decode) go through the pool together, one
     // pass for every expert's first weight and one for the second.
@@ -264,9 +271,9 @@ class cpu_backend final : public backend {
       const int32_t e = ids[order[static_cast<size_t>(p)]];
       int64_t q = p;
       while (q < R && ids[order[static_cast<size_t>(q)]] == e) ++q;
-      const int32_t slot = slot_of[e];
-      if (slot < 0) return internal_error("resident forward: expert " + std::to_string(e) + " has no ready slot");
-      groups.push_back({p, q - p, slab + static_cast<size_t>(slot) * slot_bytes});
+      const uint8_t* w = at.expert(e, at.slot_of[e]);
+      if (w == nullptr) return internal_error("resident forward: expert " + std::to_string(e) + " has no ready slot");
+      groups.push_back({p, q - p, w});
       p = q;
     }
     // One weight for every group: dense few-row groups in one pass, larger ones (prefill) alone;

@@ -181,6 +181,20 @@ class cuda_backend final : public backend {
     PREGATED_CUDA_CHECK(cudaEventRecord(buf->done, as_stream(stream)));
     return {};
   }
+  status download(void* dst, const void* src, size_t bytes, void* stream) override {
+    PREGATED_CUDA_CHECK(cudaSetDevice(device_));
+    PREGATED_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, as_stream(stream)));
+    return {};
+  }
+  // Pinned host memory is mapped into every device's address space under unified addressing;
+  // the runtime asks for the device's name of it all the same.
+  status device_address(const void* host, const void** out) override {
+    PREGATED_CUDA_CHECK(cudaSetDevice(device_));
+    void* dev = nullptr;
+    PREGATED_CUDA_CHECK(cudaHostGetDevicePointer(&dev, const_cast<void*>(host), 0));
+    *out = dev;
+    return {};
+  }
   status download_sync(void* dst, const void* src, size_t bytes) override {
     PREGATED_CUDA_CHECK(cudaSetDevice(device_));
     PREGATED_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
@@ -248,10 +262,9 @@ class cuda_backend final : public backend {
     PREGATED_CUDA_CHECK(cuda::launch_add_bias(dt, data, rows, width, ld, bias, as_stream(stream)));
     return {};
   }
-  status expert_ffn_resident(const expert_spec& sp, const uint8_t* slab, size_t slot_bytes,
-                             const int32_t* slot_of, const void* x, const int32_t* ids,
-                             const float* weights, int64_t tokens, int64_t top_k, void* out,
-                             void* ws, void* stream) override {
+  status expert_ffn_resident(const expert_spec& sp, const expert_places& at, const void* x, const int32_t* ids,
+                             const float* weights, int64_t tokens, int64_t top_k, void* out, void* ws,
+                             void* stream) override {
     // Tables of pointers filled on the device from the ids and the slot table, then one batched
     // GEMM (quantized: dequantize-GEMV) per projection over every (token, expert) row: no host
     // round trip, no allocation.
@@ -270,7 +283,7 @@ class cuda_backend final : public backend {
                             reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(ptrs) + up(static_cast<size_t>(R) * 8 * sizeof(void*)))};
     cudaStream_t s = as_stream(stream);
     PREGATED_CUDA_CHECK(cudaSetDevice(device_));
-    PREGATED_CUDA_CHECK(cuda::launch_resident_tables(sp, slab, slot_bytes, slot_of, x, ids, R, top_k, act, y, t, s));
+    PREGATED_CUDA_CHECK(cuda::launch_resident_tables(sp, at, x, ids, R, top_k, act, y, t, s));
     cublasHandle_t h = nullptr;
     if (!sp.quantized()) {
       PREGATED_RETURN_IF_ERROR(handle(&h));

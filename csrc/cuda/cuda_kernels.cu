@@ -213,14 +213,13 @@ cudaError_t launch_combine(dtype dt, void* out, const void* y, const int32_t* ro
 
 namespace {
 
-__global__ void resident_tables_kernel(const uint8_t* slab, size_t slot_bytes, const int32_t* slot_of,
-                                       const uint8_t* x, const int32_t* ids, int64_t rows, int64_t top_k,
+__global__ void resident_tables_kernel(expert_places at, const uint8_t* x, const int32_t* ids, int64_t rows, int64_t top_k,
                                        size_t x_row, size_t up_off, size_t down_off, size_t b_up_off,
                                        size_t b_down_off, bool bias, uint8_t* act, size_t act_row,
                                        uint8_t* y, size_t y_row, resident_tables t) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (r >= rows) return;
-  const uint8_t* w = slab + static_cast<size_t>(slot_of[ids[r]]) * slot_bytes;
+  const uint8_t* w = at.expert(ids[r], at.slot_of[ids[r]]);
   t.x[r] = x + static_cast<size_t>(r / top_k) * x_row;
   t.w_up[r] = w + up_off;
   t.act[r] = act + static_cast<size_t>(r) * act_row;
@@ -244,14 +243,13 @@ __global__ void add_row_bias_kernel(T* data, int64_t rows, int64_t width, int64_
 
 }  // namespace
 
-cudaError_t launch_resident_tables(const expert_spec& sp, const uint8_t* slab, size_t slot_bytes,
-                                   const int32_t* slot_of, const void* x, const int32_t* ids,
+cudaError_t launch_resident_tables(const expert_spec& sp, const expert_places& at, const void* x, const int32_t* ids,
                                    int64_t rows, int64_t top_k, uint8_t* act, uint8_t* y,
                                    resident_tables t, cudaStream_t stream) {
   const size_t esz = dtype_size(sp.dt);
   const int threads = 128;
   resident_tables_kernel<<<grid_for(rows, threads), threads, 0, stream>>>(
-      slab, slot_bytes, slot_of, static_cast<const uint8_t*>(x), ids, rows, top_k,
+      at, static_cast<const uint8_t*>(x), ids, rows, top_k,
       static_cast<size_t>(sp.hidden) * esz, sp.part_offset(0), sp.part_offset(sp.down_part()),
       sp.has_bias ? sp.part_offset(sp.first_bias_part()) : 0, sp.has_bias ? sp.part_offset(sp.num_parts() - 1) : 0,
       sp.has_bias, act, static_cast<size_t>(sp.up_rows()) * esz, y, static_cast<size_t>(sp.hidden) * esz, t);

@@ -25,7 +25,8 @@ cudaError_t launch_combine(dtype dt, void* out, const void* y, const int32_t* ro
 
 // The resident block's tables, for rows r < R = T * K (row r = token r / K): the pointers the
 // batched GEMMs read (x row, up weights, activation row, down weights, output row) and the
-// bias pointers, from the expert ids and the layer's device slot table; row_of[r] = r.
+// bias pointers, from the expert ids and the layer's device slot table (an expert without a
+// slot: its block in the expert store, read in place); row_of[r] = r.
 struct resident_tables {
   const void** x;
   const void** w_up;
@@ -36,8 +37,7 @@ struct resident_tables {
   const void** b_down;
   int32_t* row_of;
 };
-cudaError_t launch_resident_tables(const expert_spec& sp, const uint8_t* slab, size_t slot_bytes,
-                                   const int32_t* slot_of, const void* x, const int32_t* ids,
+cudaError_t launch_resident_tables(const expert_spec& sp, const expert_places& at, const void* x, const int32_t* ids,
                                    int64_t rows, int64_t top_k, uint8_t* act, uint8_t* y,
                                    resident_tables t, cudaStream_t stream);
 // C[m, n] = A[m, k] * dequantize(B)[n, k]^T for m <= 8 (one block per row of B, codes read once).

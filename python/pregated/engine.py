@@ -22,7 +22,8 @@ from .loading import CheckpointSource, progress_bar
 from .modeling import dense_bytes, describe, drop_expert_parameters, num_layers
 from .expert_parallel import ExpertParallel, checkpoint_fingerprint, summary_of
 from .tensor_parallel import TensorParallel
-from .moe import MoEExecutor, check_eviction, check_hybrid, check_routing, hybrid_split, resolve_policy
+from .moe import (MoEExecutor, check_eviction, check_hybrid, check_routing, device_path_wanted, hybrid_split,
+                  resolve_policy)
 from .pregate import SpeculativePregate, load_pregate
 from .pretrained import LoadedModel
 from .cpu_dense import LEAN_PREFILL_ROWS, decode_threads, place_on_huge_pages, use_cpu_pool_for_dense
@@ -174,6 +175,7 @@ class Engine:
             self.pregate = SpeculativePregate(self.blocks, self.taps)
             self.moe = MoEExecutor(self.runtime, self._handle, cfg, self.policy, self.pregate, self.taps, routing)
             self.moe.ep = self.ep
+            self.moe.device_path = self.device.startswith("cuda") and device_path_wanted()
             for m, b in enumerate(self.blocks):
                 b.experts._pregated = Binding(self.moe, m)
             self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"

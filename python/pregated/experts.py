@@ -236,6 +236,15 @@ def run_experts_resident(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     return _runtime(runtime).forward_resident(layer, x, ids, weights)
 
 
+def run_experts_device(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, runtime: int, layer: int,
+                       next_layer: int, next_ids: torch.Tensor | None) -> torch.Tensor:
+    """A decode-sized block under any budget: x [T, H], ids [T, K] int32 and weights [T, K]
+    float32 on the runtime's device; experts in no ready slot are read in place from the expert
+    store, and the runtime learns the routing (and next_ids, int32 on the device: the experts
+    predicted for block next_layer) one step behind. Nothing waits for the device here."""
+    return _runtime(runtime).forward_device(layer, x, ids, weights, next_layer=next_layer, next_ids=next_ids)
+
+
 @torch.library.custom_op("pregated::moe_experts", mutates_args=())
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, runtime: int, layer: int,
                 next_layer: int, next_experts: torch.Tensor | None) -> torch.Tensor:

@@ -14,12 +14,13 @@ Policies (how experts reach the compute):
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 
 from . import _core
-from .experts import run_experts, run_experts_resident
+from .experts import run_experts, run_experts_device, run_experts_resident
 
 POLICIES = ("gpu-only", "on-demand", "prefetch-all", "pregated", "hybrid")
 LANE_PLANS = ("auto", "host", "copy", "alternate")
@@ -129,6 +130,16 @@ def check_routing(routing: str) -> None:
         raise ValueError(f"unknown routing mode '{routing}': choose exact or pregate")
 
 
+def device_path_wanted() -> bool:
+    """PREGATED_DEVICE_PATH: 1 (default) runs the offloading policies' decode blocks on the device
+    path on a GPU (MoEExecutor.on_device), 0 never (each block then sends its routing to the host)."""
+    value = os.environ.get("PREGATED_DEVICE_PATH", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"PREGATED_DEVICE_PATH={value!r}: give 1 (decode blocks read missing experts in place "
+                         "and the runtime learns the routing one step behind) or 0 (never)")
+    return value == "1"
+
+
 class MoEExecutor:
     """Runs MoE block m for the engine and issues the prefetch for block m + 1.
 
@@ -156,6 +167,10 @@ class MoEExecutor:
         # Host seconds per block of the forward being traced (Engine.trace_decode_step), or None.
         self.host_seconds: list[float] | None = None
         self.ep = None  # ExpertParallel: this rank's share of the experts, the blocks' all-to-all
+        # Offloading policies run decode-sized blocks on the device path (see on_device); the
+        # engine turns it on for CUDA unless PREGATED_DEVICE_PATH=0.
+        self.device_path = False
+        self._all_experts: list[int] = list(range(cfg.num_experts))
         self.reset()
 
     def set_routing(self, routing: str) -> None:
@@ -190,8 +205,22 @@ class MoEExecutor:
                 and self.recorder is None and self.ep is None
                 and (self.cfg.expert_format == "dense" or tokens * self.cfg.top_k <= _core.RESIDENT_QUANTIZED_ROWS_MAX))
 
+    def on_device(self, tokens: int) -> bool:
+        """An offloading policy (on-demand, prefetch-all, pregated) runs a block of `tokens`
+        tokens on the device path: nothing needs the routing on the host now (exact routing, no
+        scoring or recording, no EP), and the block has at most _core.DEVICE_ROWS_MAX
+        token-expert rows. An expert in no ready slot is then read in place from the expert
+        store, and the runtime learns the routing and the pre-gate's prediction one step behind,
+        off this thread: the block never waits for the device."""
+        return (self.device_path and self.policy in ("on-demand", "prefetch-all", "pregated")
+                and self.routing == "exact" and not self.score_pregate and self.recorder is None and self.ep is None
+                and tokens * self.cfg.top_k <= _core.DEVICE_ROWS_MAX)
+
     def _block(self, m: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.resident(x.shape[0] if self.rows is None else len(self.rows)):
+        tokens = x.shape[0] if self.rows is None else len(self.rows)
+        if self.on_device(tokens):
+            return self._device_block(m, x, ids, weights)
+        if self.resident(tokens):
             rows = self.rows
             xs, ids, weights = (x, ids, weights) if rows is None else (x[rows], ids[rows], weights[rows])
             out = run_experts_resident(
@@ -242,6 +271,24 @@ class MoEExecutor:
             out = torch.zeros_like(full).index_copy_(0, rows, out)
         return out
 
+    def _device_block(self, m: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n = self.cfg.num_moe_layers
+        h = self.taps.take_residual(m)
+        h = x if h is None else h.reshape(-1, h.shape[-1])
+        rows = self.rows
+        xs = x if rows is None else x[rows]
+        if rows is not None:
+            ids, weights, h = ids[rows], weights[rows], h[rows]
+        chained = m + 1 < n and self.stacks[m] == self.stacks[m + 1]  # not across encoder -> decoder
+        next_ids = None
+        if chained and self.policy == "pregated":
+            next_ids = self.pregate.predict(m, h)[0].to(torch.int32).reshape(-1)[:_core.DEVICE_NEXT_MAX].contiguous()
+        elif chained and self.policy == "prefetch-all":
+            self.runtime.prefetch(m + 1, self._all_experts)  # a constant: nothing to learn from the device
+        out = run_experts_device(xs.contiguous(), ids.to(torch.int32).contiguous(), weights.float().contiguous(),
+                                 self.handle, m, m + 1 if next_ids is not None else -1, next_ids)
+        return out if rows is None else torch.zeros_like(x).index_copy_(0, rows, out)
+
     def _score(self, m: int, ids: torch.Tensor) -> None:
         pred = self.predicted[m]
         if pred is not None:  # scored only where a prediction was made
@@ -256,22 +303,33 @@ class MoEExecutor:
 
     def prediction_stats(self) -> list[dict]:
         """Per block: precision and recall of the pre-gate's predictions."""
-        return [self._precision_recall(slice(m, m + 1)) for m in range(self.cfg.num_moe_layers)]
+        counts = self._prefetch_counts()
+        return [self._precision_recall(slice(m, m + 1), counts) for m in range(self.cfg.num_moe_layers)]
 
     def prediction_totals(self) -> dict:
         """Precision and recall over every block."""
-        return self._precision_recall(slice(None))
+        return self._precision_recall(slice(None), self._prefetch_counts())
 
-    def _precision_recall(self, blocks: slice) -> dict:
+    def _prefetch_counts(self) -> tuple[list[int], list[int], list[int]]:
+        """Per block: predicted experts that were routed, experts predicted, experts routed where
+        a prediction was made; scored here on the planned path and by the runtime, one step
+        behind, on the device path."""
+        layers = self.runtime.stats()["layers"]
+        return ([a + s["predicted_routed"] for a, s in zip(self.pred_hits, layers)],
+                [a + s["predicted_experts"] for a, s in zip(self.pred_count, layers)],
+                [a + s["routed_after_prediction"] for a, s in zip(self.routed_count, layers)])
+
+    def _precision_recall(self, blocks: slice, counts: tuple[list[int], list[int], list[int]]) -> dict:
         """prefetch_*: the set of experts predicted for a block call against the set it routed
         (what a prefetch gets right). pregate_*: each token's predicted experts against its own
         routed experts, averaged over tokens (what routing by pre-gate gets right; the measure
         of `pregated calibrate`). None where no prediction was made."""
         def ratio(a, b):
-            return sum(a[blocks]) / sum(b[blocks]) if sum(self.pred_count[blocks]) else None
+            return sum(a[blocks]) / sum(b[blocks]) if sum(b[blocks]) else None
 
-        return {"prefetch_precision": ratio(self.pred_hits, self.pred_count),
-                "prefetch_recall": ratio(self.pred_hits, self.routed_count),
+        hits, predicted, routed = counts
+        return {"prefetch_precision": ratio(hits, predicted),
+                "prefetch_recall": ratio(hits, routed),
                 "pregate_precision": ratio(self.token_hits, self.token_pred),
                 "pregate_recall": ratio(self.token_hits, self.token_routed)}
 

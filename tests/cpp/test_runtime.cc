@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <memory>
 #include <random>
+#include <set>
 
 #include "harness.h"
 #include "reference.h"
@@ -135,6 +136,110 @@ TEST(resident_forward_matches_reference_and_needs_every_expert_resident) {
     CHECK(rt->stats().resident_forwards == 2);
     CHECK_OK(rt->check(nullptr));
   }
+}
+
+// The device path: ids on the "device", experts read from their slot or in place from the store,
+// the routing learnt one step behind (counted, missed experts loaded, predictions prefetched).
+TEST(device_forward_matches_reference_and_learns_routing_one_step_behind) {
+  const pgref::toy_model m = pgref::make_model(3, 6, 24, 20, ffn_kind::ffn_kind_gated_silu, 5);
+  for (int64_t delay : {int64_t{-1}, int64_t{300}}) {
+    for (eviction_policy ev : {eviction_policy::eviction_policy_lru, eviction_policy::eviction_policy_none}) {
+      for (int64_t slots : {1, 4, 18}) {
+        auto rt = make_runtime(m, slots, ev, delay);
+        if (!rt) return;
+        std::mt19937 rng(static_cast<unsigned>(slots * 7 + delay));
+        int64_t uses = 0;
+        std::vector<batch> last(3);
+        for (int step = 0; step < 5; ++step) {
+          for (int32_t layer = 0; layer < 3; ++layer) {
+            const int64_t T = 1 + step % 3, K = 2;
+            batch b = random_batch(rng, T, K, 24, 6);
+            std::vector<float> out(b.x.size());
+            std::vector<int32_t> next = {static_cast<int32_t>(rng() % 6), static_cast<int32_t>(rng() % 6), 6};
+            resident_args a;
+            a.layer = layer, a.tokens = T, a.top_k = K, a.x = b.x.data(), a.out = out.data(), a.ids = b.ids.data(),
+            a.weights = b.w.data();
+            if (layer < 2) a.next_layer = layer + 1, a.next_ids = next.data(), a.num_next = 3;  // 6: no such expert
+            CHECK_OK(rt->moe_forward_device(a));
+            CHECK(pgref::max_abs_diff(out, pgref::reference_forward(m, layer, b.x, b.ids, b.w, T, K)) < 1e-4f);
+            uses += static_cast<int64_t>(std::set<int32_t>(b.ids.begin(), b.ids.end()).size());
+            last[static_cast<size_t>(layer)] = b;
+          }
+        }
+        CHECK_OK(rt->check(nullptr));  // waits for the route reader and the copies
+        const runtime_stats s = rt->stats();
+        CHECK(s.device_forwards == 15);
+        CHECK(s.total.expert_hits + s.total.expert_misses == uses);
+        CHECK(s.total.store_reads == s.total.expert_misses);
+        CHECK(s.total.store_read_bytes >= s.total.store_reads * static_cast<int64_t>(m.spec.bytes()));
+        CHECK(s.total.prefetch_used <= s.total.prefetch_issued);
+        CHECK(s.total.prefetch_issued + s.total.prefetch_dropped > 0);  // the predictions reached the copy engine
+        if (slots == 18 && ev == eviction_policy::eviction_policy_lru) {
+          // Every expert fits: what was read in place was loaded, so every layer's last block
+          // again reads each of its experts from a slot.
+          for (int32_t layer = 0; layer < 3; ++layer) {
+            const batch& b = last[static_cast<size_t>(layer)];
+            std::vector<float> out(b.x.size());
+            resident_args a;
+            a.layer = layer, a.tokens = static_cast<int64_t>(b.ids.size()) / 2, a.top_k = 2, a.x = b.x.data(),
+            a.out = out.data(), a.ids = b.ids.data(), a.weights = b.w.data();
+            CHECK_OK(rt->moe_forward_device(a));
+          }
+          CHECK_OK(rt->wait_idle());
+          CHECK(rt->stats().total.store_reads == s.total.store_reads);
+        }
+        for (const slot_snapshot& sl : rt->slots()) CHECK(sl.refs == 0);
+      }
+    }
+  }
+}
+
+TEST(device_forward_reads_a_block_from_slots_once_its_experts_are_loaded) {
+  const pgref::toy_model m = pgref::make_model(2, 6, 24, 20, ffn_kind::ffn_kind_gated_silu, 6);
+  auto rt = make_runtime(m, 12, eviction_policy::eviction_policy_lru, /*copy_delay_us=*/200);
+  if (!rt) return;
+  std::mt19937 rng(9);
+  batch b = random_batch(rng, 2, 2, 24, 6);
+  std::vector<float> out(b.x.size());
+  resident_args a;
+  a.layer = 1, a.tokens = 2, a.top_k = 2, a.x = b.x.data(), a.out = out.data(), a.ids = b.ids.data(),
+  a.weights = b.w.data();
+  CHECK_OK(rt->moe_forward_device(a));  // nothing is in a slot: every expert read in place
+  CHECK_OK(rt->wait_idle());
+  runtime_stats s = rt->stats();
+  const int64_t distinct = static_cast<int64_t>(std::set<int32_t>(b.ids.begin(), b.ids.end()).size());
+  CHECK(s.total.store_reads == distinct);
+  CHECK(s.total.bytes_h2d == distinct * static_cast<int64_t>(m.spec.bytes()));  // then loaded for later
+  std::vector<int32_t> table;
+  CHECK_OK(rt->moe_forward_device(a));  // the same experts: from their slots now
+  CHECK_OK(rt->wait_idle());
+  s = rt->stats();
+  CHECK(s.total.store_reads == distinct);
+  CHECK(s.total.expert_hits == distinct);
+  CHECK_OK(rt->slot_table(&table));
+  for (int32_t e : b.ids) CHECK(table[static_cast<size_t>(6 + e)] >= 0);
+  CHECK(pgref::max_abs_diff(out, pgref::reference_forward(m, 1, b.x, b.ids, b.w, 2, 2)) < 1e-4f);
+  CHECK_OK(rt->check(nullptr));
+}
+
+TEST(device_forward_rejects_what_it_cannot_run) {
+  const pgref::toy_model m = pgref::make_model(2, 6, 24, 20, ffn_kind::ffn_kind_gated_silu, 7);
+  auto rt = make_runtime(m, 3);
+  if (!rt) return;
+  std::vector<float> x(static_cast<size_t>(40 * 24)), out(x.size()), w(80, 0.5f);
+  std::vector<int32_t> ids(80, 1), next(300, 2);
+  resident_args a;
+  a.layer = 0, a.tokens = 40, a.top_k = 2, a.x = x.data(), a.out = out.data(), a.ids = ids.data(), a.weights = w.data();
+  CHECK_ERR(rt->moe_forward_device(a), "80 (token, expert) rows; the device path takes up to 64");
+  a.tokens = 2;
+  a.next_layer = 1, a.next_ids = next.data(), a.num_next = 300;
+  CHECK_ERR(rt->moe_forward_device(a), "300 predicted ids for the next layer; give 0 to 256");
+  a.num_next = 3, a.next_layer = 2;
+  CHECK_ERR(rt->moe_forward_device(a), "next_layer: layer 2 is out of range");
+  a.layer = 5;
+  CHECK_ERR(rt->moe_forward_device(a), "moe_forward_device: layer 5 is out of range");
+  CHECK(rt->stats().device_forwards == 0);
+  CHECK_OK(rt->check(nullptr));
 }
 
 TEST(forward_every_ffn_kind_with_and_without_biases) {
@@ -279,11 +384,14 @@ class slab_limit_backend final : public backend {
                            const quantized_matrix& b, void* c, int64_t ldc, void* s) override {
     return inner_->gemm_nt_quantized(dt, m, n, k, a, lda, b, c, ldc, s);
   }
-  status expert_ffn_resident(const expert_spec& sp, const uint8_t* slab, size_t slot_bytes, const int32_t* slot_of,
-                             const void* x, const int32_t* ids, const float* w, int64_t t, int64_t k, void* out,
-                             void* ws, void* s) override {
-    return inner_->expert_ffn_resident(sp, slab, slot_bytes, slot_of, x, ids, w, t, k, out, ws, s);
+  status expert_ffn_resident(const expert_spec& sp, const expert_places& at, const void* x, const int32_t* ids,
+                             const float* w, int64_t t, int64_t k, void* out, void* ws, void* s) override {
+    return inner_->expert_ffn_resident(sp, at, x, ids, w, t, k, out, ws, s);
   }
+  status download(void* dst, const void* src, size_t bytes, void* s) override {
+    return inner_->download(dst, src, bytes, s);
+  }
+  status device_address(const void* host, const void** out) override { return inner_->device_address(host, out); }
 
  private:
   std::unique_ptr<backend> inner_;

@@ -1,4 +1,5 @@
-// 10,000 random operations from several threads on a tiny budget; afterwards every slot is
+// 10,000 random operations from several threads on a tiny budget (forwards on the planned and
+// the device path, prefetches, evictions, pins, cancellations); afterwards every slot is
 // accounted for and every cached expert matches its host copy byte for byte. Built also under
 // ThreadSanitizer and AddressSanitizer in CI.
 #include <algorithm>
@@ -60,7 +61,16 @@ void stress(const cpu_backend_options& opts, const host_lane_config& lane = {}) 
             a.next_experts = next;
             a.num_next = 2;
           }
-          status st = rt->moe_forward(a);
+          status st;
+          if (i % 3 == 0) {  // the device path: experts from slots or read in place, routing read behind
+            resident_args d;
+            d.layer = l, d.tokens = T, d.top_k = K, d.x = x.data(), d.out = out.data(), d.ids = ids.data(),
+            d.weights = w.data();
+            if (a.num_next > 0) d.next_layer = a.next_layer, d.next_ids = next, d.num_next = a.num_next;
+            st = rt->moe_forward_device(d);
+          } else {
+            st = rt->moe_forward(a);
+          }
           if (!st) { ++errors; continue; }
           ++forwards;
           expert_uses += static_cast<int64_t>(used.size());
@@ -94,6 +104,7 @@ void stress(const cpu_backend_options& opts, const host_lane_config& lane = {}) 
   CHECK_OK(rt->check(&report));
   const runtime_stats s = rt->stats();
   CHECK(s.forwards == forwards.load());
+  CHECK(s.device_forwards > 0);
   // Every expert a forward used was found in a slot, loaded, or computed on the host lane.
   CHECK(s.total.expert_hits + s.total.expert_misses + s.total.host_experts == expert_uses.load());
   if (lane.enabled) CHECK(s.total.host_experts > 0);

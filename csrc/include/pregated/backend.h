@@ -16,6 +16,12 @@
 #include "pregated/status.h"
 #include "pregated/types.h"
 
+#if defined(__CUDACC__)
+#define PREGATED_HOST_DEVICE __host__ __device__
+#else
+#define PREGATED_HOST_DEVICE
+#endif
+
 namespace pregated {
 
 // A quantized weight matrix B [n, k] in an expert's block (see expert_spec): its codes, and the
@@ -34,6 +40,22 @@ struct quantized_matrix {
 // `block`. Gate and up are adjacent in every section, so the view of w = 0 with n = 2I rows is
 // the first GEMM's whole [gate; up] matrix.
 quantized_matrix quantized_part(const expert_spec& sp, const uint8_t* block, int weight);
+
+// Where the resident kernels find a layer's experts: slot_of[e] >= 0, the slot's block in the
+// slab; -1, the expert's block in the expert store, read in place through `store` (the layer's
+// store block as the device addresses it), or, where `store` is null, nowhere: every expert the
+// ids name must then be in a slot.
+struct expert_places {
+  const uint8_t* slab = nullptr;
+  size_t slot_bytes = 0;
+  const int32_t* slot_of = nullptr;  // [num_experts] device memory
+  const uint8_t* store = nullptr;
+  size_t expert_bytes = 0;
+  PREGATED_HOST_DEVICE const uint8_t* expert(int32_t e, int32_t slot) const {
+    return slot >= 0 ? slab + static_cast<size_t>(slot) * slot_bytes
+                     : store == nullptr ? nullptr : store + static_cast<size_t>(e) * expert_bytes;
+  }
+};
 
 // A point in a stream that other work can wait for.
 class backend_event {
@@ -88,8 +110,14 @@ class backend {
 
   // Small host -> device upload ordered on `stream`; the host buffer may be reused at once.
   virtual status upload(void* dst, const void* src, size_t bytes, void* stream) = 0;
+  // Device -> host copy ordered on `stream` into host memory from alloc_host (it has landed once
+  // an event recorded after it completed); nothing waits for it here.
+  virtual status download(void* dst, const void* src, size_t bytes, void* stream) = 0;
   // Device -> host copy that has completed when it returns (tests, consistency checks).
   virtual status download_sync(void* dst, const void* src, size_t bytes) = 0;
+  // The address through which kernels read host memory from alloc_host in place (over the link
+  // on a GPU); the same pointer where the device is the host.
+  virtual status device_address(const void* host, const void** out) = 0;
   virtual status synchronize(void* stream) = 0;
 
   // C[m, n] = A[m, k] * B[n, k]^T; row-major, leading dimensions in elements, fp32 accumulate.
@@ -115,13 +143,13 @@ class backend {
                          const float* weights, int64_t tokens, int64_t top_k, int64_t width,
                          void* stream) = 0;
 
-  // The resident block (runtime::moe_forward_resident), all in device memory: row r = t * K + k
-  // runs expert ids[r]'s FFN, whose weights are the slot slot_of[ids[r]] of the slab, on x[t];
-  // then out[t] = sum_k weights[r] * y[r]. `ws` holds resident_workspace_bytes(sp, T * K) bytes.
-  virtual status expert_ffn_resident(const expert_spec& sp, const uint8_t* slab, size_t slot_bytes,
-                                     const int32_t* slot_of, const void* x, const int32_t* ids,
-                                     const float* weights, int64_t tokens, int64_t top_k,
-                                     void* out, void* ws, void* stream) = 0;
+  // The resident block (runtime::moe_forward_resident and moe_forward_device), its activations
+  // and routing in device memory: row r = t * K + k runs expert ids[r]'s FFN, its weights where
+  // `at` places it (a slot, or the expert store read in place), on x[t]; then
+  // out[t] = sum_k weights[r] * y[r]. `ws` holds resident_workspace_bytes(sp, T * K) bytes.
+  virtual status expert_ffn_resident(const expert_spec& sp, const expert_places& at, const void* x,
+                                     const int32_t* ids, const float* weights, int64_t tokens,
+                                     int64_t top_k, void* out, void* ws, void* stream) = 0;
 };
 
 // One expert's FFN on `be`, its weights in the block `w` (a slot, or the expert store on a

@@ -37,6 +37,8 @@ struct slot_info {
   bool prefetched = false;    // loaded by a prefetch that its layer has not consumed yet
   bool copied_as_prefetch = false;  // its copy started as a prefetch (counted in prefetch_issued)
   bool demanded = false;      // a forward waits for this load: it goes ahead of prefetches
+  bool refill = false;        // loaded after a device-path block read it in place, for later
+                              // blocks: neither a prefetch nor a demand load
   uint64_t generation = 0;    // bumped whenever the slot is bound to a new load
   uint64_t last_use = 0;      // LRU clock
 };

@@ -72,7 +72,12 @@ struct moe_args {
 // GEMMs for prefill read them once per expert.
 constexpr int64_t resident_quantized_rows_max = 64;
 
-// One MoE block on the resident path (runtime::moe_forward_resident): everything in device memory.
+// The device path (runtime::moe_forward_device) takes blocks of up to this many (token, expert)
+// rows (decode), and up to device_next_max ids predicted for the next layer.
+constexpr int64_t device_rows_max = 64;
+constexpr int64_t device_next_max = 256;
+
+// One MoE block on the resident or the device path: everything in device memory.
 struct resident_args {
   int32_t layer = 0;
   int64_t tokens = 0;                 // T
@@ -82,6 +87,12 @@ struct resident_args {
   const int32_t* ids = nullptr;       // [T, K] device memory
   const float* weights = nullptr;     // [T, K] device memory
   void* stream = nullptr;
+  // moe_forward_device only: experts predicted for `next_layer` ([num_next] device memory, in any
+  // order, repeats allowed, ids past the last expert ignored), prefetched once the copy engine
+  // has read them.
+  int32_t next_layer = -1;
+  const int32_t* next_ids = nullptr;
+  int64_t num_next = 0;
 };
 
 struct layer_stats {
@@ -99,6 +110,17 @@ struct layer_stats {
   double host_wait_seconds = 0;  // time a forward waited for the host lane after its device lane
   double device_seconds = 0;     // time a forward spent on its device lane (host clock: on a GPU,
                                  // launches and waits for copies, not the GEMMs themselves)
+  // The device path (moe_forward_device): experts a block read in place from the expert store
+  // because they were in no ready slot (one per block and expert; also counted in
+  // expert_misses), and the bytes those reads moved (the expert's bytes per (token, expert) row).
+  int64_t store_reads = 0;
+  int64_t store_read_bytes = 0;
+  // The prediction for this layer that a device-path block of the layer before passed
+  // (next_ids), scored against this layer's next device-path block: experts predicted, those
+  // of them the block routed, and the experts routed by blocks that had a prediction.
+  int64_t predicted_experts = 0;
+  int64_t predicted_routed = 0;
+  int64_t routed_after_prediction = 0;
 };
 
 struct runtime_stats {
@@ -107,6 +129,7 @@ struct runtime_stats {
   int64_t evictions = 0;
   int64_t forwards = 0;
   int64_t resident_forwards = 0;  // of those, on the resident path (no expert lookups counted)
+  int64_t device_forwards = 0;    // of those, on the device path (lookups counted one step behind)
   // The resident path's device workspace: it grows (a new allocation) when a block has more
   // rows than any before. A CUDA graph that captured a resident block holds the old address, so
   // whoever replays one compares this figure with the one at capture.
@@ -116,7 +139,8 @@ struct runtime_stats {
 };
 
 // One interval of a timeline: a copy on the copy engine or an expert's GEMMs on the compute
-// stream, in seconds since tracing was switched on.
+// stream (expert -1: a resident or device block's kernels, every expert at once), in seconds
+// since tracing was switched on.
 struct trace_event {
   enum class kind_t { kind_copy = 0, kind_compute = 1 } kind = kind_t::kind_copy;
   int32_t layer = 0;
@@ -162,10 +186,22 @@ class runtime {
   // graph. Calls are serialised (one workspace). Fails, naming the layer, when an expert of the
   // layer is not resident.
   status moe_forward_resident(const resident_args& args);
+  // The decode path of a block under any budget (blocks of up to device_rows_max rows): ids and
+  // weights stay in device memory; each row finds its expert through the device slot table, and
+  // an expert in no ready slot is read in place from the expert store (over the link on a GPU)
+  // instead of being waited for. The routing (and the prediction for next_layer) goes to pinned
+  // host memory behind the block's launch; the copy engine's route reader learns it one step
+  // behind, off the caller's thread, counts hits and misses, loads the missed experts for later
+  // blocks (unless the eviction policy is none) and prefetches the prediction. A slot is written
+  // again only after the blocks that may read it through an earlier table have run. Nothing
+  // waits on the host for the device, unless the route reader is two steps' worth of blocks behind
+  // (then the call waits for it). Calls are serialised (one workspace).
+  status moe_forward_device(const resident_args& args);
   // Grows the resident path's workspace to hold `rows` (token, expert) rows now, so that no
   // later block up to that size allocates (a CUDA graph cannot); its size in bytes after.
   status reserve_resident(int64_t rows, int64_t* workspace_bytes);
-  // The device slot table as last built: [num_layers * num_experts], slot or -1 (tests).
+  // The device slot table, every layer's slice brought up to date first: [num_layers *
+  // num_experts], the slot of each ready expert or -1 (tests).
   status slot_table(std::vector<int32_t>* out);
 
   // Give the slab a new size and the cache a new eviction policy, keeping the expert store:
