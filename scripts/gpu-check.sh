@@ -12,8 +12,9 @@
 # warm; the build folder (build/gpu) is kept between calls, so the second build only relinks. With
 # more time, `--skip-tests --only 0,1` and `--only 2,3` split the whole suite over two calls.
 #
-# --sanitize also runs the runtime's GPU tests (test_runtime_gpu.py, test_resident.py) under
-# compute-sanitizer's memcheck and racecheck (logs: sanitize-*.log); expect it to take minutes.
+# --sanitize also runs the runtime's GPU tests (test_runtime_gpu.py, test_resident.py,
+# test_device_path.py) under compute-sanitizer's memcheck and racecheck (logs: sanitize-*.log);
+# expect it to take minutes.
 #
 # Needs the GPU image's build tools (cmake, ninja, nvcc, pybind11, scikit-build-core, torch).
 # scipy-openblas32 is installed from .whl/ when the machine lacks it (no index is reached).
@@ -91,7 +92,7 @@ if [ "$SANITIZE" = 1 ]; then
     for tool in memcheck racecheck; do
       set +e
       (cd tests && "$SAN" --tool "$tool" --error-exitcode 3 --target-processes all \
-        "$PY" -m pytest -m gpu -q -p no:cacheprovider test_runtime_gpu.py test_resident.py) 2>&1 \
+        "$PY" -m pytest -m gpu -q -p no:cacheprovider test_runtime_gpu.py test_resident.py test_device_path.py) 2>&1 \
         | tee "$RESULTS/sanitize-$tool.log"
       san_status=${PIPESTATUS[0]}
       set -e

@@ -45,6 +45,9 @@ def check_result(res: dict) -> None:
             assert r["prefetch_precision"] is None
         if r["policy"] != "hybrid":
             assert r["host_bytes_per_token"] == 0
+        # the device path is the offloading policies' decode on a GPU only
+        assert r["device_forwards"] == 0 and r["store_read_bytes_per_token"] == 0
+        assert r["decode_tokens_per_s_without_device_path"] is None
 
 
 def test_bench_expert_dtypes_side_by_side(tmp_path):

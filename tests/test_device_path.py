@@ -10,14 +10,64 @@ import torch
 from pregated import _core
 from pregated.engine import Engine
 from pregated.moe import device_path_wanted
+from moe_reference import TOLERANCE, make_runtime, moe_reference, random_experts, random_routing, relative_error
 from test_engine_parity import FAMILIES
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [40, 41, 42]]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 CORE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 
 
 def generate(eng, n=12):
     return [r.token_ids for r in eng.generate(PROMPTS, max_new_tokens=n)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ffn,has_bias", [("gated_silu", False), ("gated_swiglu_oai", True)])
+def test_forward_device_matches_reference_with_experts_in_slots_and_in_the_store(device, dtype, ffn, has_bias):
+    """Blocks whose experts are partly in slots (two pinned, others loaded one step behind) and
+    partly read in place from the expert store, against the PyTorch reference."""
+    layers, E, H, I = 2, 8, 40, 24
+    weights = random_experts(layers, E, H, I, ffn, dtype, seed=5, has_bias=has_bias)
+    rt = make_runtime(weights, ffn, dtype, slots=5, device=device)
+    rt.pin(1, 0)
+    rt.pin(1, 3)
+    rt.wait_idle()
+    for step, (T, K) in enumerate([(1, 2), (3, 2), (8, 4), (1, 8), (2, 2)]):
+        x = torch.randn(T, H).to(dtype)
+        ids, w = random_routing(T, K, E, seed=step)
+        nxt = torch.tensor([1, 2, 9], dtype=torch.int32, device=device)  # 9: past the last expert
+        out = rt.forward_device(1, x.to(device), ids.to(device, torch.int32), w.to(device), next_layer=0,
+                                next_ids=nxt)
+        err = relative_error(out, moe_reference(weights[1], x, ids, w, ffn))
+        assert err < TOLERANCE[dtype], f"T={T} K={K}: {err:.2e}"
+    s = rt.stats()
+    assert s["device_forwards"] == 5 and s["store_reads"] > 0 and s["expert_hits"] > 0
+    assert s["store_reads"] == s["expert_misses"]
+    rt.check()
+    rt.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt,group", [("int4", 64), ("int8", 32)])
+def test_forward_device_of_quantized_experts(device, fmt, group):
+    """Quantized experts read from slots and in place, against dequantize-then-matmul."""
+    from test_quantized_experts import quantized_runtime, tolerance
+
+    layers, E, H, I = 2, 8, 128, 64
+    weights = random_experts(layers, E, H, I, "gated_silu", torch.float32, seed=6)
+    rt, deq = quantized_runtime(weights, "gated_silu", torch.bfloat16, fmt, group, device=device, slots=4)
+    for step in range(6):
+        x = torch.randn(2, H).to(torch.bfloat16)
+        ids, w = random_routing(2, 2, E, seed=step)
+        out = rt.forward_device(0, x.to(device), ids.to(device, torch.int32), w.to(device))
+        err = relative_error(out, moe_reference(deq[0], x, ids, w, "gated_silu"))
+        assert err < tolerance(torch.bfloat16, fmt, device), f"step {step}: {err:.2e}"
+    s = rt.stats()
+    assert s["store_reads"] > 0 and s["device_forwards"] == 6
+    rt.check()
+    rt.close()
 
 
 @pytest.mark.parametrize("family", CORE)

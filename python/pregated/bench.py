@@ -200,7 +200,7 @@ def run_engine(engine, prompts, new_tokens: int) -> dict:
     batch = len(prompts)
     decode_tokens = batch * (new_tokens - 1)  # forward passes after the prefill's token
     dec = {k: s[k] - pre[k] for k in ("bytes_h2d", "expert_hits", "expert_misses", "stall_seconds",
-                                      "host_experts", "host_bytes", "host_seconds")}
+                                      "host_experts", "host_bytes", "host_seconds", "store_reads", "store_read_bytes")}
     used = dec["expert_hits"] + dec["expert_misses"]
     peak = _peak(engine)
     eager = None
@@ -213,6 +213,16 @@ def run_engine(engine, prompts, new_tokens: int) -> dict:
             eager = decode_tokens / e["decode_seconds"] if e["decode_seconds"] > 0 else None
         finally:
             engine.graph_mode = mode
+    planned = None
+    if s["device_forwards"] > 0 and engine.device.startswith("cuda"):  # the same decode on the planned path
+        engine.moe.device_path = False
+        try:
+            engine.reset_stats()
+            engine.generate(batch_or_one, max_new_tokens=new_tokens)
+            e = engine.stats()
+            planned = decode_tokens / e["decode_seconds"] if e["decode_seconds"] > 0 else None
+        finally:
+            engine.moe.device_path = True
     return {
         "decode_tokens_per_s": decode_tokens / s["decode_seconds"] if s["decode_seconds"] > 0 else None,
         "prefill_tokens_per_s": s["prefill_tokens"] / s["prefill_seconds"] if s["prefill_seconds"] > 0 else None,
@@ -229,6 +239,13 @@ def run_engine(engine, prompts, new_tokens: int) -> dict:
         "graph_host_s_per_block": (s["graph_host_seconds"] / s["graph_steps"] / engine.cfg.num_moe_layers
                                    if s["graph_steps"] else None),
         "decode_tokens_per_s_without_graphs": eager,
+        # the device path (offloading policies' decode blocks on a GPU: routing kept on the device,
+        # experts in no slot read in place, the routing learnt one step behind): its blocks, the
+        # expert bytes it read in place over the link, and the same decode on the planned path
+        "device_forwards": s["device_forwards"],
+        "store_reads_per_token": dec["store_reads"] / decode_tokens,
+        "store_read_bytes_per_token": dec["store_read_bytes"] / decode_tokens,
+        "decode_tokens_per_s_without_device_path": planned,
         # the resident path (gpu-only) counts no lookups: every expert is in a slot by construction
         "hit_rate": dec["expert_hits"] / used if used else (1.0 if s.get("resident_forwards") else None),
         "prefetch_precision": s["prefetch_precision"],
@@ -296,6 +313,7 @@ def efficiency(run: dict, gpu_only_tps: float | None, h2d_gbps: float,
     tps, per_token = run.get("decode_tokens_per_s"), run.get("bytes_h2d_per_token")
     if tps is None or per_token is None:
         return None, None
+    per_token += run.get("store_read_bytes_per_token") or 0.0  # read in place: over the link too
     bandwidth = h2d_gbps
     if run.get("policy") == "hybrid":
         per_token += run.get("host_bytes_per_token") or 0.0
