@@ -77,3 +77,20 @@ def kernels():
 
     yield use
     _core._force_cpu_kernel(best)
+
+
+def decode_step_without_sync(eng, prompt):
+    """Prefills `prompt` on a CUDA engine, then runs one decode step's forward with torch's sync
+    debug mode raising on any device-to-host synchronisation; returns its logits."""
+    import torch
+
+    cache, mask, last, logits = eng._prefill([prompt])
+    nxt = logits.argmax(-1)
+    mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = eng._forward(nxt[:, None], mask, (last + 1)[:, None], cache, torch.ones(1, 1, dtype=torch.bool))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return out

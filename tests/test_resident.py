@@ -112,16 +112,9 @@ def test_gpu_only_decode_step_asks_the_host_nothing(mixtral_folder):
     (torch's sync debug mode raises on any): the experts resolve on the device."""
     from pregated.engine import Engine
 
+    from conftest import decode_step_without_sync
+
     with Engine(mixtral_folder, device="cuda", policy="gpu-only", quiet=True) as eng:
-        prompt = [5, 6, 7, 8, 9, 10]
-        cache, mask, last, logits = eng._prefill([prompt])
-        nxt = logits.argmax(-1)
-        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            out, _ = eng._forward(nxt[:, None], mask, (last + 1)[:, None], cache, torch.ones(1, 1, dtype=torch.bool))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        out = decode_step_without_sync(eng, [5, 6, 7, 8, 9, 10])
         assert out.shape[-1] == eng.cfg.vocab_size
         assert eng.stats()["resident_forwards"] >= eng.cfg.num_moe_layers

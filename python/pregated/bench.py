@@ -203,26 +203,11 @@ def run_engine(engine, prompts, new_tokens: int) -> dict:
                                       "host_experts", "host_bytes", "host_seconds", "store_reads", "store_read_bytes")}
     used = dec["expert_hits"] + dec["expert_misses"]
     peak = _peak(engine)
-    eager = None
-    if s["graph_steps"] > 0:  # the same decode without the graph step, for the record
-        engine.graph_mode, mode = None, engine.graph_mode
-        try:
-            engine.reset_stats()
-            engine.generate(batch_or_one, max_new_tokens=new_tokens)
-            e = engine.stats()
-            eager = decode_tokens / e["decode_seconds"] if e["decode_seconds"] > 0 else None
-        finally:
-            engine.graph_mode = mode
-    planned = None
-    if s["device_forwards"] > 0 and engine.device.startswith("cuda"):  # the same decode on the planned path
-        engine.moe.device_path = False
-        try:
-            engine.reset_stats()
-            engine.generate(batch_or_one, max_new_tokens=new_tokens)
-            e = engine.stats()
-            planned = decode_tokens / e["decode_seconds"] if e["decode_seconds"] > 0 else None
-        finally:
-            engine.moe.device_path = True
+    # The same decode without the graph step, and on the planned path, for the record.
+    eager = (_rerun_decode(engine, engine, "graph_mode", None, batch_or_one, new_tokens, decode_tokens)
+             if s["graph_steps"] > 0 else None)
+    planned = (_rerun_decode(engine, engine.moe, "device_path", False, batch_or_one, new_tokens, decode_tokens)
+               if s["device_forwards"] > 0 and engine.device.startswith("cuda") else None)
     return {
         "decode_tokens_per_s": decode_tokens / s["decode_seconds"] if s["decode_seconds"] > 0 else None,
         "prefill_tokens_per_s": s["prefill_tokens"] / s["prefill_seconds"] if s["prefill_seconds"] > 0 else None,
@@ -258,6 +243,19 @@ def run_engine(engine, prompts, new_tokens: int) -> dict:
         "host_experts_per_token": dec["host_experts"] / decode_tokens,
         "host_s_per_token": dec["host_seconds"] / decode_tokens,
     }
+
+
+def _rerun_decode(engine, owner, switch: str, value, batch_or_one, new_tokens: int, decode_tokens: int):
+    """Decode tokens/s of the same generation with owner.switch set to `value` (then restored)."""
+    saved = getattr(owner, switch)
+    setattr(owner, switch, value)
+    try:
+        engine.reset_stats()
+        engine.generate(batch_or_one, max_new_tokens=new_tokens)
+        e = engine.stats()
+        return decode_tokens / e["decode_seconds"] if e["decode_seconds"] > 0 else None
+    finally:
+        setattr(owner, switch, saved)
 
 
 def run_hf(folder: str, baseline: str, device: str, dtype, budget_bytes, prompts, new_tokens: int) -> dict:
