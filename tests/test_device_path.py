@@ -43,6 +43,7 @@ def test_forward_device_matches_reference_with_experts_in_slots_and_in_the_store
                                 next_ids=nxt)
         err = relative_error(out, moe_reference(weights[1], x, ids, w, ffn))
         assert err < TOLERANCE[dtype], f"T={T} K={K}: {err:.2e}"
+    assert rt.reads_store_in_place
     s = rt.stats()
     assert s["device_forwards"] == 5 and s["store_reads"] > 0 and s["expert_hits"] > 0
     assert s["store_reads"] == s["expert_misses"]

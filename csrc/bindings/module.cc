@@ -733,6 +733,8 @@ this thread. An expert in no ready slot is read in place from the expert store (
 GPU). The runtime's route reader learns the routing one step behind: it counts hits and reads in
 place, loads the missed experts for later blocks and prefetches next_ids (int32, on the device: the
 experts predicted for next_layer).)doc")
+      .def_property_readonly("reads_store_in_place", [](py_runtime& self) { return self.rt().reads_store_in_place(); },
+                             "Whether forward_device can run: the device reads the pinned expert store in place.")
       .def("reserve_resident", &py_runtime::reserve_resident, py::arg("rows"),
            R"doc(Grows the resident path's workspace to hold `rows` (token, expert) rows now, so that no later
 block up to that size allocates (what a CUDA graph that captures one needs); returns the workspace's size

@@ -180,6 +180,10 @@ status runtime::moe_forward_device(const resident_args& a) {
                             "give 0 to " + std::to_string(device_next_max) + " of them, in device memory");
   }
   if (a.num_next > 0) PREGATED_RETURN_IF_ERROR(m.check_layer(a.next_layer, "moe_forward_device next_layer"));
+  if (!m.store_unmapped.is_ok()) {
+    return {status_code::status_code_unavailable, "moe_forward_device: the device cannot read the expert store in place (" +
+                                                      m.store_unmapped.message() + "): run blocks through moe_forward"};
+  }
   if (a.tokens == 0) return {};
   if (a.x == nullptr || a.out == nullptr || a.ids == nullptr || a.weights == nullptr) {
     return invalid_argument("moe_forward_device: x, out, ids and weights must all be given");
@@ -196,5 +200,7 @@ status runtime::moe_forward_device(const resident_args& a) {
   ++m.stats.device_forwards;
   return m.launch_resident(lk, a, /*at_store=*/true, note);
 }
+
+bool runtime::reads_store_in_place() const { return impl_->store_unmapped.is_ok(); }
 
 }  // namespace pregated

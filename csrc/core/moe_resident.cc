@@ -115,8 +115,10 @@ status runtime::impl::launch_resident(std::unique_lock<std::mutex>& lk, const re
     }
     if (st.is_ok() && c1) st = be->record(c1.get(), a.stream);
   }
-  // Recorded even after a failure: kernels may have been launched.
-  status read = be->record(layer_read[l].get(), a.stream);
+  // Recorded even after a failure: kernels may have been launched. Not on the resident path,
+  // whose slots are pinned (never copied into while pinned) and whose blocks a CUDA graph may be
+  // capturing: an event recorded in a capture must not be waited for by the copy stream.
+  status read = at_store ? be->record(layer_read[l].get(), a.stream) : status{};
   lk.lock();
   if (st.is_ok() && c0 && c1) traces.push_back({trace_event::kind_t::kind_compute, a.layer, -1, std::move(c0), std::move(c1)});
   --launching[l];

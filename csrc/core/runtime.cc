@@ -73,7 +73,8 @@ status runtime::create(std::unique_ptr<backend> be, const runtime_config& cfg,
   for (size_t l = 0; l < L; ++l) {
     PREGATED_RETURN_IF_ERROR(m.be->create_event(false, &m.layer_read[l]));
     const void* at = nullptr;
-    PREGATED_RETURN_IF_ERROR(m.be->device_address(m.store.expert({static_cast<int32_t>(l), 0}), &at));
+    status mapped = m.be->device_address(m.store.expert({static_cast<int32_t>(l), 0}), &at);
+    if (!mapped) m.store_unmapped = mapped;  // the device path is then refused, saying why
     m.store_at[l] = static_cast<const uint8_t*>(at);
   }
   PREGATED_RETURN_IF_ERROR(m.start_host_lane());  // before the copy engine: it measures the link

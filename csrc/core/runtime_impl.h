@@ -71,6 +71,7 @@ struct runtime::impl {
   std::vector<std::vector<int32_t>> predicted_for;
   void* note_memory = nullptr;
   std::vector<const uint8_t*> store_at;  // per layer: the store's block as the device addresses it
+  status store_unmapped;                 // why the device cannot read the store in place, if it cannot
   std::vector<std::unique_ptr<backend_event>> copy_done;  // per slot: its last copy finished
   std::vector<std::unique_ptr<backend_event>> last_use;   // per slot: its last GEMM finished
 

@@ -186,12 +186,21 @@ class cuda_backend final : public backend {
     PREGATED_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, as_stream(stream)));
     return {};
   }
-  // Pinned host memory is mapped into every device's address space under unified addressing;
-  // the runtime asks for the device's name of it all the same.
+  // Pinned host memory is mapped into every device's address space under unified addressing
+  // (every 64-bit process); the runtime asks for the device's name of it all the same.
   status device_address(const void* host, const void** out) override {
     PREGATED_CUDA_CHECK(cudaSetDevice(device_));
     void* dev = nullptr;
-    PREGATED_CUDA_CHECK(cudaHostGetDevicePointer(&dev, const_cast<void*>(host), 0));
+    if (cudaHostGetDevicePointer(&dev, const_cast<void*>(host), 0) != cudaSuccess) {
+      cudaGetLastError();
+      int unified = 0;
+      PREGATED_CUDA_CHECK(cudaDeviceGetAttribute(&unified, cudaDevAttrUnifiedAddressing, device_));
+      if (!unified) {
+        return {status_code::status_code_unavailable,
+                "device " + std::to_string(device_) + " cannot map pinned host memory"};
+      }
+      dev = const_cast<void*>(host);  // unified addressing: the host's pointer is the device's
+    }
     *out = dev;
     return {};
   }

@@ -175,7 +175,8 @@ class Engine:
             self.pregate = SpeculativePregate(self.blocks, self.taps)
             self.moe = MoEExecutor(self.runtime, self._handle, cfg, self.policy, self.pregate, self.taps, routing)
             self.moe.ep = self.ep
-            self.moe.device_path = self.device.startswith("cuda") and device_path_wanted()
+            self.moe.device_path = (self.device.startswith("cuda") and device_path_wanted()
+                                    and self.runtime.reads_store_in_place)
             for m, b in enumerate(self.blocks):
                 b.experts._pregated = Binding(self.moe, m)
             self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"

@@ -197,6 +197,8 @@ class runtime {
   // waits on the host for the device, unless the route reader is two steps' worth of blocks behind
   // (then the call waits for it). Calls are serialised (one workspace).
   status moe_forward_device(const resident_args& args);
+  // Whether moe_forward_device can run: the device reads the pinned expert store in place.
+  bool reads_store_in_place() const;
   // Grows the resident path's workspace to hold `rows` (token, expert) rows now, so that no
   // later block up to that size allocates (a CUDA graph cannot); its size in bytes after.
   status reserve_resident(int64_t rows, int64_t* workspace_bytes);
