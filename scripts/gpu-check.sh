@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with an NVIDIA GPU and no internet, build pregated with the CUDA
-# backend required, run the GPU-marked tests, run the standard benchmark suite, and keep what
+# backend required, run the GPU-marked tests, time a miss read in place against a copy
+# (benchmarks/tools/read_in_place.py, seconds), run the standard benchmark suite, and keep what
 # they measured.
 #
 #   scripts/gpu-check.sh [--results DIR] [--skip-tests] [--skip-bench] [--quick | --only 0,2] [--sanitize]
@@ -104,8 +105,12 @@ if [ "$SANITIZE" = 1 ]; then
   fi
 fi
 if [ "$BENCH" = 1 ]; then
-  step "benchmark suite"
+  step "a miss on the device path (read in place) against a copy (planned path)"
   set +e
+  "$PY" benchmarks/tools/read_in_place.py --device cuda --out "$RESULTS/read-in-place.json" 2>&1 \
+    | tee "$RESULTS/read-in-place.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  step "benchmark suite"
   "$PY" -m pregated.suite --results "$RESULTS" ${SUITE_ARGS[@]+"${SUITE_ARGS[@]}"} 2>&1 | tee -a "$RESULTS/bench-suite.log"
   bench_status=${PIPESTATUS[0]}
   set -e

@@ -169,3 +169,18 @@ def test_host_read_probe_reads_the_buffer():
     for nbytes in (8 << 20, 32 << 20):
         gbps = _core.cpu_read_gbps(nbytes)
         assert gbps > 0 and math.isfinite(gbps), f"{nbytes} bytes: {gbps}"
+
+
+def test_read_in_place_tool_runs_every_mode_on_cpu():
+    """benchmarks/tools/read_in_place.py (run by gpu-check.sh on a GPU) on tiny shapes."""
+    import argparse
+
+    path = os.path.join(ROOT, "benchmarks", "tools", "read_in_place.py")
+    spec = importlib.util.spec_from_file_location("read_in_place", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    r = tool.measure(argparse.Namespace(device="cpu", hidden=64, intermediate=32, experts=16, top_k=4,
+                                        dtype="float32", blocks=6))
+    assert set(r["modes"]) == {"in_place", "planned", "slots"}
+    assert all(m["block_s_median"] > 0 for m in r["modes"].values())
+    assert r["block_bytes"] == 4 * r["expert_bytes"]
