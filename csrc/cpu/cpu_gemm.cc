@@ -1,11 +1,14 @@
 #include "cpu_gemm.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "amx_rows.h"
+#include "bf16_pairs.h"
 #include "half.h"
 #include "quantized_int8.h"
 #include "quantized_rows.h"
@@ -67,6 +70,16 @@ void sgemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, cons
 // than to compute).
 constexpr int64_t min_task_bytes = 256 << 10;
 
+// bf16 GEMMs of more rows than a decode on vdpbf16ps with B repacked as pairs of k (bf16_pairs.h)
+// where AMX does not take them; PREGATED_BF16_PAIRS=0 widens B to fp32 for sgemm instead.
+bool bf16_pairs_chosen() {
+  static const bool off = [] {
+    const char* v = std::getenv("PREGATED_BF16_PAIRS");
+    return v != nullptr && std::string(v) == "0";
+  }();
+  return !off && bf16dot_chosen();
+}
+
 int64_t tasks_for(int64_t n, int64_t bytes_per_column) {
   const int64_t threads = thread_pool::current().size();
   const int64_t by_size = std::max<int64_t>(1, n * bytes_per_column / min_task_bytes);
@@ -125,6 +138,24 @@ status gemm_nt(dtype dt, int64_t m, int64_t n, int64_t k, const void* a, int64_t
     pool.run(tasks, [&](int64_t t) {
       const int64_t j0 = t * per, j1 = std::min(n, j0 + per);
       if (j0 < j1) amx_rows(in, static_cast<const uint16_t*>(b), ldb, j0, j1, static_cast<uint16_t*>(c), ldc);
+    });
+    return {};
+  }
+  // bf16 beyond a decode's rows where AMX does not take them: without AMX, widening B for sgemm
+  // took about 3x PyTorch's (oneDNN's) time from 16 rows on (AVX-512 BF16 host, H=1024, I=2816).
+  if (dt == dtype::dtype_bf16 && m > small_rows_max && bf16_pairs_chosen()) {
+    const std::vector<uint32_t> ap = bf16_pairs_of(m, k, static_cast<const uint16_t*>(a), lda);
+    std::vector<float> c32;
+    int64_t cf_ld = ldc;
+    float* cf = fp32_output(dt, c, m, n, &c32, &cf_ld);
+    const int64_t blocks = (n + 63) / 64;
+    const int64_t tasks = tasks_for(blocks, 64 * k * 2);
+    const int64_t per = (blocks + tasks - 1) / tasks * 64;
+    pool.run(tasks, [&](int64_t t) {
+      const int64_t j0 = t * per, j1 = std::min(n, j0 + per);
+      if (j0 >= j1) return;
+      bf16_pairs_gemm(m, k, ap.data(), static_cast<const uint16_t*>(b), ldb, j0, j1, cf, cf_ld);
+      narrow_columns(dt, cf, cf_ld, m, j0, j1, c, ldc);
     });
     return {};
   }

@@ -289,6 +289,7 @@ void small_rows(dtype dt, int64_t m, int64_t k, const float* a, const void* b, i
 }
 
 bool amx_chosen() { return chosen() == isa::amx; }
+bool bf16dot_chosen() { return chosen() == isa::avx512bf16 || chosen() == isa::amx; }
 bool avx512_chosen() { return chosen() == isa::avx512 || chosen() == isa::avx512bf16 || chosen() == isa::amx; }
 
 const char* small_rows_isa() {

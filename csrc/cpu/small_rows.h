@@ -20,6 +20,8 @@ void small_rows(dtype dt, int64_t m, int64_t k, const float* a, const void* b, i
 // it), the rest as "avx512bf16".
 const char* small_rows_isa();
 bool amx_chosen();
+// Whether bf16 weights go through vdpbf16ps here (AVX-512 BF16, with or without AMX).
+bool bf16dot_chosen();
 // Whether the chosen path is one of the AVX-512 ones ("avx512" and up: AVX-512F/BW/VL present).
 bool avx512_chosen();
 

@@ -42,7 +42,8 @@ TEST(cpu_bf16_gemm_on_every_kernel_path) {
     for (int64_t k : {64, 96, 45}) {
       // 40: a pair of 16-row blocks and one of 8; 100: three pairs and a block of 4 (prefill sizes)
       for (int64_t m : {1, 3, 8, 17, 40, 100}) {
-        const int64_t n = 53, lda = k + 3, ldc = n + 2;
+       for (int64_t n : {53, 150}) {  // 150: several blocks of 64 columns, and a partial one
+        const int64_t lda = k + 3, ldc = n + 2;
         std::vector<uint16_t> a(static_cast<size_t>(m * lda)), b(static_cast<size_t>(n * k));
         std::vector<uint16_t> c(static_cast<size_t>(m * ldc), 0x7FC0);  // NaN: every written entry is checked
         for (auto& v : a) v = cpu::f32_to_bf16(normal(rng));
@@ -62,9 +63,10 @@ TEST(cpu_bf16_gemm_on_every_kernel_path) {
         const double err = relative_error(c, ref, m, n, ldc);
         if (!(err < 1e-2)) {
           CHECK(err < 1e-2);
-          std::printf("    %s m=%lld k=%lld: relative error %.3g\n", isa, static_cast<long long>(m),
-                      static_cast<long long>(k), err);
+          std::printf("    %s m=%lld k=%lld n=%lld: relative error %.3g\n", isa, static_cast<long long>(m),
+                      static_cast<long long>(k), static_cast<long long>(n), err);
         }
+       }
       }
     }
   }
