@@ -7,6 +7,7 @@
 
 #include "half.h"
 #include "quantized_int8.h"
+#include "simd_x86.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #include <cpuid.h>
@@ -14,7 +15,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #define PREGATED_AMX 1
-// GCC 12 warns inside its own AVX-512 intrinsics (a known false positive), as in small_rows.cc.
+// GCC 12 warns inside its own AVX-512 intrinsics (a known false positive), as in simd_x86.h.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
@@ -92,33 +93,6 @@ __attribute__((target("amx-tile,amx-bf16"))) void block(const uint16_t* pa0, con
   if constexpr (NC == 2) _tile_stored(1, out + T, 64);
   if constexpr (NR == 2) _tile_stored(2, out + 2 * T, 64);
   if constexpr (NR == 2 && NC == 2) _tile_stored(3, out + 3 * T, 64);
-}
-
-// v[i] lane r <- v[r] lane i: a 16 x 16 transpose of 32-bit elements in 64 shuffles (bits moved
-// as they are, so any 32-bit data).
-__attribute__((target("avx512f"))) inline void transpose16(__m512 (&v)[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {  // 32-bit pairs of rows
-    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {  // 64-bit: v[4 g + c], 128-bit chunk L: rows 4g..4g+3 of lane 4 L + c
-    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
-    const __m512d a1 = _mm512_castps_pd(t[4 * g + 1]), b1 = _mm512_castps_pd(t[4 * g + 3]);
-    v[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-    v[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-    v[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, b1));
-    v[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, b1));
-  }
-  for (int q = 0; q < 4; ++q) {  // 128-bit chunks: lane 4 L + q of every row, chunk g rows 4g..
-    const __m512 x0 = _mm512_shuffle_f32x4(v[q], v[4 + q], 0x88), x1 = _mm512_shuffle_f32x4(v[q], v[4 + q], 0xDD);
-    const __m512 x2 = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0x88), x3 = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0xDD);
-    t[q] = _mm512_shuffle_f32x4(x0, x2, 0x88);
-    t[8 + q] = _mm512_shuffle_f32x4(x0, x2, 0xDD);
-    t[4 + q] = _mm512_shuffle_f32x4(x1, x3, 0x88);
-    t[12 + q] = _mm512_shuffle_f32x4(x1, x3, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) v[i] = t[i];
 }
 
 // Rows [16 blk, 16 blk + 16) of A (those from m on as zeros) packed in pairs: dst[p][r] = the

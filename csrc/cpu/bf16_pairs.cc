@@ -2,13 +2,7 @@
 
 #include <algorithm>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define PREGATED_X86 1
-// GCC 12 warns inside its own AVX-512 intrinsics (a known false positive).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+#include "simd_x86.h"
 
 namespace pregated::cpu {
 
@@ -33,29 +27,6 @@ constexpr int rows_max = 6;   // rows of sums in registers: 6 x 4 vectors, plus 
 
 #define PREGATED_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-// r[i][j] -> r[j][i] for 16 x 16 32-bit words.
-PREGATED_BF16_TARGET inline void transpose16(__m512i r[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {  // u[4g + q], lane L: rows 4g..4g+3 of column 4L + q
-    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g + 0], t[4 * g + 2]);
-    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g + 0], t[4 * g + 2]);
-    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-  }
-  for (int q = 0; q < 4; ++q) {  // the 4 x 4 transpose of 128-bit lanes of u[q], u[4 + q], u[8 + q], u[12 + q]
-    const __m512i v0 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0x44), v1 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0xEE);
-    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0x44), v3 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0xEE);
-    r[q] = _mm512_shuffle_i32x4(v0, v2, 0x88);
-    r[4 + q] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
-    r[8 + q] = _mm512_shuffle_i32x4(v1, v3, 0x88);
-    r[12 + q] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
-  }
-}
-
 // Columns [j, j + nb) of B (nb <= 64) as pairs of k: out[p * 64 + c] = (B[j + c, 2p], B[j + c, 2p + 1]),
 // zero past k and past nb.
 PREGATED_BF16_TARGET void pack_block(int64_t k, const uint16_t* b, int64_t ldb, int64_t j, int64_t nb, uint32_t* out) {
@@ -64,14 +35,15 @@ PREGATED_BF16_TARGET void pack_block(int64_t k, const uint16_t* b, int64_t ldb, 
     for (int64_t p0 = 0; p0 < kh; p0 += 16) {
       const int64_t left = k - 2 * p0;  // bf16 values of each column from word p0 on
       const __mmask32 mask = left >= 32 ? __mmask32(0xFFFFFFFFu) : static_cast<__mmask32>((1u << left) - 1);
-      __m512i r[16];
+      __m512 r[16];
       for (int c = 0; c < 16; ++c) {
         const int64_t col = g * 16 + c;
-        r[c] = col < nb ? _mm512_maskz_loadu_epi16(mask, b + (j + col) * ldb + 2 * p0) : _mm512_setzero_si512();
+        r[c] = col < nb ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, b + (j + col) * ldb + 2 * p0))
+                        : _mm512_setzero_ps();
       }
-      transpose16(r);
+      transpose16(r);  // r[w] lane c: word p0 + w of column c
       const int64_t words = std::min<int64_t>(16, kh - p0);
-      for (int64_t w = 0; w < words; ++w) _mm512_storeu_si512(out + (p0 + w) * cols + g * 16, r[w]);
+      for (int64_t w = 0; w < words; ++w) _mm512_storeu_ps(reinterpret_cast<float*>(out + (p0 + w) * cols + g * 16), r[w]);
     }
   }
 }

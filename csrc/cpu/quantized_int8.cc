@@ -9,13 +9,6 @@
 #include "simd_x86.h"
 #include "small_rows.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define PREGATED_X86 1
-// GCC 12 warns inside its own AVX-512 intrinsics (a known false positive), as in small_rows.cc.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 
 namespace pregated::cpu {
 

@@ -1,8 +1,13 @@
-// Small AVX2 helpers shared by the CPU kernels (x86 with GCC/Clang only).
+// Small AVX2 and AVX-512 helpers shared by the CPU kernels (x86 with GCC/Clang only).
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+// The kernel files that include this have their x86 paths (PREGATED_X86); GCC 12 warns inside its
+// own AVX-512 intrinsics there (a known false positive), so those warnings are off in them.
+#define PREGATED_X86 1
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include <cstdint>
 
@@ -64,6 +69,33 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// v[i] lane r <- v[r] lane i: a 16 x 16 transpose of 32-bit elements in 64 shuffles (bits moved
+// as they are, so any 32-bit data).
+__attribute__((target("avx512f"))) inline void transpose16(__m512 (&v)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // 32-bit pairs of rows
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // 64-bit: v[4 g + c], 128-bit chunk L: rows 4g..4g+3 of lane 4 L + c
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
+    const __m512d a1 = _mm512_castps_pd(t[4 * g + 1]), b1 = _mm512_castps_pd(t[4 * g + 3]);
+    v[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    v[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    v[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, b1));
+    v[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, b1));
+  }
+  for (int q = 0; q < 4; ++q) {  // 128-bit chunks: lane 4 L + q of every row, chunk g rows 4g..
+    const __m512 x0 = _mm512_shuffle_f32x4(v[q], v[4 + q], 0x88), x1 = _mm512_shuffle_f32x4(v[q], v[4 + q], 0xDD);
+    const __m512 x2 = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0x88), x3 = _mm512_shuffle_f32x4(v[8 + q], v[12 + q], 0xDD);
+    t[q] = _mm512_shuffle_f32x4(x0, x2, 0x88);
+    t[8 + q] = _mm512_shuffle_f32x4(x0, x2, 0xDD);
+    t[4 + q] = _mm512_shuffle_f32x4(x1, x3, 0x88);
+    t[12 + q] = _mm512_shuffle_f32x4(x1, x3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
 }
 
 }  // namespace pregated::cpu

@@ -7,14 +7,6 @@
 #include "half.h"
 #include "simd_x86.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define PREGATED_X86 1
-// GCC 12 warns inside its own AVX-512 reduction intrinsics (a known false positive).
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-
 namespace pregated::cpu {
 
 namespace {
