@@ -193,6 +193,35 @@ def test_cpu_gemm_kernels_against_dequantize_then_matmul(isa, fmt, group):
         _core._force_cpu_kernel(best)
 
 
+@pytest.mark.parametrize("isa", ["avx512bf16", "avx512", "avx2", "portable"])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cpu_bf16_prefill_gemm_of_quantized_weights(isa, fmt):
+    """A bf16 model's prefill rows (more than 8) against int8 / int4 weights: on AVX-512 BF16
+    without AMX the dequantized tiles go through bf16_pairs (vdpbf16ps), elsewhere dequantized
+    fp32 tiles and sgemm; against dequantize-then-matmul in float64 (bf16 rounding of A and C)."""
+    from pregated import _core
+
+    best = _core.cpu_kernel_isa()
+    if not _core._force_cpu_kernel(isa):
+        pytest.skip(f"this CPU cannot run the {isa} path (it runs {best})")
+    try:
+        spec = QuantSpec(BITS[fmt], 64)
+        torch.manual_seed(spec.bits)
+        for k, n in ((256, 45), (384, 150)):
+            codes, scale, zero = quantize(torch.randn(n, k), spec)
+            w = dequantize(codes, scale, zero, 64).double()
+            packed = pack(codes, spec.bits)
+            for m in (9, 64, 100):
+                a = (torch.randn(m, k) * torch.linspace(0.1, 3, k)).to(torch.bfloat16)
+                out = torch.zeros(m, n, dtype=torch.bfloat16)
+                _core._quantized_gemm(a, packed, scale, zero, spec.bits, 64, out)
+                ref = a.double() @ w.T
+                err = float((out.double() - ref).norm() / ref.norm())
+                assert err < 1e-2, f"{isa} {fmt} k={k} m={m}: {err:.2e}"
+    finally:
+        _core._force_cpu_kernel(best)
+
+
 def test_packed_bytes_and_clear_errors():
     bf16 = pregated.expert_bytes(512, 1536, "gated_silu", "bfloat16")
     for fmt, bits in BITS.items():

@@ -507,9 +507,13 @@ PYBIND11_MODULE(_core, m) {
     expect_dims(scale, "scale", {n, groups}, "n, groups");
     expect_dims(zero, "zero", {n, groups}, "n, groups");
     expect_dims(out, "out", {m, n}, "m, n");
-    for (const auto& [t, name, dt] : {std::tuple{&a, "a", "float32"}, {&codes, "codes", "uint8"},
+    if (a.dtype != "float32" && a.dtype != "bfloat16") {
+      throw py::value_error("a must be float32 or bfloat16, got torch." + a.dtype);
+    }
+    const std::string adt = a.dtype;  // out in the same dtype
+    for (const auto& [t, name, dt] : {std::tuple{&a, "a", adt.c_str()}, {&codes, "codes", "uint8"},
                                       {&scale, "scale", "float16"}, {&zero, "zero", "float16"},
-                                      {&out, "out", "float32"}}) {
+                                      {&out, "out", adt.c_str()}}) {
       expect_device(*t, name, "cpu");
       expect_dtype(*t, name, dt);
       expect_contiguous(*t, name);
@@ -523,10 +527,11 @@ PYBIND11_MODULE(_core, m) {
     q.zeros = reinterpret_cast<const uint16_t*>(zero.data);
     q.groups = groups;
     static const std::unique_ptr<backend> be = make_cpu_backend();
-    throw_if_error(be->gemm_nt_quantized(dtype::dtype_f32, m, n, k, reinterpret_cast<const void*>(a.data), k, q,
+    const dtype dt = adt == "bfloat16" ? dtype::dtype_bf16 : dtype::dtype_f32;
+    throw_if_error(be->gemm_nt_quantized(dt, m, n, k, reinterpret_cast<const void*>(a.data), k, q,
                                 reinterpret_cast<void*>(out.data), n, nullptr));
   }, py::arg("a"), py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("bits"), py::arg("group_size"),
-        py::arg("out"), "Tests: out = a @ dequantize(codes, scale, zero).T on the CPU backend's kernels.");
+        py::arg("out"), "Tests: out = a @ dequantize(codes, scale, zero).T on the CPU backend's kernels (a, out: float32 or bfloat16).");
 
   m.def("cpu_linear", [](const py::object& x_obj, const py::object& w_obj, const py::object& out_obj) {
     tensor_info x = inspect(x_obj, "x"), w = inspect(w_obj, "weight"), out = inspect(out_obj, "out");

@@ -292,6 +292,23 @@ status gemm_nt_quantized(dtype dt, int64_t m, int64_t n, int64_t k, const void* 
     });
     return {};
   }
+  // The same without AMX, on AVX-512 BF16: the dequantized tiles through bf16_pairs.
+  if (m > small_rows_max && dt == dtype::dtype_bf16 && bf16_pairs_chosen() && amx_dequantize_ok(b, k)) {
+    const std::vector<uint32_t> ap = bf16_pairs_of(m, k, static_cast<const uint16_t*>(a), lda);
+    std::vector<float> c32;
+    int64_t cf_ld = ldc;
+    float* cf = fp32_output(dt, c, m, n, &c32, &cf_ld);
+    const int64_t tile = std::max<int64_t>(64, (int64_t{1} << 17) / k / 64 * 64);
+    const int64_t tiles = (n + tile - 1) / tile;
+    pool.run(tiles, [&](int64_t t) {
+      const int64_t j0 = t * tile, nb = std::min(tile, n - j0);
+      const bf16_buffer w = aligned_array<uint16_t>(nb * k);
+      amx_dequantize(b, j0, j0 + nb, w.get());
+      bf16_pairs_gemm(m, k, ap.data(), w.get(), k, 0, nb, cf + j0, cf_ld);
+      narrow_columns(dt, cf, cf_ld, m, j0, j0 + nb, c, ldc);
+    });
+    return {};
+  }
   std::vector<float> a32(static_cast<size_t>(m * k));  // A compact fp32
   if (dt == dtype::dtype_f32) {
     for (int64_t i = 0; i < m; ++i) {
