@@ -112,28 +112,9 @@ void runtime::impl::read_routing(const route_note& n) {
       missed.push_back(e);
     }
   }
-  // This layer has run: its prefetches that have not started and that routing did not pick are
-  // no longer wanted, and what was prefetched for it and not used was a wrong guess. Without a
-  // cache, its experts leave their slots now (a later copy into one still waits for this block).
-  const bool keep = cache.policy() != eviction_policy::eviction_policy_none;
-  for (int32_t e = 0; e < E; ++e) {
-    const int32_t i = cache.find({n.layer, e});
-    if (i < 0) continue;
-    slot_info& s = cache.slot(i);
-    if (s.state == slot_state::slot_state_queued) {
-      if (!s.copied_as_prefetch && !s.demanded && !s.refill && s.refs == 0 && !s.pinned &&
-          rows[static_cast<size_t>(e)] == 0) {
-        ++ls.prefetch_dropped;
-        cache.clear(i);
-      }
-      continue;
-    }
-    s.prefetched = false;
-    if (!keep && s.refs == 0 && !s.pinned) {
-      cache.clear(i);
-      ++stats.evictions;
-    }
-  }
+  // This layer has run (a later copy into one of its slots still waits for this block).
+  drop_unrouted_prefetches(n.layer, [&](int32_t e) { return rows[static_cast<size_t>(e)] > 0; });
+  finish_layer(n.layer);
   // The prediction first: the next block needs it sooner than later steps need the misses.
   if (n.num_next > 0 && n.next_layer >= 0 && n.next_layer < cfg.num_layers) {
     std::vector<int32_t> next;
@@ -146,7 +127,7 @@ void runtime::impl::read_routing(const route_note& n) {
     prefetch_locked(n.next_layer, next.data(), static_cast<int32_t>(next.size()),
                     prefetch_allowance(static_cast<int32_t>(next.size())));
   }
-  if (keep) {
+  if (cache.policy() != eviction_policy::eviction_policy_none) {
     for (int32_t e : missed) {
       const int32_t slot = cache.choose_slot(/*for_prefetch=*/true);  // displaces no load, no unused prefetch
       if (slot < 0) break;

@@ -74,6 +74,21 @@ status runtime::impl::check_experts(const int32_t* experts, int32_t n, const cha
   return {};
 }
 
+void runtime::impl::finish_layer(int32_t layer) {
+  const bool keep = cache.policy() != eviction_policy::eviction_policy_none;
+  for (int32_t e = 0; e < cfg.num_experts; ++e) {  // the layer's slots, through the cache's map
+    const int32_t i = cache.find({layer, e});
+    if (i < 0) continue;
+    slot_info& s = cache.slot(i);
+    if (s.state == slot_state::slot_state_queued) continue;
+    s.prefetched = false;
+    if (!keep && s.refs == 0 && !s.pinned) {
+      cache.clear(i);
+      ++stats.evictions;
+    }
+  }
+}
+
 status runtime::impl::forward(const moe_args& a) {
   PREGATED_RETURN_IF_ERROR(check_layer(a.layer, "moe_forward"));
   if (a.tokens < 0 || a.top_k < 1) {
@@ -174,19 +189,9 @@ status runtime::impl::forward(const moe_args& a) {
     // Prefetches for this layer that have not started and that routing did not pick are no
     // longer wanted (one whose copy has started stays queued until the copy is issued: it is
     // counted as issued and left alone).
-    for (int32_t e = 0; e < cfg.num_experts; ++e) {  // this layer's slots, through the cache's map
-      const int32_t i = cache.find({a.layer, e});
-      if (i < 0) continue;
-      const slot_info& s = cache.slot(i);
-      if (s.state != slot_state::slot_state_queued || s.copied_as_prefetch || s.demanded || s.refs > 0 || s.pinned) {
-        continue;
-      }
-      // plan.experts is sorted
-      if (!std::binary_search(plan.experts.begin(), plan.experts.end(), e)) {
-        ++ls->prefetch_dropped;
-        cache.clear(i);
-      }
-    }
+    drop_unrouted_prefetches(a.layer, [&](int32_t e) {  // plan.experts is sorted
+      return std::binary_search(plan.experts.begin(), plan.experts.end(), e);
+    });
     if (host_compute) {
       count_routing(a.layer, plan.experts);
       std::vector<size_t> missing;
@@ -367,20 +372,7 @@ status runtime::impl::forward(const moe_args& a) {
     const double block = since(started);
     block_seconds = block_seconds == 0 ? block : 0.8 * block_seconds + 0.2 * block;
   }
-  // This layer has run: what was prefetched for it and not used was a wrong guess. Without a
-  // cache, its experts leave their slots now.
-  const bool keep = cache.policy() != eviction_policy::eviction_policy_none;
-  for (int32_t e = 0; e < cfg.num_experts; ++e) {  // this layer's slots, through the cache's map
-    const int32_t i = cache.find({a.layer, e});
-    if (i < 0) continue;
-    slot_info& s = cache.slot(i);
-    if (s.state == slot_state::slot_state_queued) continue;
-    s.prefetched = false;
-    if (!keep && s.refs == 0 && !s.pinned) {
-      cache.clear(i);
-      ++stats.evictions;
-    }
-  }
+  finish_layer(a.layer);
   ++stats.forwards;
   resolve_probes(/*wait=*/false);
   return result;

@@ -277,8 +277,7 @@ status runtime::cancel_prefetches() {
   std::lock_guard<std::mutex> lk(m.mu);
   for (int32_t i = 0; i < m.cache.num_slots(); ++i) {
     const slot_info& s = m.cache.slot(i);
-    if (s.state == slot_state::slot_state_queued && !s.copied_as_prefetch && !s.demanded && s.refs == 0 &&
-        !s.pinned) {  // not started yet
+    if (impl::unstarted_prefetch(s)) {
       ++m.stats.layers[static_cast<size_t>(s.key.layer)].prefetch_dropped;
       m.cache.clear(i);
     }

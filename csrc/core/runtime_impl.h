@@ -143,6 +143,27 @@ struct runtime::impl {
   void read_routing(const route_note& n);
   status check_experts(const int32_t* experts, int32_t n, const char* what) const;
 
+  // moe_forward.cc, for both block paths (mu held):
+  // A queued prefetch whose copy has not started (a demand load, a refill, a pinned or held slot
+  // is none): what cancelling drops.
+  static bool unstarted_prefetch(const slot_info& s) {
+    return s.state == slot_state::slot_state_queued && !s.copied_as_prefetch && !s.demanded && !s.refill &&
+           s.refs == 0 && !s.pinned;
+  }
+  // Drop the layer's unstarted prefetches that `routed(expert)` says its block did not route.
+  template <class Routed>
+  void drop_unrouted_prefetches(int32_t layer, Routed routed) {
+    for (int32_t e = 0; e < cfg.num_experts; ++e) {  // the layer's slots, through the cache's map
+      const int32_t i = cache.find({layer, e});
+      if (i < 0 || !unstarted_prefetch(cache.slot(i)) || routed(e)) continue;
+      ++stats.layers[static_cast<size_t>(layer)].prefetch_dropped;
+      cache.clear(i);
+    }
+  }
+  // The layer has run: what was prefetched for it and not used was a wrong guess; without a
+  // cache (eviction none), its experts leave their slots.
+  void finish_layer(int32_t layer);
+
   // copy_engine.cc
   void copy_loop();
   void wake_worker() { worker_cv.notify_one(); }
