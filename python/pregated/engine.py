@@ -585,11 +585,11 @@ class Engine:
         s = self.runtime.stats()
         out = {k: v for k, v in s.items() if k != "layers"}
         out.update(self._counters)
-        pred = self.moe.prediction_stats()
+        pred = self.moe.prediction_stats(s["layers"])
         layers = []
         for m, (rt_layer, p) in enumerate(zip(s["layers"], pred)):
             layers.append({"layer": self.cfg.moe_layers[m], **rt_layer, **p})
-        out.update(self.moe.prediction_totals())
+        out.update(self.moe.prediction_totals(s["layers"]))
         out["policy"] = self.policy
         out["routing"] = self.moe.routing
         out["pregate"] = self.pregate.kind

@@ -201,8 +201,7 @@ class MoEExecutor:
         (exact routing, no pre-gate scoring, no recording): a block of `tokens` tokens runs on
         the device alone. Quantized experts take it for decode-sized blocks only (up to
         _core.RESIDENT_QUANTIZED_ROWS_MAX token-expert rows); larger ones take the general path."""
-        return (self.policy == "gpu-only" and self.routing == "exact" and not self.score_pregate
-                and self.recorder is None and self.ep is None
+        return (self.policy == "gpu-only" and self._routing_stays_on_device()
                 and (self.cfg.expert_format == "dense" or tokens * self.cfg.top_k <= _core.RESIDENT_QUANTIZED_ROWS_MAX))
 
     def on_device(self, tokens: int) -> bool:
@@ -213,8 +212,12 @@ class MoEExecutor:
         store, and the runtime learns the routing and the pre-gate's prediction one step behind,
         off this thread: the block never waits for the device."""
         return (self.device_path and self.policy in ("on-demand", "prefetch-all", "pregated")
-                and self.routing == "exact" and not self.score_pregate and self.recorder is None and self.ep is None
-                and tokens * self.cfg.top_k <= _core.DEVICE_ROWS_MAX)
+                and self._routing_stays_on_device() and tokens * self.cfg.top_k <= _core.DEVICE_ROWS_MAX)
+
+    def _routing_stays_on_device(self) -> bool:
+        """Nothing of a block needs its routing on the host: exact routing, no pre-gate scoring,
+        no recording, no expert parallelism (the resident and the device path)."""
+        return self.routing == "exact" and not self.score_pregate and self.recorder is None and self.ep is None
 
     def _block(self, m: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0] if self.rows is None else len(self.rows)
@@ -301,20 +304,21 @@ class MoEExecutor:
             self.token_routed[m] += ids.numel()
             self.predicted[m] = None
 
-    def prediction_stats(self) -> list[dict]:
-        """Per block: precision and recall of the pre-gate's predictions."""
-        counts = self._prefetch_counts()
+    def prediction_stats(self, layers: list[dict] | None = None) -> list[dict]:
+        """Per block: precision and recall of the pre-gate's predictions (`layers`: the
+        runtime's per-layer statistics when the caller has them)."""
+        counts = self._prefetch_counts(layers)
         return [self._precision_recall(slice(m, m + 1), counts) for m in range(self.cfg.num_moe_layers)]
 
-    def prediction_totals(self) -> dict:
+    def prediction_totals(self, layers: list[dict] | None = None) -> dict:
         """Precision and recall over every block."""
-        return self._precision_recall(slice(None), self._prefetch_counts())
+        return self._precision_recall(slice(None), self._prefetch_counts(layers))
 
-    def _prefetch_counts(self) -> tuple[list[int], list[int], list[int]]:
+    def _prefetch_counts(self, layers: list[dict] | None) -> tuple[list[int], list[int], list[int]]:
         """Per block: predicted experts that were routed, experts predicted, experts routed where
         a prediction was made; scored here on the planned path and by the runtime, one step
         behind, on the device path."""
-        layers = self.runtime.stats()["layers"]
+        layers = self.runtime.stats()["layers"] if layers is None else layers
         return ([a + s["predicted_routed"] for a, s in zip(self.pred_hits, layers)],
                 [a + s["predicted_experts"] for a, s in zip(self.pred_count, layers)],
                 [a + s["routed_after_prediction"] for a, s in zip(self.routed_count, layers)])
